@@ -1,0 +1,392 @@
+"""Hugging Face causal LMs split into prelude / core / coda.
+
+The adapter takes the HF model apart once, at build time: the decoder layers go into three
+``LayerStack`` modules and the embeddings, final norm and LM head stay as they are, so state-dict
+keys stay readable and the looped core is a single module (one FSDP unit). The HF ``forward`` is
+never called; ``context`` reproduces what it computes once per batch (causal mask, positions,
+rotary tables), so the layers see exactly the inputs the original model would give them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from slr_zoo.registry import Registry
+
+
+@dataclass
+class SequenceContext:
+    """Per-batch inputs shared by every layer call: positions, causal mask, rotary tables."""
+
+    position_ids: torch.Tensor
+    attention_mask: Any = None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def select(self, rows: torch.Tensor) -> "SequenceContext":
+        """The context of a subset of the batch (for batch compaction)."""
+
+        def take(x: Any) -> Any:
+            if isinstance(x, torch.Tensor) and x.dim() > 0 and x.size(0) > 1:
+                return x.index_select(0, rows)
+            return x
+
+        pe = self.position_embeddings
+        return replace(
+            self,
+            position_ids=take(self.position_ids),
+            attention_mask=take(self.attention_mask),
+            position_embeddings=None if pe is None else (take(pe[0]), take(pe[1])),
+        )
+
+
+class LayerStack(nn.Module):
+    """A run of decoder layers called with one shared SequenceContext."""
+
+    def __init__(self, layers: list[nn.Module], call: "LayerCall"):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self._call = call
+
+    def forward(self, h: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        for layer in self.layers:
+            h = self._call(layer, h, ctx)
+        return h
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+class LayerCall:
+    """How one family's decoder layer is called (the only per-family difference in the loop)."""
+
+    def __call__(self, layer: nn.Module, h: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _LlamaCall(LayerCall):
+    def __call__(self, layer, h, ctx):
+        return layer(
+            h,
+            attention_mask=ctx.attention_mask,
+            position_ids=ctx.position_ids,
+            position_embeddings=ctx.position_embeddings,
+        )
+
+
+class _GPT2Call(LayerCall):
+    def __call__(self, layer, h, ctx):
+        return layer(h, attention_mask=ctx.attention_mask, position_ids=ctx.position_ids)
+
+
+class Backbone(nn.Module):
+    """A causal LM split into ``prelude``, looped ``core`` and ``coda`` layer stacks.
+
+    Subclasses say how to make the HF config, where the parts live in the HF model, and how a
+    layer is called. ``hf_config`` stays available for saving and for the decoders.
+    """
+
+    family: str = ""
+    path_args = ("pretrained",)
+    layer_call: LayerCall
+    core: LayerStack
+
+    def __init__(
+        self,
+        hidden_size: int = 128,
+        heads: int = 4,
+        kv_heads: int | None = None,
+        intermediate_size: int | None = None,
+        prelude_layers: int = 1,
+        core_layers: int = 1,
+        coda_layers: int = 1,
+        max_positions: int = 512,
+        dropout: float = 0.0,
+        pretrained: str | None = None,
+        share: Literal["none", "average"] = "none",
+        loops: int | None = None,
+        vocab_size: int = 0,
+    ):
+        super().__init__()
+        self.pretrained = pretrained
+        self.tokenizer = None
+        counts = (prelude_layers, core_layers, coda_layers)
+        if min(counts) < 0 or core_layers < 1:
+            raise ValueError(f"layer counts must be >= 0 with core_layers >= 1, got {counts}")
+        if pretrained is not None:
+            hf = self._load_pretrained(pretrained)
+        else:
+            if vocab_size <= 0:
+                raise ValueError("a backbone built from scratch needs the tokenizer's vocab_size")
+            config = self.make_config(
+                vocab_size=vocab_size,
+                hidden_size=hidden_size,
+                heads=heads,
+                kv_heads=kv_heads or heads,
+                intermediate_size=intermediate_size or 4 * hidden_size,
+                num_layers=sum(counts),
+                max_positions=max_positions,
+                dropout=dropout,
+            )
+            config._attn_implementation = "sdpa"
+            hf = self.model_class()(config)
+        self.hf_config = hf.config
+        layers = list(self.layers_of(hf))
+        n_shared = core_layers * (loops if share == "average" else 1)
+        if prelude_layers + n_shared + coda_layers != len(layers):
+            need = "prelude + core*loops + coda" if share == "average" else "prelude + core + coda"
+            raise ValueError(
+                f"backbone has {len(layers)} layers but {need} = "
+                f"{prelude_layers} + {n_shared} + {coda_layers}; adjust backbone.*_layers"
+            )
+        if share == "average" and not loops:
+            raise ValueError("backbone.share=average needs backbone.loops: how many pretrained blocks the loop replaces")
+        p, c = prelude_layers, prelude_layers + n_shared
+        self.replaced_layers = layers[p:c] if share == "average" else []
+        core = layers[p : p + core_layers]
+        if share == "average":
+            core = [copy.deepcopy(layer) for layer in core]
+            _average_into(core, self.replaced_layers, core_layers)
+        self.adopt_embeddings(hf)
+        self.prelude = LayerStack(layers[:p], self.layer_call)
+        self.core = LayerStack(core, self.layer_call)
+        self.coda = LayerStack(layers[c:], self.layer_call)
+
+    # ------------------------------------------------------------------ per-family hooks
+    def make_config(self, **dims: Any):
+        raise NotImplementedError
+
+    def model_class(self) -> type:
+        raise NotImplementedError
+
+    def layers_of(self, hf: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def adopt_embeddings(self, hf: nn.Module) -> None:
+        """Keep embeddings, final norm, rotary tables and LM head; drop the HF shell."""
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SequenceContext:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head."""
+        return self.lm_head(self.final_norm(h))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hf_config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.out_features
+
+    def _load_pretrained(self, path: str) -> nn.Module:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        directory = Path(path).expanduser()
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(
+                f"backbone.pretrained: {str(directory)!r} is not a local model directory "
+                "(no config.json); save one with save_pretrained(), nothing is downloaded"
+            )
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        hf = AutoModelForCausalLM.from_pretrained(
+            directory, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32
+        )
+        if not isinstance(hf, self.model_class()) and hf.config.model_type not in self.model_types:
+            raise ValueError(
+                f"backbone.pretrained: {directory} holds a {hf.config.model_type!r} model, "
+                f"not one of {sorted(self.model_types)}; use backbone.name={_family_for(hf.config.model_type)!r}"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        return hf
+
+    model_types: frozenset[str] = frozenset()
+
+
+def _family_for(model_type: str) -> str:
+    for name in BACKBONES.names():
+        if model_type in BACKBONES.get(name).model_types:
+            return name
+    return model_type
+
+
+@torch.no_grad()
+def _average_into(core: list[nn.Module], replaced: list[nn.Module], core_layers: int) -> None:
+    """Relaxed Recursive Transformers' init: core layer j = mean of the layers it stands for."""
+    for j, shared in enumerate(core):
+        group = replaced[j::core_layers]
+        for name, param in shared.named_parameters():
+            stacked = torch.stack([dict(layer.named_parameters())[name] for layer in group])
+            param.copy_(stacked.mean(0))
+
+
+BACKBONES = Registry("backbone", Backbone, context=("vocab_size",))
+
+
+def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)
+    # left padding: real tokens count from 0
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _causal_mask(config, embeds: torch.Tensor, attention_mask, position_ids):
+    from transformers.masking_utils import create_causal_mask
+
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    return create_causal_mask(
+        config=config,
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        past_key_values=None,
+        position_ids=position_ids,
+    )
+
+
+@BACKBONES.register("llama")
+class LlamaBackbone(Backbone):
+    """Llama-family decoders (Llama, Qwen2, Mistral, SmolLM): rotary positions, RMSNorm."""
+
+    family = "llama"
+    layer_call = _LlamaCall()
+    model_types = frozenset({"llama"})
+
+    def model_class(self):
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM
+
+    def config_class(self):
+        from transformers import LlamaConfig
+
+        return LlamaConfig
+
+    def make_config(self, *, vocab_size, hidden_size, heads, kv_heads, intermediate_size, num_layers, max_positions, dropout):
+        return self.config_class()(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=max_positions,
+            attention_dropout=dropout,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+
+    def layers_of(self, hf):
+        return hf.model.layers
+
+    def adopt_embeddings(self, hf):
+        self.embed_tokens = hf.model.embed_tokens
+        self.rotary = hf.model.rotary_emb
+        self.final_norm = hf.model.norm
+        self.lm_head = hf.lm_head
+
+    def embed(self, input_ids, ctx):
+        return self.embed_tokens(input_ids)
+
+    def context(self, input_ids, attention_mask=None):
+        position_ids = _positions(input_ids, attention_mask)
+        probe = self.embed_tokens.weight.new_empty(input_ids.shape + (1,))
+        mask = _causal_mask(self.hf_config, probe, attention_mask, position_ids)
+        cos, sin = self.rotary(probe, position_ids)
+        return SequenceContext(position_ids, mask, (cos, sin))
+
+
+@BACKBONES.register("qwen2")
+class Qwen2Backbone(LlamaBackbone):
+    model_types = frozenset({"qwen2"})
+
+    def model_class(self):
+        from transformers import Qwen2ForCausalLM
+
+        return Qwen2ForCausalLM
+
+    def config_class(self):
+        from transformers import Qwen2Config
+
+        return Qwen2Config
+
+
+@BACKBONES.register("mistral")
+class MistralBackbone(LlamaBackbone):
+    model_types = frozenset({"mistral"})
+
+    def model_class(self):
+        from transformers import MistralForCausalLM
+
+        return MistralForCausalLM
+
+    def config_class(self):
+        from transformers import MistralConfig
+
+        return MistralConfig
+
+
+@BACKBONES.register("gpt2")
+class GPT2Backbone(Backbone):
+    """GPT-2: learned absolute positions, LayerNorm, tied head."""
+
+    family = "gpt2"
+    layer_call = _GPT2Call()
+    model_types = frozenset({"gpt2"})
+
+    def model_class(self):
+        from transformers import GPT2LMHeadModel
+
+        return GPT2LMHeadModel
+
+    def make_config(self, *, vocab_size, hidden_size, heads, kv_heads, intermediate_size, num_layers, max_positions, dropout):
+        from transformers import GPT2Config
+
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_head=heads,
+            n_inner=intermediate_size,
+            n_layer=num_layers,
+            n_positions=max_positions,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+
+    def layers_of(self, hf):
+        return hf.transformer.h
+
+    def adopt_embeddings(self, hf):
+        self.embed_tokens = hf.transformer.wte
+        self.pos_embed = hf.transformer.wpe
+        self.embed_dropout = hf.transformer.drop
+        self.final_norm = hf.transformer.ln_f
+        self.lm_head = hf.lm_head
+
+    def embed(self, input_ids, ctx):
+        return self.embed_dropout(self.embed_tokens(input_ids) + self.pos_embed(ctx.position_ids))
+
+    def context(self, input_ids, attention_mask=None):
+        position_ids = _positions(input_ids, attention_mask)
+        probe = self.embed_tokens.weight.new_empty(input_ids.shape + (1,))
+        return SequenceContext(position_ids, _causal_mask(self.hf_config, probe, attention_mask, position_ids))

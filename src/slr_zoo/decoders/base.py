@@ -1,0 +1,43 @@
+"""Decoders turn a loop state into next-token logits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slr_zoo.backbones.hf import Backbone, SequenceContext
+from slr_zoo.registry import Registry
+
+
+class Decoder(nn.Module):
+    """``(h, backbone, ctx) -> logits``.
+
+    The backbone is passed in rather than held, so its head and coda are registered once (in the
+    backbone) and appear once in state dicts and optimisers.
+    """
+
+    uses_coda: bool = False
+
+    def forward(self, h: torch.Tensor, backbone: Backbone, ctx: SequenceContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+DECODERS = Registry("decoder", Decoder)
+
+
+@DECODERS.register("linear")
+class LinearDecoder(Decoder):
+    """The backbone's final norm and (tied) LM head, straight from the loop state."""
+
+    def forward(self, h, backbone, ctx):
+        return backbone.head(h)
+
+
+@DECODERS.register("coda")
+class CodaDecoder(Decoder):
+    """The backbone's remaining layers, then its final norm and LM head."""
+
+    uses_coda = True
+
+    def forward(self, h, backbone, ctx):
+        return backbone.head(backbone.coda(h, ctx))

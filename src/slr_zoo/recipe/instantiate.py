@@ -1,0 +1,54 @@
+"""Turn a validated recipe into a task and a LoopedLM."""
+
+from __future__ import annotations
+
+# importing the component packages registers every shipped member
+from slr_zoo import decoders, halting, stabilizers, tasks  # noqa: F401
+from slr_zoo.backbones import BACKBONES, Backbone
+from slr_zoo.looped import DEPTH_SAMPLERS, LoopedLM
+from slr_zoo.registry import REGISTRIES, ComponentError
+from slr_zoo.tasks.base import TASKS, Task
+
+
+def build_task(recipe: dict) -> Task:
+    return TASKS.build(recipe["task"], "task", seed=recipe["seed"])
+
+
+def build_backbone(recipe: dict, vocab_size: int = 0) -> Backbone:
+    return BACKBONES.build(recipe["backbone"], "backbone", vocab_size=vocab_size)
+
+
+def build_model(recipe: dict, backbone: Backbone) -> LoopedLM:
+    loop = recipe["loop"]
+    if loop["mode"] != "depth":
+        raise ComponentError("loop.mode", f"mode {loop['mode']!r} is not available yet (use 'depth')")
+    context = {
+        "hidden_size": backbone.hidden_size,
+        "max_steps": loop["max_steps"],
+        "core": backbone.core,
+    }
+
+    def part(key: str):
+        return REGISTRIES[key].build(loop[key], f"loop.{key}", **context)
+
+    decoder = REGISTRIES["decoder"].build(recipe["decoder"], "decoder")
+    if not decoder.uses_coda and len(backbone.coda):
+        raise ComponentError(
+            "decoder.name",
+            f"decoder {recipe['decoder'].get('name')!r} skips the coda, so its "
+            f"{len(backbone.coda)} layer(s) would never train; set backbone.coda_layers=0 or use 'coda'",
+        )
+    loop_lora = part("loop_lora")
+    return LoopedLM(
+        backbone,
+        max_steps=loop["max_steps"],
+        step_embedding=part("step_embedding"),
+        injection=part("injection"),
+        loop_lora=loop_lora,
+        combine=part("combine"),
+        halting=part("halting"),
+        decoder=decoder,
+        depth_sampler=DEPTH_SAMPLERS.build(loop["depth_sampler"], "loop.depth_sampler", **context),
+        backprop_steps=loop["backprop_steps"],
+        check_finite=loop["check_finite"],
+    )

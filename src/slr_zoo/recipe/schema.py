@@ -1,0 +1,123 @@
+"""The recipe schema: typed groups, and which keys are component nodes of which kind.
+
+Validation walks the plain-dict recipe against these dataclasses; component nodes are checked
+against their class's constructor (see ``Registry.validate``). Every error names the dotted key
+and the closest valid names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from slr_zoo.registry import REGISTRIES, ComponentError, check_type, closest
+
+Node = dict  # a component node: {name: ..., **kwargs} or {_component_: ..., **kwargs}
+
+
+def node(name: str, **kwargs: Any) -> Any:
+    return field(default_factory=lambda: {"name": name, **kwargs})
+
+
+@dataclass
+class LoopConfig:
+    mode: Literal["depth", "thoughts"] = "depth"
+    max_steps: int = 4
+    backprop_steps: Optional[int] = None
+    depth_sampler: Node = node("fixed")
+    step_embedding: Node = node("none")
+    injection: Node = node("none")
+    loop_lora: Node = node("none")
+    combine: Node = node("none")
+    halting: Node = node("fixed")
+    check_finite: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: Optional[float] = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    batch_size: int = 32
+    eval_batch_size: Optional[int] = None
+    precision: Literal["32-true", "32", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
+    accelerator: str = "auto"
+    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp", "single"] = "auto"
+    devices: Union[int, str] = 1
+    num_nodes: int = 1
+    val_every: Optional[int] = None
+    log_every: int = 25
+    num_workers: int = 0
+    threads: Optional[int] = None
+    progress_bar: bool = True
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    seed: int = 0
+    description: str = ""
+    output_dir: str = "runs"
+    task: Node = node("iterate")
+    backbone: Node = node("llama")
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    decoder: Node = node("coda")
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    grid: Union[dict, list, None] = None
+
+
+# dotted key -> registry kind, for every component node of a recipe
+COMPONENT_NODES = {
+    "task": "task",
+    "backbone": "backbone",
+    "decoder": "decoder",
+    "loop.depth_sampler": "depth_sampler",
+    "loop.step_embedding": "step_embedding",
+    "loop.injection": "injection",
+    "loop.loop_lora": "loop_lora",
+    "loop.combine": "combine",
+    "loop.halting": "halting",
+}
+
+
+def defaults() -> dict:
+    return dataclasses.asdict(Recipe())
+
+
+def validate(recipe: dict, path: str = "", schema: type = Recipe) -> None:
+    """Raise ComponentError at the first key that does not fit the schema."""
+    if not isinstance(recipe, dict):
+        raise ComponentError(path or "recipe", f"expected a mapping, got {type(recipe).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key, value in recipe.items():
+        dotted = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise ComponentError(dotted, f"unknown key{closest(key, fields)}")
+        if dotted in COMPONENT_NODES:
+            REGISTRIES[COMPONENT_NODES[dotted]].validate(value, dotted)
+            _check_paths(REGISTRIES[COMPONENT_NODES[dotted]].resolve(value, dotted), value, dotted)
+        elif dataclasses.is_dataclass(hints[key]):
+            validate(value, dotted, hints[key])
+        else:
+            check_type(value, hints[key], dotted)
+
+
+def _check_paths(cls: type, value: dict, path: str) -> None:
+    for key in getattr(cls, "path_args", ()):
+        target = value.get(key)
+        if target is not None and not Path(str(target)).expanduser().exists():
+            raise ComponentError(f"{path}.{key}", f"no such file or directory: {target!r}")

@@ -1,0 +1,181 @@
+"""Grid results: ``results.csv`` (one row per cell), ``results.md`` (mean ± std over seeds) and plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Iterable
+
+from slr_zoo.files import atomic_write
+
+METRICS = ("val_accuracy", "mean_steps", "train_seconds", "train_steps", "params")
+
+
+def grid_keys(grid: Any) -> list[str]:
+    parts = grid if isinstance(grid, list) else [grid or {}]
+    keys: list[str] = []
+    for part in parts:
+        keys += [k for k in part if k not in keys]
+    return keys
+
+
+def lookup(recipe: dict, dotted: str) -> Any:
+    node: Any = recipe
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def collect(run_dir: Path, cells: Iterable, keys: list[str]) -> list[dict]:
+    """One row per cell, in grid order; cells not run yet are ``missing``."""
+    from slr_zoo.recipe.grid import value_label
+
+    rows = []
+    for cell in cells:
+        row = {"cell": cell.label}
+        row.update({k: value_label(lookup(cell.recipe, k)) if isinstance(lookup(cell.recipe, k), (dict, list))
+                    else lookup(cell.recipe, k) for k in keys})
+        path = run_dir / cell.label / "summary.json"
+        if path.is_file():
+            summary = json.loads(path.read_text())
+            row["status"] = summary.get("status", "ok")
+            row.update({m: summary.get(m) for m in METRICS})
+            row["error"] = summary.get("error", "")
+            row["hop_accuracy"] = summary.get("hop_accuracy", {})
+        else:
+            row["status"] = "missing"
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict], keys: list[str], path: Path) -> str:
+    columns = ["cell", *keys, "status", *METRICS, "error"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    if not values:
+        return "—"
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def summarise(rows: list[dict], keys: list[str]) -> list[dict]:
+    """Rows grouped by every grid key except ``seed``."""
+    group_keys = [k for k in keys if k != "seed"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(str(row.get(k)) for k in group_keys), []).append(row)
+    table = []
+    for values, members in groups.items():
+        ok = [r for r in members if r["status"] == "ok"]
+        entry = dict(zip(group_keys, values))
+        entry.update(
+            seeds=f"{len(ok)}/{len(members)}",
+            accuracy=_mean_std([r["val_accuracy"] for r in ok], 100),
+            mean_steps=_mean_std([r["mean_steps"] for r in ok], digits=2),
+            train_seconds=_mean_std([r["train_seconds"] for r in ok], digits=0),
+            params=f"{ok[0]['params']:,}" if ok else "—",
+            _accuracy=statistics.fmean([r["val_accuracy"] for r in ok]) if ok else None,
+            _std=statistics.stdev([r["val_accuracy"] for r in ok]) if len(ok) > 1 else 0.0,
+            _hops=_mean_hops(ok),
+        )
+        table.append(entry)
+    return table
+
+
+def _mean_hops(rows: list[dict]) -> dict[str, float]:
+    hops: dict[str, list[float]] = {}
+    for r in rows:
+        for h, acc in (r.get("hop_accuracy") or {}).items():
+            hops.setdefault(h, []).append(acc)
+    return {h: statistics.fmean(v) for h, v in sorted(hops.items(), key=lambda kv: int(kv[0]))}
+
+
+def write_markdown(name: str, table: list[dict], keys: list[str], rows: list[dict], path: Path,
+                   description: str = "") -> str:
+    group_keys = [k for k in keys if k != "seed"]
+    header = [*(k.split(".")[-1] for k in group_keys), "seeds", "val accuracy (%)", "mean steps",
+              "train s", "params"]
+    lines = [f"# {name}", ""]
+    if description:
+        lines += [description.strip(), ""]
+    lines += ["Mean ± std over seeds (sample std). Train seconds are wall time on this run's machine.", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in table:
+        cells = [str(entry[k]) for k in group_keys]
+        cells += [entry["seeds"], entry["accuracy"], entry["mean_steps"], entry["train_seconds"], entry["params"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    hop_sets = sorted({h for e in table for h in e["_hops"]}, key=int)
+    if hop_sets:
+        lines += ["", "Validation accuracy (%) by number of hops:", ""]
+        lines += ["| " + " | ".join([*(k.split(".")[-1] for k in group_keys), *hop_sets]) + " |",
+                  "|" + "---|" * (len(group_keys) + len(hop_sets))]
+        for e in table:
+            cells = [str(e[k]) for k in group_keys] + [f"{100 * e['_hops'].get(h, float('nan')):.1f}" for h in hop_sets]
+            lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        lines += ["", "Failed cells:", ""] + [f"- `{r['cell']}`: {r.get('error', '')}" for r in failed]
+    text = "\n".join(lines) + "\n"
+    atomic_write(path, text)
+    return text
+
+
+def plot(table: list[dict], keys: list[str], directory: Path) -> list[Path]:
+    """``accuracy.png`` (bars with seed std) and ``accuracy_by_hops.png`` (one line per config)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    group_keys = [k for k in keys if k != "seed"]
+    done = [e for e in table if e["_accuracy"] is not None]
+    if not done:
+        return []
+    labels = [", ".join(str(e[k]) for k in group_keys) or "run" for e in done]
+    written = []
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(done) + 2), 4))
+    ax.bar(range(len(done)), [100 * e["_accuracy"] for e in done], yerr=[100 * e["_std"] for e in done], capsize=4)
+    ax.set_xticks(range(len(done)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(" × ".join(k.split(".")[-1] for k in group_keys) or "accuracy")
+    fig.tight_layout()
+    written.append(directory / "accuracy.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    if any(e["_hops"] for e in done):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for e, label in zip(done, labels):
+            hops = list(e["_hops"])
+            ax.plot([int(h) for h in hops], [100 * e["_hops"][h] for h in hops], marker="o", label=label)
+        ax.set_xlabel("hops")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_ylim(0, 102)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(directory / "accuracy_by_hops.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def write_reports(recipe: dict, cells: list, run_dir: Path) -> str:
+    keys = grid_keys(recipe.get("grid"))
+    rows = collect(run_dir, cells, keys)
+    write_csv(rows, keys, run_dir / "results.csv")
+    table = summarise(rows, keys)
+    text = write_markdown(recipe["name"], table, keys, rows, run_dir / "results.md", recipe.get("description", ""))
+    plot(table, keys, run_dir)
+    return text

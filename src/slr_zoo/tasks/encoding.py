@@ -1,0 +1,54 @@
+"""Records to token tensors, and the answer-token accuracy that equals greedy exact match."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slr_zoo.tasks.base import Record
+from slr_zoo.tasks.tokenizer import special_ids
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]   # labels[i] is the token position i must predict, or IGNORE
+
+
+def encode(record: Record, tokenizer) -> Encoded:
+    """``question [SEP] answer [EOS]``, with loss on the answer and the end token.
+
+    Position i predicts token i+1, so the label of the [SEP] position is the first answer token.
+    """
+    sep, eos = special_ids(tokenizer)
+    question = tokenizer.encode(record["question"], add_special_tokens=False)
+    answer = tokenizer.encode(" " + str(record["answer"]).strip(), add_special_tokens=False)
+    ids = question + [sep] + answer + [eos]
+    labels = [IGNORE] * len(question) + answer + [eos] + [IGNORE]
+    return Encoded(ids, labels)
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right padding: with a causal mask no real token ever attends to a pad, so no mask is needed."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    for row, e in enumerate(batch):
+        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+    return {"input_ids": ids, "labels": labels}
+
+
+def answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B] bool: every answer token (and the end token) is the argmax under teacher forcing.
+
+    For a causal model this is exactly "greedy decoding after the question returns the answer and
+    stops": if every argmax matches, greedy decoding follows the gold tokens step by step; at the
+    first mismatch it leaves them. One forward pass instead of one per answer token.
+    """
+    mask = labels != IGNORE
+    hit = (logits.argmax(-1) == labels) | ~mask
+    return hit.all(dim=1) & mask.any(dim=1)

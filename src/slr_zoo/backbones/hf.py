@@ -119,6 +119,10 @@ class Backbone(nn.Module):
         counts = (prelude_layers, core_layers, coda_layers)
         if min(counts) < 0 or core_layers < 1:
             raise ValueError(f"layer counts must be >= 0 with core_layers >= 1, got {counts}")
+        if share == "average" and not loops:
+            raise ValueError("backbone.share=average needs backbone.loops: how many pretrained blocks the loop replaces")
+        # share=average stands for a deeper model: core_layers * loops layers between prelude and coda
+        n_shared = core_layers * (loops if share == "average" else 1)
         if pretrained is not None:
             hf = self._load_pretrained(pretrained)
         else:
@@ -130,7 +134,7 @@ class Backbone(nn.Module):
                 heads=heads,
                 kv_heads=kv_heads or heads,
                 intermediate_size=intermediate_size or 4 * hidden_size,
-                num_layers=sum(counts),
+                num_layers=prelude_layers + n_shared + coda_layers,
                 max_positions=max_positions,
                 dropout=dropout,
             )
@@ -138,15 +142,12 @@ class Backbone(nn.Module):
             hf = self.model_class()(config)
         self.hf_config = hf.config
         layers = list(self.layers_of(hf))
-        n_shared = core_layers * (loops if share == "average" else 1)
         if prelude_layers + n_shared + coda_layers != len(layers):
             need = "prelude + core*loops + coda" if share == "average" else "prelude + core + coda"
             raise ValueError(
                 f"backbone has {len(layers)} layers but {need} = "
                 f"{prelude_layers} + {n_shared} + {coda_layers}; adjust backbone.*_layers"
             )
-        if share == "average" and not loops:
-            raise ValueError("backbone.share=average needs backbone.loops: how many pretrained blocks the loop replaces")
         p, c = prelude_layers, prelude_layers + n_shared
         self.replaced_layers = layers[p:c] if share == "average" else []
         core = layers[p : p + core_layers]

@@ -26,6 +26,7 @@ def build_model(recipe: dict, backbone: Backbone) -> LoopedLM:
         "hidden_size": backbone.hidden_size,
         "max_steps": loop["max_steps"],
         "core": backbone.core,
+        "replaced_layers": backbone.replaced_layers,  # share: average (loop_lora init: svd)
     }
 
     def part(key: str):

@@ -1,6 +1,20 @@
-"""Loop residuals: how the core's output is merged with the initial and previous states."""
+"""Loop residuals: how the core's output is merged with the initial and previous states.
+
+    A  residual_initial   h = alpha * h' + (1 - alpha) * h0
+    B  residual_previous  h = alpha * h' + (1 - alpha) * h_{t-1}
+    C  learned            h = W [h', h0, h_{t-1}] + b, W initialised to [alpha I, (1 - alpha) I, 0]
+       gated              h = g * h' + (1 - g) * h_{t-1},  g = sigmoid(W [h', h_{t-1}] + b)
+
+alpha = 1 is exactly "no residual". A learnable alpha is alpha = sigmoid(theta), which keeps it in
+(0, 1); it must therefore start strictly below 1 (alpha = 1 is only available fixed). Every
+member may normalise its output (``norm: true``, RMSNorm with a learned gain), which bounds the
+state's norm whatever the core does. All members act per position, so ``thoughts`` mode (states
+of shape [B, 1, D]) uses them unchanged.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -9,7 +23,16 @@ from slr_zoo.registry import Registry
 
 
 class Combine(nn.Module):
-    """``(new, h0, prev, t) -> h``: the state carried into the next iteration."""
+    """``(new, h0, prev, t) -> h``: the state carried into the next iteration.
+
+    ``norm=True`` adds an RMSNorm that subclasses apply through :meth:`finish`."""
+
+    def __init__(self, norm: bool = False, hidden_size: int = 0):
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden_size, eps=1e-6) if norm else None
+
+    def finish(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.norm is None else self.norm(h)
 
     def forward(self, new: torch.Tensor, h0: torch.Tensor, prev: torch.Tensor, t: int) -> torch.Tensor:
         raise NotImplementedError
@@ -18,23 +41,53 @@ class Combine(nn.Module):
 COMBINES = Registry("combine", Combine, context=("hidden_size", "max_steps"))
 
 
+def logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+def check_alpha(alpha: float, learnable: bool, name: str = "alpha") -> None:
+    if learnable and not 0.0 < alpha < 1.0:
+        raise ValueError(f"combine.{name} must be in (0, 1) when learned (alpha = sigmoid(theta)), got {alpha}")
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"combine.{name} must be in (0, 1], got {alpha}")
+
+
 @COMBINES.register("none")
 class NoCombine(Combine):
+    def __init__(self, norm: bool = False, hidden_size: int = 0):
+        super().__init__(norm, hidden_size)
+
     def forward(self, new, h0, prev, t):
-        return new
+        return self.finish(new)
 
 
 class _AlphaResidual(Combine):
-    """``alpha * new + (1 - alpha) * anchor``; alpha = 1 is exactly no residual."""
+    """``alpha * new + (1 - alpha) * anchor``; alpha = 1 (fixed) is exactly no residual."""
 
-    def __init__(self, alpha: float = 0.5):
-        super().__init__()
-        self.alpha = alpha
+    def __init__(self, alpha: float = 0.5, learn_alpha: bool = False, norm: bool = False, hidden_size: int = 0):
+        super().__init__(norm, hidden_size)
+        check_alpha(alpha, learn_alpha)
+        self.learn_alpha = learn_alpha
+        if learn_alpha:
+            self.alpha_logit = nn.Parameter(torch.tensor(logit(alpha)))
+        else:
+            self.fixed_alpha = float(alpha)
+
+    @property
+    def alpha(self) -> torch.Tensor | float:
+        return torch.sigmoid(self.alpha_logit) if self.learn_alpha else self.fixed_alpha
 
     def mix(self, new: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        if self.alpha == 1.0:
-            return new
-        return self.alpha * new + (1.0 - self.alpha) * anchor
+        if not self.learn_alpha and self.fixed_alpha == 1.0:
+            return self.finish(new)
+        a = self.alpha
+        if torch.is_tensor(a):
+            a = a.to(new.dtype)
+        return self.finish(a * new + (1.0 - a) * anchor)
+
+    @torch.no_grad()
+    def monitors(self) -> dict[str, float]:
+        return {"alpha": float(self.alpha)}
 
 
 @COMBINES.register("residual_initial")
@@ -51,3 +104,66 @@ class ResidualPrevious(_AlphaResidual):
 
     def forward(self, new, h0, prev, t):
         return self.mix(new, prev)
+
+
+@COMBINES.register("learned")
+class LearnedCombine(Combine):
+    """Option C: a Linear over [h', h0, h_{t-1}] that starts as option A with the given alpha
+    (weight [alpha I, (1 - alpha) I, 0], zero bias) and is then free to learn any mixture.
+
+    ``monitors()`` reports the mean diagonal weight on each input: the effective alphas."""
+
+    def __init__(self, alpha: float = 0.5, norm: bool = False, hidden_size: int = 0):
+        super().__init__(norm, hidden_size)
+        check_alpha(alpha, False)
+        self.mixer = nn.Linear(3 * hidden_size, hidden_size)
+        with torch.no_grad():
+            eye = torch.eye(hidden_size)
+            self.mixer.weight.copy_(torch.cat([alpha * eye, (1.0 - alpha) * eye, 0.0 * eye], dim=1))
+            self.mixer.bias.zero_()
+
+    def forward(self, new, h0, prev, t):
+        x = torch.cat([new, h0.to(new.dtype), prev.to(new.dtype)], dim=-1)
+        return self.finish(self.mixer(x).to(new.dtype))
+
+    @torch.no_grad()
+    def monitors(self) -> dict[str, float]:
+        d = self.mixer.out_features
+        blocks = self.mixer.weight.view(d, 3, d)
+        diag = torch.diagonal(blocks, dim1=0, dim2=2)  # [3, d]: weight of channel i of each input on output i
+        return {"alpha_new": diag[0].mean().item(), "alpha_h0": diag[1].mean().item(),
+                "alpha_prev": diag[2].mean().item()}
+
+
+@COMBINES.register("gated")
+class GatedCombine(Combine):
+    """A per-channel gate between the new and the previous state (GRU-style update gate):
+    g = sigmoid(W [h', h_{t-1}] + b), h = g * h' + (1 - g) * h_{t-1}.
+
+    W starts at zero and b at logit(alpha), so a fresh gate is option B with that alpha; with
+    ``learn_alpha: false`` the bias stays fixed and only the input-dependent part W learns.
+    ``monitors()`` reports the mean gate of the last forward pass."""
+
+    def __init__(self, alpha: float = 0.5, learn_alpha: bool = True, norm: bool = False, hidden_size: int = 0):
+        super().__init__(norm, hidden_size)
+        check_alpha(alpha, True)
+        self.gate = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        nn.init.zeros_(self.gate.weight)
+        bias = torch.full((hidden_size,), logit(alpha))
+        if learn_alpha:
+            self.gate_bias = nn.Parameter(bias)
+        else:
+            self.register_buffer("gate_bias", bias)
+        self.register_buffer("last_gate_mean", torch.tensor(alpha), persistent=False)
+
+    def forward(self, new, h0, prev, t):
+        prev = prev.to(new.dtype)
+        g = torch.sigmoid(self.gate(torch.cat([new, prev], dim=-1)) + self.gate_bias)
+        with torch.no_grad():
+            self.last_gate_mean.copy_(g.float().mean())
+        g = g.to(new.dtype)
+        return self.finish(g * new + (1.0 - g) * prev)
+
+    @torch.no_grad()
+    def monitors(self) -> dict[str, float]:
+        return {"gate_mean": self.last_gate_mean.item(), "gate_bias_mean": torch.sigmoid(self.gate_bias).mean().item()}

@@ -1,13 +1,28 @@
-"""Loop-wise LoRA: a different low-rank adapter on the shared core at each iteration."""
+"""Loop-wise LoRA: a different low-rank adapter on the shared core at each iteration.
+
+The adapters are forward hooks on chosen linears of the core: the hook adds
+``scale * dropout(x) @ A_t^T @ B_t^T`` to the linear's output, with ``t`` the loop step set by
+:meth:`LoopLoRA.at_step`. Nothing in the backbone is replaced, so its state-dict keys stay those
+of the plain model, and every step's ``A_t, B_t`` is an ordinary parameter in the graph (peft's
+``set_adapter`` would freeze the inactive adapters and silently train only one).
+
+Outside ``at_step`` (step 0) the hooks add nothing: the core is then the plain shared core.
+Steps past the trained count reuse the last adapter. Targets may be ``nn.Linear`` or GPT-2's
+``Conv1D``; all weights are handled in the [out, in] convention.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import math
+from typing import Iterator, Literal, Optional
 
+import torch
 from torch import nn
 
-from slr_zoo.registry import Registry
+from slr_zoo.registry import ComponentError, Registry
+
+TARGETS_PATH = "loop.loop_lora.targets"
 
 
 class LoopLoRA(nn.Module):
@@ -31,9 +46,235 @@ class LoopLoRA(nn.Module):
             self.step = previous
 
 
-LOOP_LORAS = Registry("loop_lora", LoopLoRA, context=("core", "max_steps", "hidden_size"))
+LOOP_LORAS = Registry("loop_lora", LoopLoRA, context=("core", "max_steps", "hidden_size", "replaced_layers"))
 
 
 @LOOP_LORAS.register("none")
 class NoLoopLoRA(LoopLoRA):
     pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the core's linears
+# ---------------------------------------------------------------------------------------------
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    return module.weight.shape[1], module.weight.shape[0]  # Conv1D stores [in, out]
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight in the [out, in] convention (a view for Conv1D)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+def find_targets(core: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
+    """Linears of ``core`` whose qualified name equals or ends with ``.<target>``; 'all-linear'
+    takes every one. An unknown target raises, listing what exists."""
+    linears = {name: m for name, m in core.named_modules() if is_linear(m)}
+    if not targets:
+        raise ComponentError(TARGETS_PATH, "needs at least one linear name")
+    chosen: dict[str, nn.Module] = {}
+    for target in targets:
+        if target == "all-linear":
+            chosen.update(linears)
+            continue
+        hits = {n: m for n, m in linears.items() if n == target or n.endswith("." + target)}
+        if not hits:
+            short = sorted({n.split(".", 2)[-1] for n in linears} | {n.rsplit(".", 1)[-1] for n in linears})
+            raise ComponentError(
+                TARGETS_PATH,
+                f"{target!r} matches no linear layer of the core; available: {', '.join(short)} "
+                f"(or 'all-linear'); full names: {', '.join(sorted(linears))}",
+            )
+        chosen.update(hits)
+    return dict(sorted(chosen.items()))
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "-")
+
+
+class _Hook:
+    """A forward hook that adds one target's adapter output (a picklable, copyable callable)."""
+
+    def __init__(self, lora: "_HookedLoRA", key: str):
+        self.lora, self.key = lora, key
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        lora = self.lora
+        if lora.step <= 0:
+            return None
+        t = min(lora.step, lora.steps)
+        return output + lora.delta(self.key, args[0], t).to(output.dtype)
+
+
+class _HookedLoRA(LoopLoRA):
+    """Shared plumbing: target lookup, scale, dropout, hooks; subclasses say what delta(x, t) is."""
+
+    def __init__(self, core: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, steps: int):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"loop_lora.rank must be >= 1, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"loop_lora.dropout must be in [0, 1), got {dropout}")
+        if core is None:
+            raise ValueError("loop_lora needs the backbone's core (supplied by build_model)")
+        self.rank, self.scale, self.steps = rank, alpha / rank, max(1, steps)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.target_modules = find_targets(core, targets)  # plain dict: not registered as children
+        self.shapes = {_key(n): linear_shape(m) for n, m in self.target_modules.items()}
+        self._handles = [m.register_forward_hook(_Hook(self, _key(n))) for n, m in self.target_modules.items()]
+
+    def remove(self) -> None:
+        """Detach the hooks from the core (the core is then the plain shared core again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def delta(self, key: str, x: torch.Tensor, t: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_delta(self, key: str, t: int) -> torch.Tensor:
+        """The [out, in] matrix the adapter adds to the target's weight at step t."""
+        raise NotImplementedError
+
+    def effective_weight(self, name: str, t: int) -> torch.Tensor:
+        """The target's weight as the core sees it at step t (base weight + adapter)."""
+        module = self.target_modules[name]
+        return weight_matrix(module) + self.weight_delta(_key(name), min(max(t, 1), self.steps)).to(module.weight.dtype)
+
+
+def _low_rank_update(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    return (x @ A.to(x.dtype).t()) @ B.to(x.dtype).t()
+
+
+def _fro_norm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """||B A||_F from r x r products: trace((B^T B)(A A^T))."""
+    return ((B.t() @ B) * (A @ A.t())).sum().clamp_min(0).sqrt()
+
+
+class _Stack(nn.Module):
+    """A[T, r, in] and B[T, out, r] of one target."""
+
+    def __init__(self, steps: int, rank: int, out_features: int, in_features: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(steps, rank, in_features))
+        self.B = nn.Parameter(torch.zeros(steps, out_features, rank))
+        for a in self.A.data:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear(in, r); B = 0 keeps it neutral
+
+
+@LOOP_LORAS.register("per_step")
+class PerStepLoRA(_HookedLoRA):
+    """One adapter (A_t, B_t) per loop step on each target linear (Bae et al. 2025, Relaxed
+    Recursive Transformers, arXiv 2410.20672).
+
+    ``init: zero`` has B = 0, so a fresh adapter is exactly neutral. ``init: svd`` needs
+    ``backbone.share: average``: step t's adapter starts from the rank-r truncated SVD of
+    (original layer t's weight - the averaged core weight), so at full rank every step sees the
+    original layer's weight again. Steps past ``backbone.loops`` start from zero."""
+
+    def __init__(
+        self,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        targets: list[str] = ["q_proj", "v_proj"],  # noqa: B006  (never mutated)
+        init: Literal["zero", "svd"] = "zero",
+        core: Optional[nn.Module] = None,
+        max_steps: int = 1,
+        replaced_layers: Optional[list] = None,
+    ):
+        super().__init__(core, targets, rank, alpha, dropout, max_steps)
+        self.adapters = nn.ModuleDict(
+            {key: _Stack(self.steps, rank, out_f, in_f) for key, (out_f, in_f) in self.shapes.items()}
+        )
+        if init == "svd":
+            self._init_svd(core, replaced_layers or [])
+        elif init != "zero":
+            raise ValueError(f"loop_lora.init must be 'zero' or 'svd', got {init!r}")
+
+    def delta(self, key, x, t):
+        stack = self.adapters[key]
+        return self.scale * _low_rank_update(self.dropout(x), stack.A[t - 1], stack.B[t - 1])
+
+    def weight_delta(self, key, t):
+        stack = self.adapters[key]
+        return self.scale * stack.B[t - 1] @ stack.A[t - 1]
+
+    @torch.no_grad()
+    def _init_svd(self, core: nn.Module, replaced: list) -> None:
+        if not replaced:
+            raise ComponentError(
+                "loop.loop_lora.init",
+                "svd initialises each step from the pretrained layer it replaces; set "
+                "backbone.share: average and backbone.loops: N",
+            )
+        per_loop = len(core.layers)
+        loops = len(replaced) // per_loop
+        for name, module in self.target_modules.items():
+            prefix, index, rest = name.split(".", 2)  # "layers.<j>.<path inside the layer>"
+            stack = self.adapters[_key(name)]
+            shared = weight_matrix(module).double()
+            for t in range(1, min(loops, self.steps) + 1):
+                original = weight_matrix(replaced[(t - 1) * per_loop + int(index)].get_submodule(rest))
+                U, S, Vh = torch.linalg.svd(original.double() - shared, full_matrices=False)
+                k = min(self.rank, S.numel())
+                root = (S[:k] / self.scale).sqrt()
+                stack.B[t - 1].zero_()
+                stack.B[t - 1, :, :k].copy_(U[:, :k] * root)
+                stack.A[t - 1, :k].copy_(root[:, None] * Vh[:k])
+
+    @torch.no_grad()
+    def monitors(self) -> dict[str, float]:
+        """Mean ||scale * B_t A_t||_F over targets, per step: how far each step has moved from the shared core."""
+        out = {}
+        for t in range(1, self.steps + 1):
+            norms = [_fro_norm(s.A[t - 1].float(), s.B[t - 1].float()) for s in self.adapters.values()]
+            out[f"delta_norm_t{t}"] = self.scale * torch.stack(norms).mean().item()
+        return out
+
+
+@LOOP_LORAS.register("shared_scaled")
+class SharedScaledLoRA(_HookedLoRA):
+    """One adapter (A, B) per target shared by every step, scaled by a learned per-step factor
+    s_t (initialised to 1): the core at step t is W + s_t * scale * B A. Far fewer parameters than
+    ``per_step``; B = 0 at init keeps it neutral."""
+
+    def __init__(
+        self,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        targets: list[str] = ["q_proj", "v_proj"],  # noqa: B006
+        core: Optional[nn.Module] = None,
+        max_steps: int = 1,
+    ):
+        super().__init__(core, targets, rank, alpha, dropout, max_steps)
+        self.adapters = nn.ModuleDict(
+            {key: _Stack(1, rank, out_f, in_f) for key, (out_f, in_f) in self.shapes.items()}
+        )
+        self.step_scale = nn.Parameter(torch.ones(self.steps))
+
+    def delta(self, key, x, t):
+        stack = self.adapters[key]
+        s = self.step_scale[t - 1].to(x.dtype) * self.scale
+        return s * _low_rank_update(self.dropout(x), stack.A[0], stack.B[0])
+
+    def weight_delta(self, key, t):
+        stack = self.adapters[key]
+        return self.step_scale[t - 1] * self.scale * stack.B[0] @ stack.A[0]
+
+    @torch.no_grad()
+    def monitors(self) -> dict[str, float]:
+        return {f"scale_t{t}": v for t, v in enumerate(self.step_scale.tolist(), start=1)}

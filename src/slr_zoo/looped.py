@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from slr_zoo.backbones.hf import Backbone, SequenceContext
@@ -129,6 +130,8 @@ class LoopedLM(nn.Module):
         depth_sampler: DepthSampler,
         backprop_steps: int | None = None,
         check_finite: bool = True,
+        debug_nan_at_step: int | None = None,
+        checkpoint_core: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -142,6 +145,8 @@ class LoopedLM(nn.Module):
         self.depth_sampler = depth_sampler
         self.backprop_steps = backprop_steps
         self.check_finite = check_finite
+        self.debug_nan_at_step = debug_nan_at_step  # plants a NaN in training, to test the guards
+        self.checkpoint_core = checkpoint_core      # recompute each core pass in backward (less memory)
 
     def core_at(self, u: torch.Tensor, ctx: SequenceContext, t: int) -> torch.Tensor:
         """One pass of the shared core with step t's adapters active."""
@@ -166,8 +171,14 @@ class LoopedLM(nn.Module):
         for t in range(1, T + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_step):
                 u = self.injection(self.step_embedding(h, t), h0)
-                new = self.core_at(u, ctx, t)
+                if self.checkpoint_core and torch.is_grad_enabled():
+                    # the recomputation calls core_at again, which re-enters at_step(t)
+                    new = torch.utils.checkpoint.checkpoint(self.core_at, u, ctx, t, use_reentrant=False)
+                else:
+                    new = self.core_at(u, ctx, t)
                 h_next = self.combine(new, h0, h, t)
+                if self.training and t == self.debug_nan_at_step:
+                    h_next = h_next + float("nan")
             if self.check_finite and not torch.isfinite(h_next).all():
                 raise NonFiniteStateError(t)
             h_next = track.freeze(h_next, h)

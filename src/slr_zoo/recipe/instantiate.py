@@ -52,4 +52,5 @@ def build_model(recipe: dict, backbone: Backbone) -> LoopedLM:
         depth_sampler=DEPTH_SAMPLERS.build(loop["depth_sampler"], "loop.depth_sampler", **context),
         backprop_steps=loop["backprop_steps"],
         check_finite=loop["check_finite"],
+        debug_nan_at_step=loop.get("debug_nan_at_step"),
     )

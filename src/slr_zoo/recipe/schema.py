@@ -34,6 +34,7 @@ class LoopConfig:
     combine: Node = node("none")
     halting: Node = node("fixed")
     check_finite: bool = True
+    debug_nan_at_step: Optional[int] = None  # plant a NaN in the state at this training iteration (tests the guards)
 
 
 @dataclass
@@ -53,7 +54,7 @@ class TrainerConfig:
     eval_batch_size: Optional[int] = None
     precision: Literal["32-true", "32", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
     accelerator: str = "auto"
-    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp", "single"] = "auto"
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_fork", "fsdp", "single"] = "auto"
     devices: Union[int, str] = 1
     num_nodes: int = 1
     val_every: Optional[int] = None
@@ -62,6 +63,8 @@ class TrainerConfig:
     threads: Optional[int] = None
     progress_bar: bool = True
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    activation_checkpointing: bool = False  # recompute each core pass in backward instead of storing it
+    checkpoint_every: Optional[int] = None  # steps between checkpoints (default: val_every, else max_steps // 4)
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from slr_zoo.tasks.base import Task, check_record
 from slr_zoo.tasks.encoding import Encoded, collate, encode
@@ -22,6 +22,52 @@ class EncodedDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.examples[i], (self.hops[i] if self.hops else 0)
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Training batches as a pure function of (seed, global batch index), sharded over ranks.
+
+    Epoch ``e`` is a permutation drawn from (seed, e); its global batch ``i`` is the slice
+    ``[i*G, (i+1)*G)`` with ``G = batch_size * world_size``, of which rank ``r`` takes rows
+    ``[r*batch_size, (r+1)*batch_size)``. So one process with batch 2b and two with batch b train on
+    the same global batches, and a run resumed at global batch ``start`` continues with exactly
+    the batch it would have seen next: the epoch is ``start // len(self)`` and the batches before
+    ``start`` are skipped. Epochs are counted here, not taken from Lightning's ``set_epoch``,
+    because Lightning builds the first iterator of a resumed run before it sets the epoch.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 start: int = 0):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = size // (batch_size * world_size)
+        if self.per_epoch == 0:
+            raise ValueError(f"the training set has {size} examples, fewer than one global batch of "
+                             f"{batch_size} x {world_size} process(es); lower trainer.batch_size")
+        self.position = start  # global index of the next batch
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed((self.seed * 2_654_435_761 + epoch * 40_503 + 1) % 2**63)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self):
+        epoch, offset = divmod(self.position, self.per_epoch)
+        order = self.order(epoch)
+        stride, width = self.batch_size * self.world_size, self.batch_size
+        for i in range(offset, self.per_epoch):
+            self.position = epoch * self.per_epoch + i + 1
+            first = i * stride + self.rank * width
+            yield order[first:first + width]
+
+
+def shard_batches(size: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """Evaluation batches of rank ``rank``: every ``world_size``-th example, unpadded, so that
+    metrics summed over ranks count each example exactly once."""
+    mine = list(range(rank, size, world_size))
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
 def encode_split(task: Task, split: str, tokenizer) -> EncodedDataset:
@@ -71,11 +117,20 @@ class ReasoningDataModule(L.LightningDataModule):
         batch["hops"] = torch.tensor([h for _, h in items])
         return batch
 
+    def _placement(self) -> tuple[int, int, int]:
+        """(rank, world size, global batches consumed so far); the last is > 0 after a resume."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1, 0
+        return trainer.global_rank, trainer.world_size, trainer.global_step * trainer.accumulate_grad_batches
+
     def train_dataloader(self):
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=generator, collate_fn=self._collate, num_workers=self.num_workers)
+        rank, world, start = self._placement()
+        sampler = ResumableBatchSampler(len(self.train_set), self.batch_size, self.seed, rank, world, start)
+        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self._collate,
+                          num_workers=self.num_workers)
 
     def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False,
+        rank, world, _ = self._placement()
+        return DataLoader(self.val_set, batch_sampler=shard_batches(len(self.val_set), self.eval_batch_size, rank, world),
                           collate_fn=self._collate, num_workers=self.num_workers)

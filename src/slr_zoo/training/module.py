@@ -47,29 +47,51 @@ class LoopedLMModule(L.LightningModule):
         self.val_steps = MeanMetric()
         self.val_depth = DepthHistogram(model.max_steps)
         self.skipped_batches = 0
+        self._skip_update = False
+        self.last_train: dict[str, Any] = {}
         self.hop_correct: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         steps = self.model.depth_sampler.sample(depth_generator(self.seed, self.global_step))
+        labels = batch["labels"]
+        tokens = (labels != IGNORE).sum()
+        task = aux = None
+        failure, detail = 0, ""  # 0: finite; 1: the loss; t + 1: the state at loop iteration t
         try:
             out = self.model(batch["input_ids"], steps=steps)
-            loss = answer_loss(out, batch["labels"])
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at global step {self.global_step}")
+            task = answer_loss(out, labels)
+            aux = out.aux_loss
+            total = task if aux is None else task + aux
+            if not torch.isfinite(total):
+                failure, detail = 1, f"non-finite loss {total.item()}"
         except FloatingPointError as err:
-            where = f"iteration {err.step}" if isinstance(err, NonFiniteStateError) else "the loss"
+            failure = err.step + 1 if isinstance(err, NonFiniteStateError) else 1
+            detail = str(err)
+        everyone = self._share_step(steps, tokens, failure, task, aux)
+        failure = int(everyone[:, 2].max())
+        if failure:
+            where = "the loss" if failure == 1 else f"loop iteration {failure - 1}"
             if self.on_nonfinite == "skip":
                 self.skipped_batches += 1
+                self._skip_update = True
                 self.log("train/skipped_batches", float(self.skipped_batches))
-                return None
+                self.last_train = {"step": self.global_step, "loss": float("nan"), "depth": steps, "skipped": True}
+                return self._null_loss()
+            ranks = "" if len(everyone) == 1 else f" on {int((everyone[:, 2] > 0).sum())} of {len(everyone)} ranks"
             raise FloatingPointError(
-                f"{err} (global step {self.global_step}, depth {steps}); the state diverged at {where}. "
-                "Set trainer.on_nonfinite=skip to skip such batches instead"
-            ) from err
-        self.log("train/loss", loss, prog_bar=True)
+                f"{detail or 'another rank diverged'} (global step {self.global_step}, depth {steps}); the state "
+                f"first became non-finite at {where}{ranks}. Set trainer.on_nonfinite=skip to skip such batches instead"
+            )
+        # every rank's share of the global answer-token count: DDP's gradient average then equals
+        # the gradient of one big batch's mean token loss (exact for any split of the batch)
+        n_global = everyone[:, 1].sum()
+        loss = task * (tokens * len(everyone) / n_global)
+        if aux is not None:
+            loss = loss + aux
+        global_loss = (everyone[:, 3].sum() / n_global + everyone[:, 4].mean()).item()
+        self.last_train = {"step": self.global_step, "loss": global_loss, "depth": steps, "skipped": False}
+        self.log("train/loss", global_loss, prog_bar=True)
         self.log("train/depth", float(steps))
         if self.global_step % self.log_every == 0:
             for t, (norm, delta) in enumerate(zip(out.norms, out.deltas), start=1):
@@ -78,6 +100,65 @@ class LoopedLMModule(L.LightningModule):
             for name, value in self.model_monitors().items():
                 self.log(f"stability/{name}", value)
         return loss
+
+    def _share_step(self, steps: int, tokens: torch.Tensor, failure: int, task, aux) -> torch.Tensor:
+        """One all-gather per step, [world, 5]: each rank's depth, answer tokens, failure code, token
+        loss sum and auxiliary loss. Ranks then agree to stop or skip together (a rank that raised
+        alone would leave the others waiting in the gradient all-reduce), normalise by the global
+        token count, and log the global loss. Depth must match on every rank; it is checked here."""
+        zero = torch.zeros((), device=self.device)
+        ok = not failure and task is not None
+        local = torch.stack([
+            zero + steps,
+            tokens.to(zero.device).float(),
+            zero + failure,
+            task.detach().float() * tokens if ok else zero,
+            aux.detach().float().reshape(()) if ok and aux is not None else zero,
+        ])
+        everyone = self.all_gather(local).reshape(-1, 5)
+        if not bool((everyone[:, 0] == everyone[0, 0]).all()):
+            raise RuntimeError(f"ranks drew different loop depths at global step {self.global_step}: "
+                               f"{everyone[:, 0].long().tolist()}; the depth sampler must use only its generator")
+        return everyone
+
+    def _null_loss(self) -> torch.Tensor:
+        """Zero with a (zero) gradient for every trainable parameter: DDP's reducer still sees every
+        parameter, so all ranks run the same all-reduce; the update itself is skipped in optimizer_step."""
+        from torch.distributed.tensor import DTensor
+
+        params = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters() if p.requires_grad]
+        return torch.stack([p.sum() * 0.0 for p in params]).sum() if params else torch.zeros((), requires_grad=True)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """With ``on_nonfinite: skip``, run training_step and backward first and leave the weights,
+        Adam moments and weight decay untouched when the batch was skipped (on every rank at once)."""
+        if self.on_nonfinite != "skip":
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._skip_update = False
+        loss = optimizer_closure()
+        if self._skip_update:
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        return optimizer.step(closure=lambda: loss)
+
+    def configure_model(self) -> None:
+        """FSDP2 under ``strategy: fsdp`` (Lightning's ModelParallelStrategy sets the device mesh)."""
+        if self.device_mesh is not None:
+            from slr_zoo.training.trainer import shard_fsdp2
+
+            shard_fsdp2(self.model, self.device_mesh["data_parallel"])
+
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+        from slr_zoo.training.trainer import gather_fsdp2
+
+        gather_fsdp2(self.model, True)
+
+    def on_validation_model_train(self) -> None:
+        from slr_zoo.training.trainer import gather_fsdp2
+
+        gather_fsdp2(self.model, False)
+        super().on_validation_model_train()
 
     def model_monitors(self) -> dict[str, float]:
         """Scalars components expose through a ``monitors()`` method (alpha, gate mean, contraction)."""
@@ -104,6 +185,16 @@ class LoopedLMModule(L.LightningModule):
         self.hop_correct = {}
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            # each rank validated its own shard of the examples (see data.shard_batches)
+            shards: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(shards, self.hop_correct)
+            self.hop_correct = {}
+            for shard in shards:
+                for hops, (correct, seen) in shard.items():
+                    tally = self.hop_correct.setdefault(hops, [0, 0])
+                    tally[0] += correct
+                    tally[1] += seen
         self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True, sync_dist=False)
         self.log("val/mean_steps", self.val_steps.compute(), sync_dist=False)
         histogram = self.val_depth.compute()

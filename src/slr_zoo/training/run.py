@@ -13,6 +13,7 @@ import yaml
 
 from slr_zoo.files import atomic_write
 from slr_zoo.recipe import build_backbone, build_model, build_task
+from slr_zoo.training.checkpoint import check_resumable, remove_stale_temporaries
 from slr_zoo.training.data import ReasoningDataModule, load_or_build_tokenizer
 from slr_zoo.training.module import LoopedLMModule
 from slr_zoo.training.trainer import make_trainer
@@ -29,6 +30,7 @@ def build_everything(recipe: dict, directory: Path):
         tokenizer = load_or_build_tokenizer(task, directory / "tokenizer")
         backbone = build_backbone(recipe, vocab_size=len(tokenizer))
     model = build_model(recipe, backbone)
+    model.checkpoint_core = recipe["trainer"].get("activation_checkpointing", False)
     module = LoopedLMModule(
         model, recipe["optim"], seed=recipe["seed"],
         on_nonfinite=recipe["trainer"]["on_nonfinite"], log_every=recipe["trainer"]["log_every"],
@@ -46,8 +48,12 @@ def run_cell(recipe: dict, directory: Path, keys: dict[str, Any] | None = None) 
     task, tokenizer, module = build_everything(recipe, directory)
     data = ReasoningDataModule(task, tokenizer, tc["batch_size"], tc["eval_batch_size"], seed=recipe["seed"],
                                num_workers=tc["num_workers"])
-    trainer = make_trainer(tc, directory, grad_clip=recipe["optim"]["grad_clip"])
+    trainer = make_trainer(tc, directory, grad_clip=recipe["optim"]["grad_clip"], seed=recipe["seed"])
     last = directory / "checkpoints" / "last.ckpt"
+    if trainer.is_global_zero:
+        remove_stale_temporaries(last.parent)
+    if last.is_file():
+        check_resumable(last, module)  # a clear error naming the file, before Lightning loads it
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
     train_seconds = time.perf_counter() - start

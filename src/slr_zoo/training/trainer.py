@@ -1,15 +1,26 @@
-"""Lightning Trainer from the recipe's ``trainer`` group: strategy, precision, logging, checkpoints."""
+"""Lightning Trainer from the recipe's ``trainer`` group: strategy, precision, logging, checkpoints.
+
+Strategies: ``auto``/``single`` (one device), ``ddp`` (one process per device, launched by Lightning,
+torchrun or SLURM; gloo on CPU, NCCL on GPUs), ``ddp_spawn``/``ddp_fork`` (same, started from inside
+Python), and ``fsdp``: FSDP2 ``fully_shard`` per transformer block through Lightning's
+``ModelParallelStrategy`` (gloo on CPU, NCCL on GPUs). See docs/distributed.md.
+"""
 
 from __future__ import annotations
 
+import csv
 import logging
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from torch import nn
+
+from slr_zoo.training.checkpoint import AtomicCheckpointIO
 
 
 def quiet_lightning() -> None:
@@ -18,39 +29,148 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*is deprecated.*",
                     ".*Checkpoint directory.*exists and is not empty.*", ".*on_validation_epoch_end.*",
-                    ".*smaller than the logging interval.*", ".*sync_dist=True.*"):
+                    ".*smaller than the logging interval.*", ".*sync_dist=True.*",
+                    # the train sampler resumes mid-epoch itself (data.ResumableBatchSampler)
+                    ".*dataloader is not resumable.*",
+                    # a batch skipped by on_nonfinite=skip skips optimizer.step but not the schedule
+                    ".*lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`.*"):
         warnings.filterwarnings("ignore", message=pattern)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies
+# ---------------------------------------------------------------------------------------------
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` with every process in one data-parallel (FSDP2) dimension.
+
+    The parent's ``"auto"`` sizes give one data-parallel group per node and tensor parallelism
+    inside it; this zoo shards only (``LoopedLMModule.configure_model``), so the data-parallel
+    size is the world size and the tensor-parallel size 1.
+    """
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
 
 
 def make_strategy(name: str, accelerator: str):
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if name in ("ddp", "ddp_spawn"):
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return DDPStrategy(
-            process_group_backend="nccl" if on_gpu else "gloo",
-            start_method="spawn" if name == "ddp_spawn" else "popen",
-        )
+    backend = "nccl" if on_gpu else "gloo"
+    if name in ("ddp", "ddp_spawn", "ddp_fork"):
+        start = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork"}[name]
+        return DDPStrategy(process_group_backend=backend, start_method=start)
+    if name == "fsdp":
+        return FSDP2Strategy(process_group_backend=backend, save_distributed_checkpoint=False)
     if name == "single":
         return "auto"
-    if name == "fsdp":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        return ModelParallelStrategy(
-            data_parallel_size="auto", tensor_parallel_size=1,
-            process_group_backend="nccl" if on_gpu else "gloo",
-            save_distributed_checkpoint=False,
-        )
     return name
 
 
+def shard_fsdp2(model: nn.Module, mesh) -> None:
+    """FSDP2 units: each prelude and coda layer; the looped core as ONE unit that stays gathered
+    from its first forward call to the end of backward (it runs T times each way, so resharding
+    after every call would all-gather it 2T times); the root (embeddings, head, step embedding,
+    injection, loop LoRA, combine, halting, decoder) last. Called again by a later
+    ``trainer.validate``: a model already sharded is left alone."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return
+    backbone = model.backbone
+    for layer in [*backbone.prelude.layers, *backbone.coda.layers]:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(backbone.core, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)
+
+
+def gather_fsdp2(model: nn.Module, gathered: bool) -> None:
+    """Hold every FSDP2 unit gathered during evaluation (``gathered=True``), then shard again.
+
+    At inference ranks run different numbers of loop steps (halted samples leave the batch) and
+    different numbers of batches (unpadded validation shards); with the parameters gathered up
+    front the forward passes need no collective, so they cannot fall out of step.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        return
+    core = model.backbone.core
+    for unit in units:
+        unit.set_reshard_after_forward(not gathered and unit is not core and unit is not model, recurse=False)
+        if gathered:
+            unit.unshard()
+        else:
+            unit.reshard()
+
+
+# ---------------------------------------------------------------------------------------------
+# Callbacks
+# ---------------------------------------------------------------------------------------------
+class StepSeed(Callback):
+    """Seeds torch's global RNG from (seed, global step, rank) before every training step.
+
+    Dropout and any random initial state then depend only on where the run is, so a resumed run
+    draws what the uninterrupted run drew, without storing every rank's RNG state.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.manual_seed((self.seed * 1_000_003 + trainer.global_step * 8_191 + trainer.global_rank) % 2**63)
+
+
+class TrainCurve(Callback):
+    """``train_curve.csv``: the global loss, depth and skip flag of every training step (rank 0).
+
+    On resume the rows the killed run wrote after its last checkpoint are dropped, so the file of
+    a resumed run is the file of the uninterrupted one.
+    """
+
+    columns = ("step", "loss", "depth", "skipped")
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        rows = []
+        if self.path.is_file():
+            with self.path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) < trainer.global_step]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        record = getattr(pl_module, "last_train", None)
+        if trainer.is_global_zero and record:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, self.columns).writerow({k: record[k] for k in self.columns})
+
+
+def read_curve(path: Path) -> list[dict]:
+    with Path(path).open() as f:
+        return [{"step": int(r["step"]), "loss": float(r["loss"]), "depth": int(r["depth"]),
+                 "skipped": r["skipped"] == "True"} for r in csv.DictReader(f)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The Trainer
+# ---------------------------------------------------------------------------------------------
 def make_trainer(cfg: dict, directory: Path, grad_clip: float | None = None,
-                 enable_checkpointing: bool = True) -> L.Trainer:
+                 enable_checkpointing: bool = True, seed: int = 0) -> L.Trainer:
     quiet_lightning()
-    callbacks = []
+    directory = Path(directory)
+    callbacks: list[Callback] = [StepSeed(seed), TrainCurve(directory / "train_curve.csv")]
     if enable_checkpointing:
+        every = cfg.get("checkpoint_every") or cfg["val_every"] or max(1, cfg["max_steps"] // 4)
         callbacks.append(ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=0,
-                                         every_n_train_steps=cfg["val_every"] or max(1, cfg["max_steps"] // 4)))
+                                         every_n_train_steps=every))
     if cfg["progress_bar"]:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg["log_every"] // 5)))
     accelerator = cfg["accelerator"]
@@ -63,6 +183,10 @@ def make_trainer(cfg: dict, directory: Path, grad_clip: float | None = None,
         num_nodes=cfg["num_nodes"],
         strategy=make_strategy(cfg["strategy"], accelerator),
         precision=cfg["precision"],
+        plugins=[AtomicCheckpointIO()],
+        # data.ResumableBatchSampler shards the batches itself (the same global batches for any
+        # number of processes); Lightning's DistributedSampler would reorder them
+        use_distributed_sampler=False,
         logger=TensorBoardLogger(str(directory), name="tensorboard", version=""),
         callbacks=callbacks,
         enable_checkpointing=enable_checkpointing,

@@ -1,0 +1,110 @@
+"""Checkpoints that a crash cannot half-write, and a clear error when one cannot be resumed from.
+
+Lightning's ``_atomic_save`` writes through an fsspec transaction whose temporary file lives in the
+system temp directory; committing it is ``shutil.move``, which degrades to copy-then-delete when the
+run directory is on another filesystem (a cluster's scratch or network disk), so a kill during the
+copy leaves a truncated ``last.ckpt``. Nothing is fsync'ed either. :class:`AtomicCheckpointIO`
+writes beside the target, fsyncs, and renames, so ``last.ckpt`` is always either the previous
+checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from torch import nn
+
+TMP_MARK = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be resumed from; the message names the file."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into a temporary file in the target's directory, fsync, then ``os.replace``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: fsspec's own transaction is the best available
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        atomic_torch_save(checkpoint, Path(path))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); harmless where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Temporary files left by a process killed mid-save; never a valid checkpoint."""
+    stale = [p for p in Path(directory).glob(f".*{TMP_MARK}*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def check_resumable(path: Path, module: nn.Module) -> dict[str, Any]:
+    """Read ``path`` and compare its weights with ``module``'s before Lightning touches either.
+
+    Returns the checkpoint's training position (``global_step``, ``epoch``). Raises
+    :class:`CheckpointError` naming the file when it is unreadable, is not a Lightning checkpoint,
+    or holds weights of another model (missing, unexpected or reshaped tensors), which happens
+    when a recipe changed under a run directory that still holds the old run's checkpoint.
+    """
+    path = Path(path)
+    advice = (f"delete {path} (or move it away) to train this cell from scratch, "
+              "or restore the recipe the checkpoint was written with")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); {advice}") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict'); {advice}")
+    saved = checkpoint["state_dict"]
+    expected = {k: v for k, v in module.state_dict().items()}
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    reshaped = [f"{k}: {tuple(saved[k].shape)} in the file, {tuple(v.shape)} in the model"
+                for k, v in expected.items()
+                if k in saved and torch.is_tensor(v) and tuple(saved[k].shape) != tuple(v.shape)]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("different shape", reshaped)):
+        if names:
+            shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this recipe's model ({'; '.join(problems)}); {advice}")
+    return {"global_step": int(checkpoint.get("global_step", 0)), "epoch": int(checkpoint.get("epoch", 0))}

@@ -159,13 +159,20 @@ class LoopedLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         steps: int | None = None,
         keep_states: bool = False,
+        query_mask: torch.Tensor | None = None,
     ) -> LoopOutput:
+        """``query_mask`` [B, S] bool: the positions a per-sample halting decision may read (the
+        question up to its separator, so that teacher-forced validation equals greedy decoding);
+        default: every real position."""
         backbone, policy = self.backbone, self.halting
         T = steps or self.max_steps
         ctx = full_ctx = backbone.context(input_ids, attention_mask)
         h0 = backbone.prelude(backbone.embed(input_ids, ctx), ctx)
         h = h0
-        track = _Track(policy, h0, T, compact=not self.training, keep_states=keep_states)
+        if query_mask is None:
+            query_mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        track = _Track(policy, h0, T, compact=not self.training, keep_states=keep_states,
+                       query=query_mask.bool().expand_as(input_ids))
         first_grad_step = T - self.backprop_steps + 1 if self.training and self.backprop_steps else 1
 
         for t in range(1, T + 1):
@@ -220,15 +227,16 @@ def _lazy(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
 class _Track:
     """Everything the loop must remember across steps, kept out of the loop body."""
 
-    def __init__(self, policy: HaltingPolicy, h0: torch.Tensor, T: int, compact: bool, keep_states: bool):
+    def __init__(self, policy: HaltingPolicy, h0: torch.Tensor, T: int, compact: bool, keep_states: bool,
+                 query: torch.Tensor):
         B, S, _ = h0.shape
         self.policy, self.T, self.keep_states = policy, T, keep_states
         self.compact_batch = compact
-        self.state = policy.start(h0)
+        self.state = policy.start(h0, query)
         self.active = torch.arange(B, device=h0.device)          # original row of each running row
         self.steps = torch.full((B,), T, dtype=torch.long, device=h0.device)
         self.final = h0.new_zeros(h0.shape) if compact else None  # output rows of halted samples
-        self.mixture = h0.new_zeros(h0.shape) if policy.mixes == "state" else None
+        self.mixture = h0.new_zeros(h0.shape, dtype=torch.float32) if policy.mixes == "state" else None
         self.frozen = torch.zeros(B, S, dtype=torch.bool, device=h0.device) if policy.per_token else None
         self.token_steps = torch.full((B, S), T, dtype=torch.long, device=h0.device) if policy.per_token else None
         self.done = torch.zeros(B, dtype=torch.bool, device=h0.device)
@@ -240,10 +248,12 @@ class _Track:
         self.deltas: list[torch.Tensor] = []
 
     def freeze(self, h_next: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Tokens that halted earlier keep their state."""
-        if self.frozen is None or not self.frozen.any():
+        """Tokens that halted earlier keep their state; so do halted samples in training, where
+        they still run (at inference they have left the batch)."""
+        halted = self.frozen if self.frozen is not None else self.done[:, None]
+        if not halted.any():
             return h_next
-        return torch.where(self.frozen[..., None], h, h_next)
+        return torch.where(halted[..., None], h, h_next)
 
     def record(self, t, h_next, h, decision, logits_fn) -> None:
         with torch.no_grad():
@@ -292,7 +302,7 @@ class _Track:
 
     def output(self) -> torch.Tensor:
         if self.mixture is not None:
-            return self.mixture
+            return self.mixture.to(self.last_h.dtype)
         return self.final if self.final is not None else self.last_h
 
     def _scatter(self, h: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,15 @@ def answer_loss(out: LoopOutput, labels: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def question_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[B, S] True up to and including the first labelled position (the separator, which predicts
+    the first answer token): all a per-sample halting decision may read, since at validation the
+    gold answer sits in the input after it. Rows without labels are all question."""
+    labelled = labels != IGNORE
+    first = torch.where(labelled.any(dim=1), labelled.int().argmax(dim=1), labels.size(1) - 1)
+    return torch.arange(labels.size(1), device=labels.device) <= first[:, None]
+
+
 class LoopedLMModule(L.LightningModule):
     def __init__(self, model: LoopedLM, optim: dict, seed: int = 0, on_nonfinite: str = "stop", log_every: int = 25):
         super().__init__()
@@ -59,7 +68,7 @@ class LoopedLMModule(L.LightningModule):
         task = aux = None
         failure, detail = 0, ""  # 0: finite; 1: the loss; t + 1: the state at loop iteration t
         try:
-            out = self.model(batch["input_ids"], steps=steps)
+            out = self.model(batch["input_ids"], steps=steps, query_mask=question_mask(batch["labels"]))
             task = answer_loss(out, labels)
             aux = out.aux_loss
             total = task if aux is None else task + aux
@@ -170,7 +179,7 @@ class LoopedLMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
-        out = self.model(batch["input_ids"])
+        out = self.model(batch["input_ids"], query_mask=question_mask(batch["labels"]))
         correct = answer_correct(out.logits, batch["labels"])
         self.val_accuracy.update(correct.float())
         self.val_steps.update(out.steps.float())

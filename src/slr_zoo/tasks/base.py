@@ -6,19 +6,21 @@ A record is a dict with ``question`` (str), ``steps`` (list of str: the chain of
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable, Iterator
 
 from slr_zoo.registry import Registry
+from slr_zoo.tasks.scoring import EXTRACTORS
 
 Record = dict[str, Any]
 
 
 class Task:
     """A source of train / val records. ``path_args`` name constructor arguments that are files,
-    checked for existence when the recipe is validated."""
+    checked for existence when the recipe is validated. ``answer_format`` picks the extractor in
+    ``tasks/scoring.py`` that both the prediction and the gold answer go through before exact match."""
 
     path_args: tuple[str, ...] = ()
+    answer_format: str = "text"
 
     def records(self, split: str) -> Iterable[Record]:
         """The records of ``split`` ("train" or "val"), in a fixed order for a fixed seed."""
@@ -26,10 +28,12 @@ class Task:
 
     def normalize(self, answer: str) -> str:
         """The canonical form two answers are compared in."""
-        return re.sub(r"\s+", " ", answer.strip().rstrip(".")).lower()
+        return EXTRACTORS[self.answer_format](answer)
 
     def score(self, predicted: str, record: Record) -> bool:
-        return self.normalize(predicted) == self.normalize(str(record["answer"]))
+        """Exact match after normalisation; a prediction from which nothing can be extracted is wrong."""
+        gold = self.normalize(str(record["answer"]))
+        return bool(gold) and self.normalize(predicted) == gold
 
 
 TASKS = Registry("task", Task)
@@ -46,7 +50,33 @@ def check_record(record: Any, index: int, source: str = "") -> Record:
     steps = record.get("steps", [])
     if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
         raise ValueError(f"{where}: field 'steps' must be a list of strings, got {steps!r}")
+    if "hops" in record and not (_is_int(record["hops"]) and record["hops"] >= 0):
+        raise ValueError(f"{where}: field 'hops' must be a non-negative int, got {record['hops']!r}")
+    if "edges" in record or "idx_to_symbol" in record:
+        _check_graph(record, where)
     return record
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_graph(record: Record, where: str) -> None:
+    """ProsQA structure: symbols, parent->child edges between them, and root/target/neg_target nodes."""
+    symbols = record.get("idx_to_symbol")
+    if not isinstance(symbols, list) or not all(isinstance(s, str) for s in symbols):
+        raise ValueError(f"{where}: field 'idx_to_symbol' must be a list of strings, got {symbols!r}")
+    edges = record.get("edges")
+    if not isinstance(edges, list):
+        raise ValueError(f"{where}: field 'edges' must be a list of [parent, child] pairs, got {edges!r}")
+    for edge in edges:
+        if not (isinstance(edge, (list, tuple)) and len(edge) == 2 and all(_is_int(v) for v in edge)
+                and all(0 <= v < len(symbols) for v in edge)):
+            raise ValueError(f"{where}: edge {edge!r} is not a pair of node indices in [0, {len(symbols)})")
+    for key in ("root", "target", "neg_target"):
+        if key in record and not (_is_int(record[key]) and 0 <= record[key] < len(symbols)):
+            raise ValueError(f"{where}: field {key!r} must be a node index in [0, {len(symbols)}), "
+                             f"got {record[key]!r}")
 
 
 def take(records: Iterable[Record], n: int) -> Iterator[Record]:

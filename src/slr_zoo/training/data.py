@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+from array import array
 from pathlib import Path
+from typing import Iterable
 
 import lightning as L
 import torch
@@ -14,14 +17,30 @@ from slr_zoo.tasks.tokenizer import build_word_tokenizer
 
 
 class EncodedDataset(Dataset):
-    def __init__(self, examples: list[Encoded], hops: list[int] | None = None):
-        self.examples, self.hops = examples, hops
+    """Encoded examples stored flat: every example's ids (and labels) concatenated in one compact
+    array, with offsets. A few hundred thousand examples then cost 2-4 bytes per token rather than
+    a Python list of ints per example. ``typecode`` "h" (int16) fits vocabularies below 32768."""
+
+    def __init__(self, examples: Iterable[Encoded] = (), hops: Iterable[int] | None = None, typecode: str = "i"):
+        self.ids, self.labels = array(typecode), array(typecode)
+        self.offsets, self.hops = array("q", [0]), array("i")
+        for example, hop in zip(examples, hops if hops is not None else itertools.repeat(0)):
+            self.append(example, hop)
+
+    def append(self, example: Encoded, hops: int = 0) -> None:
+        if len(example.input_ids) != len(example.labels):
+            raise ValueError("an encoded example needs one label per input id")
+        self.ids.extend(example.input_ids)
+        self.labels.extend(example.labels)
+        self.offsets.append(len(self.ids))
+        self.hops.append(hops)
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.offsets) - 1
 
     def __getitem__(self, i: int):
-        return self.examples[i], (self.hops[i] if self.hops else 0)
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return Encoded(self.ids[start:end].tolist(), self.labels[start:end].tolist()), self.hops[i]
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -71,14 +90,14 @@ def shard_batches(size: int, batch_size: int, rank: int = 0, world_size: int = 1
 
 
 def encode_split(task: Task, split: str, tokenizer) -> EncodedDataset:
-    examples, hops = [], []
+    """Encode records one at a time as the task yields them; no split is ever held as records."""
+    dataset = EncodedDataset(typecode="h" if len(tokenizer) < 2**15 else "i")
     for i, record in enumerate(task.records(split)):
         check_record(record, i, f"task {split} split")
-        examples.append(encode(record, tokenizer))
-        hops.append(int(record.get("hops", 0)))
-    if not examples:
+        dataset.append(encode(record, tokenizer), int(record.get("hops", 0)))
+    if not len(dataset):
         raise ValueError(f"task produced no {split} records")
-    return EncodedDataset(examples, hops)
+    return dataset
 
 
 def load_or_build_tokenizer(task: Task, directory: Path, pretrained_tokenizer=None):

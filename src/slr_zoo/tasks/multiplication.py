@@ -1,0 +1,78 @@
+"""Multi-digit multiplication with partial products as the chain of thought (the 4x4 and 5x5
+tasks of implicit chain of thought, Deng et al. 2023, "Implicit Chain of Thought Reasoning via
+Knowledge Distillation").
+
+Numbers are written one digit per token, **least significant digit first** by default (as iCoT
+does): generating the product from its lowest digit lets each carry be computed before the digit it
+feeds, which is the order a person adds in. ``order: msd`` writes them the usual way round.
+
+    2365 x 4347, lsd:
+    question: "5 6 3 2 * 7 4 3 4"
+    steps:    ["5 5 5 6 1",                          # 2365 * 7 = 16555
+               "0 0 6 4 9 ( 5 5 1 1 1 1 )",          # 2365 * 40 = 94600 ( running sum 111155 )
+               "0 0 5 9 0 7 ( 5 5 6 0 2 8 )",        # 2365 * 300 = 709500 ( 820655 )
+               "0 0 0 0 6 4 9 ( 5 5 6 0 8 2 0 1 )"]  # 2365 * 4000 = 9460000 ( 10280655 )
+    answer:   "5 5 6 0 8 2 0 1"
+
+One step per digit of the second factor, so ``hops`` equals its number of digits.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+from slr_zoo.tasks.base import TASKS, Record, Task
+
+
+def spaced(text: str, order: str) -> str:
+    """A decimal string one digit per token, lowest digit first for ``lsd``."""
+    return " ".join(reversed(text) if order == "lsd" else text)
+
+
+def generate(rng: random.Random, sizes: tuple[int, int] = (4, 4), order: str = "lsd") -> Record:
+    d = rng.randint(*sizes)
+    a, b = (rng.randint(10 ** (d - 1), 10 ** d - 1) for _ in range(2))
+    steps, total = [], 0
+    for j, digit in enumerate(reversed(str(b))):  # from the lowest digit of b
+        total += a * int(digit) * 10**j
+        partial = spaced(str(a * int(digit)) + "0" * j, order)  # shifted by j places
+        steps.append(partial if j == 0 else f"{partial} ( {spaced(str(total), order)} )")
+    return {
+        "question": f"{spaced(str(a), order)} * {spaced(str(b), order)}",
+        "steps": steps,
+        "answer": spaced(str(a * b), order),
+        "a": a,
+        "b": b,
+        "hops": d,
+    }
+
+
+@TASKS.register("multiplication")
+class MultiplicationTask(Task):
+    """``digits: [4, 4]`` is iCoT's 4x4 task, ``[5, 5]`` its 5x5; ``[4, 5]`` mixes both."""
+
+    answer_format = "digits"
+
+    def __init__(
+        self,
+        n_train: int = 20000,
+        n_val: int = 500,
+        digits: list[int] = [4, 4],  # noqa: B006  (recipes give lists; never mutated)
+        order: Literal["lsd", "msd"] = "lsd",
+        seed: int = 0,
+    ):
+        if len(digits) != 2 or not 1 <= digits[0] <= digits[1] <= 20:
+            raise ValueError(f"task.digits must be [min, max] with 1 <= min <= max <= 20, got {digits}")
+        self.n = {"train": n_train, "val": n_val}
+        self.sizes, self.order, self.seed = tuple(digits), order, seed
+
+    def records(self, split):
+        rng = random.Random(f"multiplication/{self.seed}/{split}")
+        for _ in range(self.n[split]):
+            yield generate(rng, self.sizes, self.order)
+
+    def normalize(self, answer: str) -> str:
+        """The product as a number written the usual way, whatever the digit order."""
+        found = super().normalize(answer)
+        return found[::-1] if self.order == "lsd" else found

@@ -1,0 +1,129 @@
+"""ProntoQA-style deduction (Saparov & He 2023, "Language Models Are Greedy Reasoners"; the
+true/false format Coconut trains on).
+
+An entity belongs to the first concept of a chain of made-up concepts, each a subtype of the next
+("Every wumpus is a yumpus."), and every concept of the chain has one property, positive or
+negated ("Yumpuses are not bright."). The question asks whether the entity has the property of
+the ``hops``-th concept of the chain, or its negation:
+
+    question: "... Max is a wumpus. True or false: Max is not bright."
+    steps:    ["Max is a wumpus.", "Every wumpus is a yumpus.", "Max is a yumpus.",
+               "Yumpuses are not bright.", "Max is not bright."]
+    answer:   "True"
+
+``hops`` counts the rules applied: ``hops - 1`` subtype rules and one property rule. Distractors
+keep the answer from being read off the surface: a concept outside the chain with the opposite
+polarity of the queried property, the chain continuing past the queried concept, and a subtype of
+the entity's concept with a property of its own (the entity is not one, so it inherits nothing).
+Sentences are shuffled; each rule is written with one of several templates.
+"""
+
+from __future__ import annotations
+
+import random
+
+from slr_zoo.tasks.base import TASKS, Record, Task
+
+CONCEPTS = (
+    "wumpus yumpus zumpus dumpus rompus numpus tumpus vumpus impus jompus gorpus shumpus lempus sterpus "
+    "grimpus lorpus brimpus kerpus"
+).split()
+# property families: a record uses at most one member of each, so no two properties of one entity
+# contradict each other in plain English ("bright" and "dull")
+PROPERTIES = [f.split() for f in (
+    "bright dull", "opaque transparent", "large small", "hot cold", "happy sad", "red blue brown", "sour sweet",
+    "wooden metallic", "shy aggressive", "earthy fruity floral", "luminous", "kind mean", "nervous feisty",
+    "amenable", "liquid", "temperate", "spicy",
+)]
+ENTITIES = "Alex Bob Fae Max Polly Rex Sally Sam Stella Wren".split()
+EXTRA_CHAIN = 2  # the chain continues up to this many concepts past the queried one
+
+
+def article(noun: str) -> str:
+    return "an" if noun[0] in "aeiou" else "a"
+
+
+def plural(noun: str) -> str:
+    return noun + "es" if noun.endswith("s") else noun + "s"
+
+
+def subtype_rule(rng: random.Random, a: str, b: str) -> str:
+    return rng.choice([
+        f"Every {a} is {article(b)} {b}.",
+        f"Each {a} is {article(b)} {b}.",
+        f"{plural(a).capitalize()} are {plural(b)}.",
+    ])
+
+
+def property_rule(rng: random.Random, concept: str, prop: str, positive: bool) -> str:
+    verb = "is" if positive else "is not"
+    return rng.choice([
+        f"Every {concept} {verb} {prop}.",
+        f"Each {concept} {verb} {prop}.",
+        f"{plural(concept).capitalize()} are {'' if positive else 'not '}{prop}.",
+    ])
+
+
+def generate(rng: random.Random, hops: tuple[int, int] = (1, 5)) -> Record:
+    k = rng.randint(*hops)
+    n_chain = k + rng.randint(0, EXTRA_CHAIN)
+    names = rng.sample(CONCEPTS, n_chain + 2)
+    chain, child, other = names[:n_chain], names[n_chain], names[n_chain + 1]
+    props = [rng.choice(family) for family in rng.sample(PROPERTIES, n_chain + 1)]
+    polarity = [rng.random() < 0.5 for _ in range(n_chain + 1)]
+    entity = rng.choice(ENTITIES)
+    queried, positive = props[k - 1], polarity[k - 1]
+
+    rules = {}  # first-order facts by their role, so the chain of thought can quote them verbatim
+    for i in range(n_chain - 1):
+        rules[("sub", i)] = subtype_rule(rng, chain[i], chain[i + 1])
+    for i in range(n_chain):
+        rules[("prop", i)] = property_rule(rng, chain[i], props[i], polarity[i])
+    facts = list(rules.values()) + [
+        subtype_rule(rng, child, chain[0]),                         # the entity is not a `child`
+        property_rule(rng, child, props[n_chain], polarity[n_chain]),
+        property_rule(rng, other, queried, not positive),           # same property, opposite polarity
+    ]
+    rng.shuffle(facts)
+
+    steps = [f"{entity} is {article(chain[0])} {chain[0]}."]
+    for i in range(k - 1):
+        steps += [rules[("sub", i)], f"{entity} is {article(chain[i + 1])} {chain[i + 1]}."]
+    conclusion = f"{entity} is {'' if positive else 'not '}{queried}."
+    steps += [rules[("prop", k - 1)], conclusion]
+
+    asked_positive = rng.random() < 0.5
+    statement = f"{entity} is {'' if asked_positive else 'not '}{queried}."
+    question = " ".join(facts) + f" {steps[0]} True or false: {statement}"
+    return {
+        "question": question,
+        "steps": steps,
+        "answer": "True" if asked_positive == positive else "False",
+        "entity": entity,
+        "chain": chain,
+        "property": queried,
+        "hops": k,
+    }
+
+
+@TASKS.register("prontoqa")
+class ProntoQATask(Task):
+    answer_format = "boolean"
+
+    def __init__(
+        self,
+        n_train: int = 20000,
+        n_val: int = 500,
+        hops: list[int] = [1, 5],  # noqa: B006  (recipes give lists; never mutated)
+        seed: int = 0,
+    ):
+        if len(hops) != 2 or not 1 <= hops[0] <= hops[1] <= len(CONCEPTS) - 2 - EXTRA_CHAIN:
+            raise ValueError(f"task.hops must be [min, max] with 1 <= min <= max <= "
+                             f"{len(CONCEPTS) - 2 - EXTRA_CHAIN}, got {hops}")
+        self.n = {"train": n_train, "val": n_val}
+        self.hops, self.seed = tuple(hops), seed
+
+    def records(self, split):
+        rng = random.Random(f"prontoqa/{self.seed}/{split}")
+        for _ in range(self.n[split]):
+            yield generate(rng, self.hops)

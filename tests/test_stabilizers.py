@@ -37,7 +37,7 @@ EXTRA = {
     ("combine", "none"): [{"norm": True}],
     ("combine", "residual_initial"): [{"alpha": 0.7, "learn_alpha": True}],
     ("combine", "residual_previous"): [{"alpha": 0.3, "learn_alpha": True, "norm": True}],
-    ("combine", "learned"): [{"alpha": 0.7, "norm": True}],
+    ("combine", "learned"): [{"alpha": 0.7, "learn_alpha": True, "norm": True}],
     ("combine", "gated"): [{"alpha": 0.8, "learn_alpha": False}],
 }
 
@@ -149,8 +149,10 @@ def test_alpha_one_equals_no_combine(name, tokens):
 def test_learned_combine_starts_as_residual_initial(tokens):
     a = model_with("combine", {"name": "residual_initial", "alpha": 0.7})(tokens).logits
     c = model_with("combine", {"name": "learned", "alpha": 0.7})(tokens).logits
-    # a matmul against [0.7 I, 0.3 I, 0] rounds like 0.7 a + 0.3 b up to fused multiply-adds
-    torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
+    assert torch.equal(c, a)
+    a = model_with("combine", {"name": "residual_initial", "alpha": 0.7, "learn_alpha": True})(tokens).logits
+    c = model_with("combine", {"name": "learned", "alpha": 0.7, "learn_alpha": True})(tokens).logits
+    assert torch.equal(c, a)
     base = model_with("combine", {"name": "none"})(tokens).logits
     assert torch.equal(model_with("combine", {"name": "learned", "alpha": 1.0})(tokens).logits, base)
 
@@ -450,7 +452,7 @@ def test_relaxed_recursive_conversion_of_a_pretrained_model(tmp_path, perturb_no
 # ---------------------------------------------------------------------------------------------
 # Combines: learnable alpha, norm, monitors
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["residual_initial", "residual_previous"])
+@pytest.mark.parametrize("name", ["residual_initial", "residual_previous", "learned"])
 def test_learnable_alpha_starts_at_alpha_and_stays_in_unit_interval(name, tokens):
     model = model_with("combine", {"name": name, "alpha": 0.7, "learn_alpha": True})
     comb = model.combine
@@ -476,7 +478,10 @@ def test_norm_after_combine_bounds_the_state():
 
 def test_monitors_of_components():
     combine = model_with("combine", {"name": "learned", "alpha": 0.7}).combine
-    assert combine.monitors() == pytest.approx({"alpha_new": 0.7, "alpha_h0": 0.3, "alpha_prev": 0.0})
+    assert combine.monitors() == pytest.approx({"alpha": 0.7, "alpha_new": 0.7, "alpha_h0": 0.3, "alpha_prev": 0.0})
+    with torch.no_grad():
+        combine.mixer.weight.view(32, 3, 32).diagonal(dim1=0, dim2=2)[2].fill_(0.25)  # prev block's diagonal
+    assert combine.monitors()["alpha_prev"] == pytest.approx(0.25)
     gated = model_with("combine", {"name": "gated", "alpha": 0.8}).combine
     assert gated.monitors()["gate_mean"] == pytest.approx(0.8)
     with torch.no_grad():

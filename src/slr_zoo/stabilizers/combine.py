@@ -2,7 +2,7 @@
 
     A  residual_initial   h = alpha * h' + (1 - alpha) * h0
     B  residual_previous  h = alpha * h' + (1 - alpha) * h_{t-1}
-    C  learned            h = W [h', h0, h_{t-1}] + b, W initialised to [alpha I, (1 - alpha) I, 0]
+    C  learned            h = A + W [h', h0, h_{t-1}] + b, W and b zero at init (so exactly A)
        gated              h = g * h' + (1 - g) * h_{t-1},  g = sigmoid(W [h', h_{t-1}] + b)
 
 alpha = 1 is exactly "no residual". A learnable alpha is alpha = sigmoid(theta), which keeps it in
@@ -107,32 +107,36 @@ class ResidualPrevious(_AlphaResidual):
 
 
 @COMBINES.register("learned")
-class LearnedCombine(Combine):
-    """Option C: a Linear over [h', h0, h_{t-1}] that starts as option A with the given alpha
-    (weight [alpha I, (1 - alpha) I, 0], zero bias) and is then free to learn any mixture.
+class LearnedCombine(_AlphaResidual):
+    """Option C: a Linear over [h', h0, h_{t-1}] that starts exactly as option A.
 
-    ``monitors()`` reports the mean diagonal weight on each input: the effective alphas."""
+    Written as option A plus a zero-initialised Linear correction, h = alpha h' + (1 - alpha) h0
+    + W [h', h0, h_{t-1}] + b: the same function class as a free Linear initialised to
+    [alpha I, (1 - alpha) I, 0], but a fresh module is bit-identical to option A, alpha may be
+    fixed or learned like A's, and weight decay pulls towards option A rather than towards zero.
 
-    def __init__(self, alpha: float = 0.5, norm: bool = False, hidden_size: int = 0):
-        super().__init__(norm, hidden_size)
-        check_alpha(alpha, False)
+    ``monitors()`` reports alpha and the effective mean diagonal weight on each input."""
+
+    def __init__(self, alpha: float = 0.5, learn_alpha: bool = False, norm: bool = False, hidden_size: int = 0):
+        super().__init__(alpha, learn_alpha, norm, hidden_size)
         self.mixer = nn.Linear(3 * hidden_size, hidden_size)
-        with torch.no_grad():
-            eye = torch.eye(hidden_size)
-            self.mixer.weight.copy_(torch.cat([alpha * eye, (1.0 - alpha) * eye, 0.0 * eye], dim=1))
-            self.mixer.bias.zero_()
+        nn.init.zeros_(self.mixer.weight)
+        nn.init.zeros_(self.mixer.bias)
 
     def forward(self, new, h0, prev, t):
-        x = torch.cat([new, h0.to(new.dtype), prev.to(new.dtype)], dim=-1)
-        return self.finish(self.mixer(x).to(new.dtype))
+        a = self.alpha
+        if torch.is_tensor(a):
+            a = a.to(new.dtype)
+        correction = self.mixer(torch.cat([new, h0.to(new.dtype), prev.to(new.dtype)], dim=-1)).to(new.dtype)
+        return self.finish(a * new + (1.0 - a) * h0 + correction)
 
     @torch.no_grad()
     def monitors(self) -> dict[str, float]:
         d = self.mixer.out_features
-        blocks = self.mixer.weight.view(d, 3, d)
-        diag = torch.diagonal(blocks, dim1=0, dim2=2)  # [3, d]: weight of channel i of each input on output i
-        return {"alpha_new": diag[0].mean().item(), "alpha_h0": diag[1].mean().item(),
-                "alpha_prev": diag[2].mean().item()}
+        diag = torch.diagonal(self.mixer.weight.view(d, 3, d), dim1=0, dim2=2).mean(-1)  # per input block
+        a = float(self.alpha)
+        return {"alpha": a, "alpha_new": a + diag[0].item(), "alpha_h0": 1.0 - a + diag[1].item(),
+                "alpha_prev": diag[2].item()}
 
 
 @COMBINES.register("gated")

@@ -80,17 +80,18 @@ class LoopedLMModule(L.LightningModule):
         everyone = self._share_step(steps, tokens, failure, task, aux)
         failure = int(everyone[:, 2].max())
         if failure:
-            where = "the loss" if failure == 1 else f"loop iteration {failure - 1}"
             if self.on_nonfinite == "skip":
                 self.skipped_batches += 1
                 self._skip_update = True
                 self.log("train/skipped_batches", float(self.skipped_batches))
                 self.last_train = {"step": self.global_step, "loss": float("nan"), "depth": steps, "skipped": True}
                 return self._null_loss()
-            ranks = "" if len(everyone) == 1 else f" on {int((everyone[:, 2] > 0).sum())} of {len(everyone)} ranks"
+            ranks = "" if len(everyone) == 1 else f" (on {int((everyone[:, 2] > 0).sum())} of {len(everyone)} ranks)"
+            what = (f"the hidden state became non-finite at loop iteration {failure - 1}" if failure > 1
+                    else detail or "the loss became non-finite")
             raise FloatingPointError(
-                f"{detail or 'another rank diverged'} (global step {self.global_step}, depth {steps}); the state "
-                f"first became non-finite at {where}{ranks}. Set trainer.on_nonfinite=skip to skip such batches instead"
+                f"training diverged at global step {self.global_step} (depth {steps}): {what}{ranks}. "
+                "Set trainer.on_nonfinite=skip to skip such batches instead"
             )
         # every rank's share of the global answer-token count: DDP's gradient average then equals
         # the gradient of one big batch's mean token loss (exact for any split of the batch)

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import nn
 
 from slr_zoo.training.checkpoint import AtomicCheckpointIO
@@ -54,12 +55,42 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
 
+class _ReportingLauncher(_MultiProcessingLauncher):
+    """``ddp_spawn``/``ddp_fork`` train in child processes and send back only the weights and the
+    logged metrics; this also sends what ``run_cell`` reports (steps trained, skipped batches,
+    per-hop tallies), so the summary of a spawned run is the summary of a launched one."""
+
+    def get_extra_results(self, trainer) -> dict:
+        extra = super().get_extra_results(trainer)
+        module = trainer.lightning_module
+        extra["slr_zoo"] = {"global_step": trainer.global_step,
+                            **{k: getattr(module, k) for k in ("skipped_batches", "hop_correct") if hasattr(module, k)}}
+        return extra
+
+    def update_main_process_results(self, trainer, extra: dict) -> None:
+        super().update_main_process_results(trainer, extra)
+        state = dict(extra.get("slr_zoo", {}))
+        if trainer.state.fn == "fit":
+            trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total.completed = \
+                state.pop("global_step", trainer.global_step)
+        state.pop("global_step", None)
+        for key, value in state.items():
+            setattr(trainer.lightning_module, key, value)
+
+
+class _DDPStrategy(DDPStrategy):
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if isinstance(self._launcher, _MultiProcessingLauncher):
+            self._launcher = _ReportingLauncher(self, start_method=self._start_method)
+
+
 def make_strategy(name: str, accelerator: str):
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     backend = "nccl" if on_gpu else "gloo"
     if name in ("ddp", "ddp_spawn", "ddp_fork"):
         start = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork"}[name]
-        return DDPStrategy(process_group_backend=backend, start_method=start)
+        return _DDPStrategy(process_group_backend=backend, start_method=start)
     if name == "fsdp":
         return FSDP2Strategy(process_group_backend=backend, save_distributed_checkpoint=False)
     if name == "single":

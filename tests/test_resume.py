@@ -1,0 +1,158 @@
+"""Never lose a run: exact resume after a kill, atomic checkpoints, clear errors for bad ones."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_recipe
+
+from slr_zoo.training.checkpoint import AtomicCheckpointIO, CheckpointError, check_resumable
+from slr_zoo.training.data import ResumableBatchSampler, shard_batches
+from slr_zoo.training.module import depth_generator
+from slr_zoo.training.run import build_everything, run_cell
+from slr_zoo.training.trainer import read_curve
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler: data order as a function of (seed, global batch index)
+# ---------------------------------------------------------------------------------------------
+def batches(sampler, n):
+    out = []
+    while len(out) < n:
+        out += list(sampler)  # one epoch per iter(), as Lightning does
+    return out[:n]
+
+
+def test_two_ranks_split_the_global_batches_of_one_process():
+    one = batches(ResumableBatchSampler(50, 8, seed=3), 15)  # 6 batches/epoch: crosses 2 epochs
+    r0 = batches(ResumableBatchSampler(50, 4, seed=3, rank=0, world_size=2), 15)
+    r1 = batches(ResumableBatchSampler(50, 4, seed=3, rank=1, world_size=2), 15)
+    assert [a + b for a, b in zip(r0, r1)] == one
+
+
+def test_resumed_sampler_continues_exactly_where_the_run_stopped():
+    full = batches(ResumableBatchSampler(50, 8, seed=1), 20)
+    for start in (0, 4, 6, 7, 13):
+        assert batches(ResumableBatchSampler(50, 8, seed=1, start=start), 20 - start) == full[start:]
+
+
+def test_epochs_are_new_permutations_of_every_example():
+    sampler = ResumableBatchSampler(48, 8, seed=0)
+    first, second = list(sampler), list(sampler)
+    assert sorted(sum(first, [])) == list(range(48)) == sorted(sum(second, []))
+    assert first != second
+    assert list(ResumableBatchSampler(48, 8, seed=1)) != first
+
+
+def test_sampler_rejects_a_set_smaller_than_one_global_batch():
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ResumableBatchSampler(7, 4, world_size=2)
+
+
+def test_validation_shards_cover_every_example_once():
+    shards = [shard_batches(11, 3, r, 2) for r in range(2)]
+    flat = sorted(i for s in shards for b in s for i in b)
+    assert flat == list(range(11))
+
+
+def test_depth_is_a_function_of_seed_and_step_only():
+    from slr_zoo.looped import UniformDepth
+
+    sampler = UniformDepth(max_steps=6)
+    draws = [sampler.sample(depth_generator(0, s)) for s in range(30)]
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert draws == [sampler.sample(depth_generator(0, s)) for s in range(30)]
+    assert len(set(draws)) > 1
+    assert draws != [sampler.sample(depth_generator(1, s)) for s in range(30)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files
+# ---------------------------------------------------------------------------------------------
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("disk full (simulated by an object that cannot be pickled)")
+
+
+def test_atomic_save_leaves_the_previous_checkpoint_when_a_save_fails(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "ckpt" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "x": _Unpicklable()}, path)
+    assert torch.equal(torch.load(path, weights_only=False)["state_dict"]["w"], torch.ones(3))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary left behind
+
+
+def _fit_recipe(tmp_path, **overrides):
+    base = dict(output_dir=str(tmp_path), trainer__max_steps=24, trainer__val_every=None, trainer__checkpoint_every=2,
+                trainer__batch_size=8, trainer__accelerator="cpu", loop__depth_sampler={"name": "uniform"},
+                optim__warmup_steps=3)
+    base.update(overrides)
+    return tiny_recipe(**base)
+
+
+def _state(directory: Path) -> dict:
+    return torch.load(directory / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def test_corrupt_checkpoint_stops_with_an_error_naming_the_file(tmp_path):
+    recipe = _fit_recipe(tmp_path, trainer__max_steps=2)
+    directory = tmp_path / "cell"
+    run_cell(recipe, directory)
+    last = directory / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a torn write
+    with pytest.raises(CheckpointError, match=f"checkpoint {last} is unreadable"):
+        run_cell(recipe, directory)
+
+
+def test_checkpoint_of_another_model_is_refused_with_the_mismatch(tmp_path):
+    directory = tmp_path / "cell"
+    run_cell(_fit_recipe(tmp_path, trainer__max_steps=2), directory)
+    wider = _fit_recipe(tmp_path, trainer__max_steps=2, backbone__hidden_size=48)
+    _, _, module = build_everything(wider, directory)
+    with pytest.raises(CheckpointError, match=r"does not fit this recipe's model \(different shape: .*48"):
+        check_resumable(directory / "checkpoints" / "last.ckpt", module)
+
+
+def _train_in_child(recipe, directory):
+    torch.set_num_threads(1)
+    run_cell(recipe, directory)
+
+
+def test_killed_run_resumes_to_exactly_the_weights_of_an_uninterrupted_run(tmp_path):
+    """SIGKILL (no chance to clean up) after the first checkpoint, then run the cell again."""
+    recipe = _fit_recipe(tmp_path, loop__loop_lora={"name": "per_step", "rank": 2},
+                         backbone__dropout=0.1)  # dropout: the resumed run must draw the same masks
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_cell(recipe, straight)
+
+    child = multiprocessing.get_context("fork").Process(target=_train_in_child, args=(recipe, killed))
+    child.start()
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 60
+    while not last.exists() and child.is_alive() and time.time() < deadline:
+        time.sleep(0.002)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    interrupted_at = _state(killed)["global_step"]
+    assert 0 < interrupted_at < recipe["trainer"]["max_steps"], "the kill came too late to test a resume"
+    assert not (killed / "summary.json").exists()
+
+    summary = run_cell(recipe, killed)
+    assert summary["train_steps"] == recipe["trainer"]["max_steps"]
+    a, b = _state(straight), _state(killed)
+    assert a["global_step"] == b["global_step"] == recipe["trainer"]["max_steps"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    # the step-by-step record is the same too (rows after the last checkpoint were redone)
+    assert read_curve(straight / "train_curve.csv") == read_curve(killed / "train_curve.csv")

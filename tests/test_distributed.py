@@ -8,12 +8,9 @@ marked slow go through ``python -m slr_zoo.fit`` and Lightning's own launcher in
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import socket
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,7 @@ from slr_zoo.looped import UniformDepth
 from slr_zoo.stabilizers.combine import Combine
 from slr_zoo.training.module import depth_generator
 from slr_zoo.training.run import build_everything, run_cell
-from slr_zoo.training.trainer import read_curve
+from slr_zoo.training.trainer import fork_workers, read_curve
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA2 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
@@ -36,45 +33,9 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # ---------------------------------------------------------------------------------------------
 # Harness
 # ---------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, target, args: tuple, errors) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", ROLE_RANK=str(rank),
-                      NODE_RANK="0", TORCHELASTIC_RUN_ID="pytest")
-    torch.set_num_threads(1)
-    try:
-        target(*args)
-    except BaseException:  # noqa: BLE001  (reported to the parent)
-        errors.put((rank, traceback.format_exc()))
-        raise
-
-
-def launch(recipe: dict, directory: Path, world: int = 2, timeout: float = 120, target=run_cell) -> list[tuple[int, str]]:
-    """Run ``run_cell(recipe, directory)`` (or ``target``) in ``world`` torchrun-like processes;
-    returns the ranks' errors, if any."""
-    ctx = multiprocessing.get_context("fork")
-    errors = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, target, (recipe, directory), errors))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung, f"{len(hung)} rank(s) hung (a collective out of step?)"
-    found = []
-    while not errors.empty():
-        found.append(errors.get())
-    assert found or all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return sorted(found)
+def launch(recipe: dict, directory: Path, world: int = 2, target=run_cell) -> list[tuple[int, str]]:
+    """``run_cell(recipe, directory)`` (or ``target``) in ``world`` torchrun-like processes; the ranks' errors."""
+    return fork_workers(target, (recipe, directory), world=world, timeout=120)
 
 
 def _recipe(tmp_path, **overrides) -> dict:

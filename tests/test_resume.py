@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_recipe
 
-from slr_zoo.training.checkpoint import AtomicCheckpointIO, CheckpointError, check_resumable
+from slr_zoo.training.checkpoint import AtomicCheckpointIO, CheckpointError, check_resumable, resume_point
 from slr_zoo.training.data import ResumableBatchSampler, shard_batches
 from slr_zoo.training.module import depth_generator
 from slr_zoo.training.run import build_everything, run_cell
@@ -119,6 +119,22 @@ def test_checkpoint_of_another_model_is_refused_with_the_mismatch(tmp_path):
     _, _, module = build_everything(wider, directory)
     with pytest.raises(CheckpointError, match=r"does not fit this recipe's model \(different shape: .*48"):
         check_resumable(directory / "checkpoints" / "last.ckpt", module)
+
+
+def test_resume_takes_the_furthest_checkpoint_including_slurm_preemption_ones(tmp_path):
+    directory = tmp_path / "cell"
+    recipe = _fit_recipe(tmp_path, trainer__max_steps=4)
+    run_cell(recipe, directory)
+    _, _, module = build_everything(recipe, directory)
+    last = directory / "checkpoints" / "last.ckpt"
+    assert resume_point(directory, module) == last
+    state = torch.load(last, weights_only=False)
+    for step, winner in ((2, last), (6, directory / "hpc_ckpt_1.ckpt")):
+        AtomicCheckpointIO().save_checkpoint(dict(state, global_step=step), directory / "hpc_ckpt_1.ckpt")
+        assert resume_point(directory, module) == winner
+    (directory / "hpc_ckpt_2.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="hpc_ckpt_2.ckpt is unreadable"):
+        resume_point(directory, module)
 
 
 def _train_in_child(recipe, directory):

@@ -108,3 +108,13 @@ def check_resumable(path: Path, module: nn.Module) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path} does not fit this recipe's model ({'; '.join(problems)}); {advice}")
     return {"global_step": int(checkpoint.get("global_step", 0)), "epoch": int(checkpoint.get("epoch", 0))}
+
+
+def resume_point(directory: Path, module: nn.Module) -> Path | None:
+    """The checkpoint a cell resumes from: the furthest-trained of ``checkpoints/last.ckpt`` and
+    the ``hpc_ckpt_N.ckpt`` Lightning writes into the cell directory when SLURM signals a
+    preemption (``--signal=SIGUSR1@90``). Every candidate is checked with :func:`check_resumable`."""
+    directory = Path(directory)
+    candidates = [directory / "checkpoints" / "last.ckpt", *directory.glob("hpc_ckpt_*.ckpt")]
+    steps = {path: check_resumable(path, module)["global_step"] for path in candidates if path.is_file()}
+    return max(steps, key=lambda path: (steps[path], path.name != "last.ckpt")) if steps else None

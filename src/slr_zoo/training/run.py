@@ -13,7 +13,7 @@ import yaml
 
 from slr_zoo.files import atomic_write
 from slr_zoo.recipe import build_backbone, build_model, build_task
-from slr_zoo.training.checkpoint import check_resumable, remove_stale_temporaries
+from slr_zoo.training.checkpoint import remove_stale_temporaries, resume_point
 from slr_zoo.training.data import ReasoningDataModule, load_or_build_tokenizer
 from slr_zoo.training.module import LoopedLMModule
 from slr_zoo.training.trainer import make_trainer
@@ -49,13 +49,12 @@ def run_cell(recipe: dict, directory: Path, keys: dict[str, Any] | None = None) 
     data = ReasoningDataModule(task, tokenizer, tc["batch_size"], tc["eval_batch_size"], seed=recipe["seed"],
                                num_workers=tc["num_workers"])
     trainer = make_trainer(tc, directory, grad_clip=recipe["optim"]["grad_clip"], seed=recipe["seed"])
-    last = directory / "checkpoints" / "last.ckpt"
     if trainer.is_global_zero:
-        remove_stale_temporaries(last.parent)
-    if last.is_file():
-        check_resumable(last, module)  # a clear error naming the file, before Lightning loads it
+        remove_stale_temporaries(directory / "checkpoints")
+        remove_stale_temporaries(directory)
+    resume = resume_point(directory, module)  # checked first: a bad file stops with its name
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     train_seconds = time.perf_counter() - start
     metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
     hop_accuracy = {str(h): round(c / n, 4) for h, (c, n) in sorted(module.hop_correct.items()) if n}

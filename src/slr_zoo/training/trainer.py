@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import csv
 import logging
+import multiprocessing
+import os
+import socket
+import traceback
 import warnings
 from pathlib import Path
 
@@ -219,6 +223,7 @@ def make_trainer(cfg: dict, directory: Path, grad_clip: float | None = None,
         # number of processes); Lightning's DistributedSampler would reorder them
         use_distributed_sampler=False,
         logger=TensorBoardLogger(str(directory), name="tensorboard", version=""),
+        default_root_dir=str(directory),  # where SLURM preemption checkpoints (hpc_ckpt_N.ckpt) go
         callbacks=callbacks,
         enable_checkpointing=enable_checkpointing,
         enable_progress_bar=cfg["progress_bar"],
@@ -230,3 +235,49 @@ def make_trainer(cfg: dict, directory: Path, grad_clip: float | None = None,
         gradient_clip_val=grad_clip,
         max_epochs=-1,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Local multi-process runs (tests, benchmarks)
+# ---------------------------------------------------------------------------------------------
+def _torchrun_worker(rank: int, world: int, port: int, target, args: tuple, errors, threads: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", ROLE_RANK=str(rank),
+                      NODE_RANK="0", TORCHELASTIC_RUN_ID="local")
+    torch.set_num_threads(threads)
+    try:
+        target(*args)
+    except BaseException:  # noqa: BLE001  (sent to the parent, then re-raised for the exit code)
+        errors.put((rank, traceback.format_exc()))
+        raise
+
+
+def fork_workers(target, args: tuple, world: int = 2, timeout: float = 300, threads: int = 1) -> list[tuple[int, str]]:
+    """Run ``target(*args)`` in ``world`` forked processes that carry torchrun's environment
+    (RANK, LOCAL_RANK, WORLD_SIZE, GROUP_RANK, ...), so Lightning's TorchElasticEnvironment treats
+    them as externally launched workers, as on a cluster. Forking skips a fresh interpreter's
+    imports, which makes multi-process tests and benchmarks on one machine cheap. Returns the
+    ``(rank, traceback)`` of every rank that raised; raises if a rank hangs past ``timeout``.
+    """
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_torchrun_worker, args=(r, world, port, target, args, errors, threads))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    if hung:
+        raise TimeoutError(f"{len(hung)} of {world} rank(s) still running after {timeout} s (a collective out of step?)")
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    if not found and any(p.exitcode != 0 for p in procs):
+        found = [(r, f"exit code {p.exitcode}") for r, p in enumerate(procs) if p.exitcode != 0]
+    return sorted(found)

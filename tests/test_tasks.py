@@ -292,6 +292,24 @@ def test_word_tokenizer_round_trips_splits_punctuation_maps_unknowns_and_saves(t
         tokenizer.pad_token_id, tokenizer.sep_token_id, tokenizer.eos_token_id)
 
 
+def test_fast_word_split_gives_exactly_the_tokenizer_ids(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from slr_zoo.tasks.tokenizer import text_ids
+
+    records = list(build({"name": "prosqa", "n_train": 30, "n_val": 1}).records("train"))
+    records.append({"question": "GSM: 12*3=36, $4.50 (each)? <<3+4=7>> x_y\ttab\nline", "answer": "####  7"})
+    tokenizer = build_word_tokenizer(records)
+    loaded_dir = tmp_path / "tok"
+    tokenizer.save_pretrained(str(loaded_dir))
+    loaded = PreTrainedTokenizerFast.from_pretrained(str(loaded_dir))
+    texts = [t for r in records for t in (r["question"], *r.get("steps", []), " " + r["answer"])] + [
+        "Tom [SEP] is a [THINK] wumpus.", "Zoë is a wümpus ٣.", "unseen-words, here!", ""]
+    for tok in (tokenizer, loaded):
+        for text in texts:
+            assert text_ids(tok, text) == tok.encode(text, add_special_tokens=False), text
+
+
 # ---------------------------------------------------------------------------------------- encoding
 def test_encoded_dataset_is_flat_and_returns_what_encode_gave():
     task = build({"name": "prosqa", "n_train": 20, "n_val": 2})

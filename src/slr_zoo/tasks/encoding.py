@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from slr_zoo.tasks.base import Record
-from slr_zoo.tasks.tokenizer import special_ids
+from slr_zoo.tasks.tokenizer import special_ids, text_ids
 
 IGNORE = -100
 
@@ -24,8 +24,8 @@ def encode(record: Record, tokenizer) -> Encoded:
     Position i predicts token i+1, so the label of the [SEP] position is the first answer token.
     """
     sep, eos = special_ids(tokenizer)
-    question = tokenizer.encode(record["question"], add_special_tokens=False)
-    answer = tokenizer.encode(" " + str(record["answer"]).strip(), add_special_tokens=False)
+    question = text_ids(tokenizer, record["question"])
+    answer = text_ids(tokenizer, " " + str(record["answer"]).strip())
     ids = question + [sep] + answer + [eos]
     labels = [IGNORE] * len(question) + answer + [eos] + [IGNORE]
     return Encoded(ids, labels)

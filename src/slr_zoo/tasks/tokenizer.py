@@ -1,8 +1,18 @@
 """Tokenizers: a word-level one built from the data (from-scratch models) through Hugging Face
-``tokenizers``, so it saves, loads and pads through the same code path as a pretrained model's."""
+``tokenizers``, so it saves, loads and pads through the same code path as a pretrained model's.
+
+Splitting text into words is done in Python for ASCII text without special-token strings: on
+large generated datasets Hugging Face's pre-tokenizer costs several times more than the rest of
+the data pipeline. The Python split is the same regular expression over the same whitespace, so it
+gives exactly the ids ``tokenizer.encode`` gives (a test checks it); any other text, and every
+other tokenizer, goes through ``tokenizer.encode``.
+"""
 
 from __future__ import annotations
 
+import json
+import re
+from collections import Counter
 from typing import Iterable
 
 from slr_zoo.tasks.base import Record
@@ -10,6 +20,8 @@ from slr_zoo.tasks.base import Record
 PAD, UNK, SEP, EOS, THINK = "[PAD]", "[UNK]", "[SEP]", "[EOS]", "[THINK]"
 SPECIALS = [PAD, UNK, SEP, EOS, THINK]
 WORD_PATTERN = r"[A-Za-z_]+|\d|[^\sA-Za-z_\d]"  # words, single digits, single punctuation marks
+# the same split for ASCII text; Python's \s and \d differ from Rust's outside ASCII
+_ASCII_WORDS = re.compile(r"[A-Za-z_]+|[0-9]|[^ \t\n\r\x0b\x0cA-Za-z_0-9]")
 
 
 def record_text(record: Record) -> Iterable[str]:
@@ -18,23 +30,80 @@ def record_text(record: Record) -> Iterable[str]:
     yield str(record["answer"])
 
 
-def build_word_tokenizer(records: Iterable[Record], max_vocab: int | None = None):
-    """A WordLevel tokenizer over ``records``; unseen words at evaluation map to [UNK]."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def _python_splits(text: str) -> bool:
+    return text.isascii() and not ("[" in text and any(s in text for s in SPECIALS))
 
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
+
+def split_words(text: str, pre_tokenizer=None) -> list[str]:
+    """The word-level tokenizer's pieces of ``text``."""
+    if _python_splits(text) or pre_tokenizer is None:
+        return _ASCII_WORDS.findall(text) if text.isascii() else re.findall(WORD_PATTERN, text)
+    return [piece for piece, _ in pre_tokenizer.pre_tokenize_str(text)]
+
+
+def _pre_tokenizer():
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated")]
     )
-    trainer = trainers.WordLevelTrainer(vocab_size=max_vocab or 1 << 30, special_tokens=SPECIALS, min_frequency=1)
-    tok.train_from_iterator((text for r in records for text in record_text(r)), trainer=trainer)
+
+
+def build_word_tokenizer(records: Iterable[Record], max_vocab: int | None = None):
+    """A WordLevel tokenizer over ``records``: special tokens first, then words by decreasing
+    count (ties alphabetically); unseen words at evaluation map to [UNK]."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    pre_tokenizer = _pre_tokenizer()
+    counts: Counter[str] = Counter()
+    for record in records:
+        for text in record_text(record):
+            counts.update(split_words(text, pre_tokenizer))
+    words = sorted((w for w in counts if w not in SPECIALS), key=lambda w: (-counts[w], w))
+    vocab = {token: i for i, token in enumerate(SPECIALS + words)}
+    if max_vocab is not None:
+        vocab = {token: i for token, i in vocab.items() if i < max(max_vocab, len(SPECIALS))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizer
+    tok.add_special_tokens(SPECIALS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, unk_token=UNK, sep_token=SEP, eos_token=EOS,
         additional_special_tokens=[THINK],
     )
     fast.padding_side = "right"
     return fast
+
+
+def _word_vocab(tokenizer) -> dict[str, int] | None:
+    """The vocabulary if ``tokenizer`` is one of our word-level tokenizers, else None (cached)."""
+    cached = getattr(tokenizer, "_slr_word_vocab", False)
+    if cached is not False:
+        return cached
+    vocab = None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        pre = spec.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", [])
+        if (spec["model"]["type"] == "WordLevel" and spec.get("normalizer") is None and len(steps) == 2
+                and steps[0]["type"] == "WhitespaceSplit" and steps[1].get("pattern") == {"Regex": WORD_PATTERN}
+                and steps[1].get("behavior") == "Isolated" and not steps[1].get("invert")):
+            vocab = tokenizer.get_vocab()
+    try:
+        tokenizer._slr_word_vocab = vocab
+    except AttributeError:
+        pass
+    return vocab
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """``tokenizer.encode(text, add_special_tokens=False)``, fast for word-level tokenizers."""
+    vocab = _word_vocab(tokenizer)
+    if vocab is None or not _python_splits(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+    unk = vocab[UNK]
+    return [vocab.get(word, unk) for word in _ASCII_WORDS.findall(text)]
 
 
 def special_ids(tokenizer) -> tuple[int, int]:

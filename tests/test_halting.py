@@ -332,6 +332,18 @@ def test_every_member_trains_and_evaluates(node):
     assert ((1 <= out.steps) & (out.steps <= 3)).all()
 
 
+@pytest.mark.parametrize("node", list(member_nodes()), ids=lambda n: "-".join(map(str, n.values())))
+def test_every_parameter_is_in_the_graph_even_at_depth_one(node):
+    """DDP (find_unused_parameters=False) needs every parameter used at every sampled depth."""
+    model = tiny_model(tiny_recipe(loop__max_steps=3, loop__halting=node)).train()
+    ids = torch.randint(4, VOCAB, (2, 8))
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, 5:] = ids[:, 5:]
+    out = model(ids, steps=1, query_mask=question_mask(labels))
+    (answer_loss(out, labels) + (0 if out.aux_loss is None else out.aux_loss)).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize("name", ["act", "ponder", "exit_gate", "kl", "threshold"])
 def test_decisions_and_accumulators_are_float32_under_bf16_autocast(name):
     torch.manual_seed(0)
@@ -362,3 +374,15 @@ def test_bad_arguments_fail_with_the_key():
         PonderHalting(hidden_size=4, prior=1.5)
     with pytest.raises(ValueError, match="halting.q"):
         ExitGateHalting(hidden_size=4, q=0.0)
+
+
+# ------------------------------------------------------------------ the depth metric
+def test_depth_histogram_counts_and_sums_across_ranks():
+    from slr_zoo.metrics.depth import DepthHistogram
+
+    rank0, rank1 = DepthHistogram(max_steps=4), DepthHistogram(max_steps=4)
+    rank0.update(torch.tensor([1, 4, 4, 2]))
+    rank1.update(torch.tensor([4, 3]))
+    assert rank0.counts.tolist() == [1, 1, 0, 2]
+    rank0.merge_state(rank1)   # combines states with the metric's dist_reduce_fx, as the DDP sync does
+    assert rank0.compute().tolist() == [1, 1, 1, 3]

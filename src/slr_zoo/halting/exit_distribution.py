@@ -40,8 +40,10 @@ class ExitDistributionHalting(LearnedHalting):
     def observe(self, state, t, h, prev, logits, last):
         z = self.halting_logit(state, h)
         log_survival = state["log_survival"]
-        # log p_t: log(lambda_t) + log prod_{j<t}(1 - lambda_j); the last step keeps all survivors
-        log_p = log_survival if last else F.logsigmoid(z) + log_survival
+        # log p_t: log(lambda_t) + log prod_{j<t}(1 - lambda_j); the last step keeps all survivors.
+        # torch.where keeps the unit in the graph at T = 1 too, so DDP always sees it used
+        last_step = torch.tensor(last, device=z.device)
+        log_p = torch.where(last_step, log_survival, F.logsigmoid(z) + log_survival)
         state["log_survival"] = log_survival + F.logsigmoid(-z)
         if self.training:
             state["regulariser"] = state["regulariser"] + self.step_regulariser(t, log_p, last).sum()

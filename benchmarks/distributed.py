@@ -20,6 +20,7 @@ which is printed.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -52,12 +53,29 @@ class Meter(Callback):
         self.times: list[float] = []
         self.tokens: list[int] = []
 
+        self.step_rss = 0
+
+    def on_train_start(self, trainer, pl_module):
+        # hand memory freed while building and sharding the model back to the OS, so that the
+        # samples below see what training holds (glibc otherwise keeps it in its arenas)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+    def _sample(self) -> None:
+        self.step_rss = max(self.step_rss, _rss_kib())
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._start = time.perf_counter()
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._sample()  # activations of the whole loop alive
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._sample()  # gradients alive
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.times.append(time.perf_counter() - self._start)
         self.tokens.append(int(batch["input_ids"].numel()))
+        self._sample()
 
     def on_train_end(self, trainer, pl_module):
         from torch.distributed.tensor import DTensor
@@ -78,6 +96,7 @@ class Meter(Callback):
             "step_seconds": sum(self.times[w:]),
             "tokens": sum(self.tokens[w:]),
             "peak_rss_growth_mib": (peak - self.rss_before) / 1024,
+            "step_rss_growth_mib": (self.step_rss - self.rss_before) / 1024,
             "param_mib": nbytes(params) / 2**20,
             "grad_mib": nbytes(p.grad for p in params) / 2**20,
             "optimizer_mib": nbytes(states) / 2**20,
@@ -141,21 +160,24 @@ def main(argv=None) -> None:
     print(f"looped llama: hidden {args.hidden}, 1+2+1 layers, depth {args.depth}, global batch {args.batch}, "
           f"{args.steps} steps ({args.warmup} warm-up), {os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f}, "
           f"torch {torch.__version__}; ranks use 1 thread each")
-    print(f"{'run':<22} {'tokens/s':>9} {'peak RSS growth/rank MiB':>25} {'params+grads+AdamW/rank MiB':>28}")
+    print("memory per rank, MiB: peak RSS growth over the process before the model was built (whole run); the same")
+    print("sampled during training steps (after malloc_trim); exact bytes of parameters + gradients + AdamW state")
+    print(f"{'run':<22} {'tokens/s':>9} {'peak RSS':>9} {'RSS in steps':>13} {'model states':>13}")
     rows = {}
     for name, ranks in results.items():
         seconds = max(r["step_seconds"] for r in ranks)
         tokens = sum(r["tokens"] for r in ranks)
         rss = max(r["peak_rss_growth_mib"] for r in ranks)
+        step_rss = max(r["step_rss_growth_mib"] for r in ranks)
         states = max(r["param_mib"] + r["grad_mib"] + r["optimizer_mib"] for r in ranks)
-        rows[name] = (tokens / seconds, rss, states)
-        print(f"{name:<22} {tokens / seconds:>9.0f} {rss:>25.1f} {states:>28.1f}")
+        rows[name] = (tokens / seconds, rss, step_rss, states)
+        print(f"{name:<22} {tokens / seconds:>9.0f} {rss:>9.1f} {step_rss:>13.1f} {states:>13.1f}")
     best = max(rows["1 process, 1 thread"][0], rows["1 process, 2 threads"][0])
     ddp, fsdp = rows["DDP x2"], rows["FSDP2 x2"]
     print(f"DDP x2 / best single process throughput: {ddp[0] / best:.2f}x "
           f"(/ 1 thread: {ddp[0] / rows['1 process, 1 thread'][0]:.2f}x)")
-    print(f"FSDP2 / DDP per rank: peak RSS growth {fsdp[1] / ddp[1]:.2f}, params+grads+AdamW {fsdp[2] / ddp[2]:.2f}; "
-          f"throughput {fsdp[0] / ddp[0]:.2f}x")
+    print(f"FSDP2 / DDP per rank: peak RSS {fsdp[1] / ddp[1]:.2f}, RSS in steps {fsdp[2] / ddp[2]:.2f}, "
+          f"model states {fsdp[3] / ddp[3]:.2f}; throughput {fsdp[0] / ddp[0]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,26 @@ def test_ddp_two_processes_reproduce_one_process(single, tmp_path):
         assert two_summary[key] == summary[key], key
 
 
+def test_ddp_is_exact_when_ranks_hold_different_numbers_of_answer_tokens(tmp_path):
+    """Answers of 1-4 words: each rank's mean token loss is weighted by its share of the global
+    token count, so the averaged gradient is the one-process gradient, not a mean of means."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(12)]
+    for split, n in (("train", 64), ("val", 8)):
+        records = [{"question": " ".join(rng.choices(words, k=6)), "steps": [],
+                    "answer": " ".join(rng.choices(words, k=rng.randint(1, 4)))} for _ in range(n)]
+        (tmp_path / f"{split}.json").write_text(json.dumps(records))
+    task = {"name": "json", "train": str(tmp_path / "train.json"), "val": str(tmp_path / "val.json")}
+    common = dict(task=task, loop__halting={"name": "fixed"}, trainer__val_every=None, trainer__max_steps=4)
+    run_cell(_recipe(tmp_path, **common), tmp_path / "one")
+    assert launch(_recipe(tmp_path, trainer__strategy="ddp", trainer__devices=2, trainer__batch_size=4, **common),
+                  tmp_path / "two") == []
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
 def test_ddp_fork_from_python_reports_like_a_launched_run(single, tmp_path):
     _, one, summary = single
     two = tmp_path / "fork"

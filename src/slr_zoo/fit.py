@@ -109,9 +109,10 @@ def _run_guarded(cell, directory: Path) -> dict:
 
 
 def _is_global_zero() -> bool:
+    """Rank 0 of torchrun (RANK), srun (SLURM_PROCID) or Lightning's own launcher (LOCAL_RANK)."""
     import os
 
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"))
 
 
 if __name__ == "__main__":

@@ -94,7 +94,8 @@ def make_strategy(name: str, accelerator: str):
     backend = "nccl" if on_gpu else "gloo"
     if name in ("ddp", "ddp_spawn", "ddp_fork"):
         start = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork"}[name]
-        return _DDPStrategy(process_group_backend=backend, start_method=start)
+        # gradients live in DDP's all-reduce buckets instead of beside them: one copy fewer
+        return _DDPStrategy(process_group_backend=backend, start_method=start, gradient_as_bucket_view=True)
     if name == "fsdp":
         return FSDP2Strategy(process_group_backend=backend, save_distributed_checkpoint=False)
     if name == "single":

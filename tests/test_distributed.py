@@ -151,8 +151,9 @@ class NaNOnRankOne(Combine):
         return new + float("nan") if diverge else new
 
 
-def test_a_divergence_on_one_rank_stops_every_rank_with_its_iteration(tmp_path):
-    recipe = _recipe(tmp_path, trainer__strategy="ddp", trainer__devices=2, trainer__batch_size=4,
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_divergence_on_one_rank_stops_every_rank_with_its_iteration(tmp_path, strategy):
+    recipe = _recipe(tmp_path, trainer__strategy=strategy, trainer__devices=2, trainer__batch_size=4,
                      loop__depth_sampler={"name": "fixed"}, loop__combine={"_component_": "test_distributed.NaNOnRankOne"})
     errors = launch(recipe, tmp_path / "cell")
     assert [rank for rank, _ in errors] == [0, 1]  # both stop, neither hangs in the all-reduce
@@ -160,8 +161,9 @@ def test_a_divergence_on_one_rank_stops_every_rank_with_its_iteration(tmp_path):
         assert "the hidden state became non-finite at loop iteration 2 (on 1 of 2 ranks)" in text
 
 
-def test_a_divergence_on_one_rank_is_skipped_by_every_rank(tmp_path):
-    recipe = _recipe(tmp_path, trainer__strategy="ddp", trainer__devices=2, trainer__batch_size=4,
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_divergence_on_one_rank_is_skipped_by_every_rank(tmp_path, strategy):
+    recipe = _recipe(tmp_path, trainer__strategy=strategy, trainer__devices=2, trainer__batch_size=4,
                      trainer__on_nonfinite="skip", trainer__max_steps=3, trainer__val_every=None,
                      loop__depth_sampler={"name": "fixed"}, loop__combine={"_component_": "test_distributed.NaNOnRankOne"})
     assert launch(recipe, tmp_path / "cell") == []

@@ -30,6 +30,10 @@ def test_planted_nan_is_caught_at_its_iteration(tokens):
     with pytest.raises(NonFiniteStateError, match="loop iteration 2") as info:
         model(tokens, steps=3)
     assert info.value.step == 2
+    model.finish_on_nonfinite = True  # as under FSDP: run the whole pass, then report the first bad iteration
+    with pytest.raises(NonFiniteStateError) as info:
+        model(tokens, steps=3)
+    assert info.value.step == 2
     model.eval()  # the plant is for training runs only
     assert torch.isfinite(model(tokens, steps=3).logits).all()
 

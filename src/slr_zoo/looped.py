@@ -147,6 +147,9 @@ class LoopedLM(nn.Module):
         self.check_finite = check_finite
         self.debug_nan_at_step = debug_nan_at_step  # plants a NaN in training, to test the guards
         self.checkpoint_core = checkpoint_core      # recompute each core pass in backward (less memory)
+        # finish the pass before raising NonFiniteStateError: under FSDP a rank that left the
+        # forward early would skip collectives (all-gathers of later units) the others make
+        self.finish_on_nonfinite = False
 
     def core_at(self, u: torch.Tensor, ctx: SequenceContext, t: int) -> torch.Tensor:
         """One pass of the shared core with step t's adapters active."""
@@ -174,6 +177,7 @@ class LoopedLM(nn.Module):
         track = _Track(policy, h0, T, compact=not self.training, keep_states=keep_states,
                        query=query_mask.bool().expand_as(input_ids))
         first_grad_step = T - self.backprop_steps + 1 if self.training and self.backprop_steps else 1
+        nonfinite_at = None
 
         for t in range(1, T + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_step):
@@ -186,8 +190,10 @@ class LoopedLM(nn.Module):
                 h_next = self.combine(new, h0, h, t)
                 if self.training and t == self.debug_nan_at_step:
                     h_next = h_next + float("nan")
-            if self.check_finite and not torch.isfinite(h_next).all():
-                raise NonFiniteStateError(t)
+            if self.check_finite and nonfinite_at is None and not torch.isfinite(h_next).all():
+                if not self.finish_on_nonfinite:
+                    raise NonFiniteStateError(t)
+                nonfinite_at = t
             h_next = track.freeze(h_next, h)
             logits_fn = _lazy(lambda s=h_next, c=ctx: self.decoder(s, backbone, c))
             decision = policy.observe(track.state, t, h_next, h, logits_fn, last=t == T)
@@ -196,8 +202,11 @@ class LoopedLM(nn.Module):
             if h.size(0) == 0:
                 break
 
+        logits = self.decoder(track.output(), backbone, full_ctx)
+        if nonfinite_at is not None:
+            raise NonFiniteStateError(nonfinite_at)
         return LoopOutput(
-            logits=self.decoder(track.output(), backbone, full_ctx),
+            logits=logits,
             steps=track.steps,
             aux_loss=policy.aux_loss(track.state),
             step_logits=track.step_logits,

@@ -118,6 +118,7 @@ def shard_fsdp2(model: nn.Module, mesh) -> None:
         fully_shard(layer, mesh=mesh)
     fully_shard(backbone.core, mesh=mesh, reshard_after_forward=False)
     fully_shard(model, mesh=mesh)
+    model.finish_on_nonfinite = True  # every rank makes every all-gather, diverged or not
 
 
 def gather_fsdp2(model: nn.Module, gathered: bool) -> None:

@@ -90,6 +90,14 @@ def test_atomic_save_leaves_the_previous_checkpoint_when_a_save_fails(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary left behind
 
 
+@pytest.mark.parametrize("strategy", ["auto", "ddp", "fsdp"])
+def test_every_strategy_saves_through_the_atomic_writer(tmp_path, strategy):
+    from slr_zoo.training.trainer import make_trainer
+
+    cfg = tiny_recipe(trainer__strategy=strategy, trainer__accelerator="cpu")["trainer"]
+    assert isinstance(make_trainer(cfg, tmp_path).strategy.checkpoint_io, AtomicCheckpointIO)
+
+
 def _fit_recipe(tmp_path, **overrides):
     base = dict(output_dir=str(tmp_path), trainer__max_steps=24, trainer__val_every=None, trainer__checkpoint_every=2,
                 trainer__batch_size=8, trainer__accelerator="cpu", loop__depth_sampler={"name": "uniform"},

@@ -79,7 +79,6 @@ def single(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 def test_ddp_two_processes_reproduce_one_process(single, tmp_path):
     recipe, one, summary = single
-    # TODO(lead): the recipe uses loop_lora per_step and halting act, both registered now
     two = tmp_path / "two"
     assert launch(_recipe(tmp_path, trainer__strategy="ddp", trainer__devices=2, trainer__batch_size=4), two) == []
     assert_same_run(one, two)

@@ -374,6 +374,25 @@ def test_bad_arguments_fail_with_the_key():
         PonderHalting(hidden_size=4, prior=1.5)
     with pytest.raises(ValueError, match="halting.q"):
         ExitGateHalting(hidden_size=4, q=0.0)
+    with pytest.raises(ValueError, match="halting.inference"):
+        PonderHalting(hidden_size=4, inference="median")
+
+
+def test_ponder_sampled_exit_follows_the_exit_distribution():
+    """inference: sample stops at step t with probability lambda_t, i.e. draws the exit step from p."""
+    lams = [0.3, 0.5, 0.4]
+    z = torch.tensor([logit(p) for p in lams])
+    n = 20000
+    hs = [states_with_logits(z[t].expand(n))[:, None] for t in range(3)]
+    policy = PonderHalting(hidden_size=2, inference="sample").eval()
+    set_unit(policy)
+    torch.manual_seed(0)
+    decisions, _ = drive(policy, hs)
+    done = torch.stack([d.done for d in decisions], dim=1)           # [n, 3]
+    first = done.int().argmax(dim=1)                                   # exit step - 1
+    observed = torch.bincount(first, minlength=3).float() / n
+    expected = torch.tensor([0.3, 0.7 * 0.5, 0.7 * 0.5])
+    torch.testing.assert_close(observed, expected, atol=0.015, rtol=0)
 
 
 # ------------------------------------------------------------------ the depth metric

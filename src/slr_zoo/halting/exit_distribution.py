@@ -28,6 +28,8 @@ class ExitDistributionHalting(LearnedHalting):
         super().__init__(hidden_size, granularity, init_bias)
         if not 0 < q <= 1:
             raise ValueError(f"halting.q must be in (0, 1], got {q}")
+        if inference not in ("cdf", "sample"):
+            raise ValueError(f"halting.inference must be 'cdf' or 'sample', got {inference!r}")
         self.q, self.inference = q, inference
 
     def start(self, h0, query):

@@ -108,6 +108,7 @@ class Backbone(nn.Module):
         coda_layers: int = 1,
         max_positions: int = 512,
         dropout: float = 0.0,
+        init_std: float | None = None,
         pretrained: str | None = None,
         share: Literal["none", "average"] = "none",
         loops: int | None = None,
@@ -137,6 +138,7 @@ class Backbone(nn.Module):
                 num_layers=prelude_layers + n_shared + coda_layers,
                 max_positions=max_positions,
                 dropout=dropout,
+                init_std=init_std if init_std is not None else hidden_size**-0.5,
             )
             config._attn_implementation = "sdpa"
             hf = self.model_class()(config)
@@ -277,7 +279,7 @@ class LlamaBackbone(Backbone):
 
         return LlamaConfig
 
-    def make_config(self, *, vocab_size, hidden_size, heads, kv_heads, intermediate_size, num_layers, max_positions, dropout):
+    def make_config(self, *, vocab_size, hidden_size, heads, kv_heads, intermediate_size, num_layers, max_positions, dropout, init_std):
         return self.config_class()(
             vocab_size=vocab_size,
             hidden_size=hidden_size,
@@ -287,6 +289,7 @@ class LlamaBackbone(Backbone):
             num_key_value_heads=kv_heads,
             max_position_embeddings=max_positions,
             attention_dropout=dropout,
+            initializer_range=init_std,
             tie_word_embeddings=True,
             pad_token_id=0,
             bos_token_id=None,
@@ -356,7 +359,7 @@ class GPT2Backbone(Backbone):
 
         return GPT2LMHeadModel
 
-    def make_config(self, *, vocab_size, hidden_size, heads, kv_heads, intermediate_size, num_layers, max_positions, dropout):
+    def make_config(self, *, vocab_size, hidden_size, heads, kv_heads, intermediate_size, num_layers, max_positions, dropout, init_std):
         from transformers import GPT2Config
 
         return GPT2Config(
@@ -369,6 +372,7 @@ class GPT2Backbone(Backbone):
             resid_pdrop=dropout,
             embd_pdrop=dropout,
             attn_pdrop=dropout,
+            initializer_range=init_std,
             tie_word_embeddings=True,
             bos_token_id=None,
             eos_token_id=None,

@@ -207,7 +207,7 @@ class LoopedLMModule(L.LightningModule):
                     tally[1] += seen
         self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True, sync_dist=False)
         self.log("val/mean_steps", self.val_steps.compute(), sync_dist=False)
-        histogram = self.val_depth.compute()
+        histogram = self.val_depth.compute().reshape(-1)  # torchmetrics squeezes a 1-bin histogram to 0-d
         if self.logger is not None and hasattr(self.logger, "experiment") and hasattr(self.logger.experiment, "add_histogram"):
             steps = torch.repeat_interleave(torch.arange(1, len(histogram) + 1), histogram.long().cpu())
             if len(steps):

@@ -1,0 +1,199 @@
+"""The spine: recipes validate or fail with the right message, the loop is exactly the HF model it
+wraps at neutral settings, gradients reach everything, and the main command runs end to end."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import VOCAB, tiny_model, tiny_recipe
+from slr_zoo import fit
+from slr_zoo.looped import DEPTH_SAMPLERS
+from slr_zoo.recipe import build_backbone, build_model, expand, load, set_key, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+# ---------------------------------------------------------------------------------- recipes
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_and_grid_cell_validates(path):
+    recipe = load(path)
+    validate(recipe)
+    for cell in expand(recipe):
+        validate(cell.recipe)
+
+
+def test_the_main_grid_holds_every_residual_and_both_baselines():
+    cells = expand(load(ROOT / "recipes/ablation_residual.yaml"))
+    combines = {c.recipe["loop"]["combine"]["name"] for c in cells if c.recipe["loop"]["max_steps"] > 1}
+    assert combines == {"none", "residual_initial", "residual_previous", "learned", "gated"}
+    baselines = [(c.recipe["loop"]["max_steps"], c.recipe["backbone"]["core_layers"]) for c in cells
+                 if c.recipe["loop"]["max_steps"] == 1]
+    assert sorted(baselines) == [(1, 1), (1, 6)]  # no loop; unrolled to the loop's 6 layer applications
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loop.max_stepz=3", ["loop.max_stepz", "max_steps"]),
+        ("loop.max_steps=many", ["loop.max_steps", "int"]),
+        ("loop.combine.name=gatd", ["loop.combine", "gated"]),
+        ("loop.combine={name: gated, alpah: 0.5}", ["loop.combine.alpah", "alpha"]),
+        ("backbone.pretrained=/no/such/model", ["backbone.pretrained", "/no/such/model"]),
+        ("task.name=json", ["task"]),
+    ],
+)
+def test_bad_recipe_exits_2_naming_the_key_and_trains_nothing(override, message, tmp_path, capsys):
+    status = fit.main([str(ROOT / "recipes/quickstart.yaml"), override, f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("recipe error:") and "Traceback" not in err
+    for fragment in message:
+        assert fragment in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_grid_cell_is_named_before_any_cell_trains(tmp_path, capsys):
+    recipe = tmp_path / "grid.yaml"
+    recipe.write_text(
+        (ROOT / "recipes/quickstart.yaml").read_text()
+        + f"output_dir: {tmp_path}/runs\ngrid:\n  loop.combine: [{{name: none}}, {{name: gatd}}]\n"
+    )
+    assert fit.main([str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "grid cell 1" in err and "gated" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_recipe_file_is_a_recipe_error(tmp_path, capsys):
+    assert fit.main([str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- the loop is the HF model
+def _save_tiny_hf(family: str, directory: Path, layers: int = 3) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_head=2, n_layer=layers, n_positions=64))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=layers, num_attention_heads=2,
+                                             num_key_value_heads=2, max_position_embeddings=64))
+    model.save_pretrained(directory)
+    _save_word_tokenizer(directory)
+    return model.eval()
+
+
+def _save_word_tokenizer(directory: Path) -> None:
+    from slr_zoo.tasks.tokenizer import build_word_tokenizer
+
+    build_word_tokenizer([{"question": "a b c", "answer": "d"}]).save_pretrained(directory)
+
+
+def _pretrained_looped(directory: Path, family: str, steps: int):
+    recipe = tiny_recipe(**{"backbone": {"name": family, "pretrained": str(directory), "prelude_layers": 1,
+                                         "core_layers": 1, "coda_layers": 1},
+                            "loop__max_steps": steps})
+    return build_model(recipe, build_backbone(recipe, vocab_size=VOCAB)).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_one_iteration_with_pass_through_components_is_the_pretrained_hf_model(family, tmp_path, tokens):
+    hf = _save_tiny_hf(family, tmp_path)
+    looped = _pretrained_looped(tmp_path, family, steps=1)
+    assert looped.backbone.tokenizer is not None  # loaded from the same local directory
+    with torch.no_grad():
+        torch.testing.assert_close(looped(tokens).logits, hf(tokens).logits, rtol=0, atol=1e-5)
+
+
+def test_t_iterations_equal_an_hf_model_with_the_core_layer_repeated(tmp_path, tokens):
+    hf = _save_tiny_hf("llama", tmp_path)
+    looped = _pretrained_looped(tmp_path, "llama", steps=3)
+    unrolled = copy.deepcopy(hf)
+    layers = unrolled.model.layers
+    core = [copy.deepcopy(layers[1]) for _ in range(3)]  # same weights, distinct modules
+    unrolled.model.layers = torch.nn.ModuleList([layers[0], *core, layers[2]])
+    unrolled.config.num_hidden_layers = 5
+    for i, layer in enumerate(unrolled.model.layers):
+        layer.self_attn.layer_idx = i
+    with torch.no_grad():
+        torch.testing.assert_close(looped(tokens).logits, unrolled(tokens).logits, rtol=0, atol=1e-5)
+
+
+def test_pretrained_directory_must_hold_a_model(tmp_path):
+    recipe = tiny_recipe()
+    recipe["backbone"]["pretrained"] = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        build_backbone(recipe, vocab_size=VOCAB)
+
+
+# ------------------------------------------------------------------------- gradients, depth
+def test_gradients_reach_every_parameter(tokens):
+    model = tiny_model(tiny_recipe(**{"loop__injection": {"name": "add"}}))
+    model.train()
+    out = model(tokens)
+    out.logits.float().pow(2).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_truncated_backprop_runs_early_iterations_without_a_graph(tokens):
+    # with no injection, h0 reaches the loss only through iteration 1, which backprop_steps=1 skips
+    model = tiny_model(tiny_recipe(loop__backprop_steps=1))
+    model.train()
+    model(tokens).logits.float().pow(2).mean().backward()
+    assert all(p.grad is None for p in model.backbone.prelude.parameters())
+    assert all(p.grad is not None for p in model.backbone.core.parameters())
+
+
+def test_depth_samplers_stay_in_range_and_follow_their_generator():
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    fixed = DEPTH_SAMPLERS.build({"name": "fixed"}, max_steps=8)
+    assert {fixed.sample(g()) for _ in range(5)} == {8}
+    uniform = DEPTH_SAMPLERS.build({"name": "uniform", "low": 2}, max_steps=8)
+    gen = g()
+    draws = [uniform.sample(gen) for _ in range(400)]
+    assert set(draws) == set(range(2, 9))
+    huginn = DEPTH_SAMPLERS.build({"name": "lognormal_poisson", "mean": 4}, max_steps=32)
+    first, second = g(), g()
+    a = [huginn.sample(first) for _ in range(2000)]
+    assert a == [huginn.sample(second) for _ in range(2000)]
+    assert min(a) >= 1 and max(a) <= 32
+    assert 4.5 < sum(a) / len(a) < 5.5  # Poisson(mean) + 1
+
+
+# ------------------------------------------------------------------ the main command, end to end
+def test_main_command_runs_the_residual_grid_writes_its_outputs_and_resumes(tmp_path):
+    tiny = [f"output_dir={tmp_path}", "task.n_train=128", "task.n_val=32", "trainer.max_steps=3",
+            "trainer.batch_size=16", "trainer.eval_batch_size=32", "backbone.hidden_size=32"]
+    cmd = [sys.executable, "-m", "slr_zoo.fit", str(ROOT / "recipes/ablation_residual.yaml"), *tiny]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "ablation_residual"
+    rows = list(csv.DictReader((run_dir / "results.csv").open()))
+    assert len(rows) == 7 and all(r["status"] == "ok" for r in rows)
+    for cell in [p for p in run_dir.iterdir() if p.is_dir()]:
+        summary = json.loads((cell / "summary.json").read_text())
+        assert {"val_accuracy", "mean_steps", "train_seconds", "params"} <= set(summary)
+        assert 0.0 <= summary["val_accuracy"] <= 1.0
+        assert (cell / "config.yaml").is_file()
+    unrolled = json.loads((run_dir / "max_steps=1__core_layers=6" / "summary.json").read_text())
+    no_loop = json.loads((run_dir / "max_steps=1" / "summary.json").read_text())
+    assert unrolled["mean_steps"] == no_loop["mean_steps"] == 1
+    assert unrolled["params"] > no_loop["params"]
+    assert "| combine" in first.stdout and (run_dir / "results.md").is_file()
+    assert (run_dir / "accuracy.png").stat().st_size > 0
+
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert again.returncode == 0
+    assert again.stdout.count("done already, skipped") == 7

@@ -26,6 +26,7 @@ needs_prosqa = pytest.mark.skipif(not PROSQA_VALID.is_file(), reason="published 
 
 GENERATORS = {
     "iterate": {"n_train": 6, "n_val": 3},
+    "walk": {"n_train": 6, "n_val": 3},
     "prosqa": {"n_train": 6, "n_val": 3},
     "prontoqa": {"n_train": 6, "n_val": 3},
     "multiplication": {"n_train": 6, "n_val": 3, "digits": [4, 5]},
@@ -82,6 +83,25 @@ def test_prosqa_records_satisfy_their_own_graph():
         assert record["steps"][-1].endswith(f" is a {sym[target]}.")
         assert all(name[0].isupper() == (i in people) for i, name in enumerate(sym))
         check_record(record, 0)
+
+
+@pytest.mark.parametrize("layout", ["pairs", "words", "table"])
+def test_walk_answer_is_the_root_reached_in_exactly_hops_lookups(layout):
+    for record in build({"name": "walk", "n_train": 50, "layout": layout, "hops": [1, 5]}).records("train"):
+        entries, start = record["question"].split(" ? ")
+        if layout == "table":
+            table = dict(zip("abcdefghijklmnopqrstuvwxyz", entries.split()))
+        else:
+            words = entries.split()
+            pairs = [(w[0], w[1]) for w in words] if layout == "words" else list(zip(words[::2], words[1::2]))
+            table = dict(pairs)
+        v, path = start, [start]
+        for _ in range(record["hops"]):
+            v = table[v]
+            path.append(v)
+        assert v == record["answer"] and table[v] == v  # a fixed point, reached after exactly k lookups
+        assert len(set(path)) == record["hops"] + 1
+        assert [s.split() for s in record["steps"]] == [[a, b] for a, b in zip(path, path[1:])]
 
 
 def test_prosqa_difficulty_is_a_parameter():

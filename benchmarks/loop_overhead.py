@@ -1,0 +1,89 @@
+"""What the loop costs: one training step (forward + backward) of a looped model, T iterations of a
+k-layer core, against a plain Hugging Face model of the same dims with prelude + k*T + coda layers
+(the same FLOPs), timed in the same run. Prints the ratio; the target is <= 1.05.
+
+    python benchmarks/loop_overhead.py [--hidden 256 --steps 6 --core 1 --batch 16 --seq 64]
+
+Rounds alternate between the two models and the median is reported, because a shared machine is
+noisy; the halting policy is `fixed` and every stabiliser is `none`, so any difference is the loop's
+own bookkeeping (the track of states, norms and deltas) and the split backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def build(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slr_zoo.recipe import build_backbone, build_model, validate
+    from slr_zoo.recipe.schema import defaults
+
+    recipe = defaults()
+    recipe["backbone"] = {"name": "llama", "hidden_size": args.hidden, "heads": args.heads,
+                          "prelude_layers": 1, "core_layers": args.core, "coda_layers": 1}
+    recipe["loop"]["max_steps"] = args.steps
+    validate(recipe)
+    torch.manual_seed(0)
+    looped = build_model(recipe, build_backbone(recipe, vocab_size=args.vocab))
+    cfg = looped.backbone.hf_config.to_dict()
+    cfg["num_hidden_layers"] = 2 + args.core * args.steps
+    plain = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "layer_types"}))
+    plain.config._attn_implementation = "sdpa"
+    return looped.train(), plain.train()
+
+
+def step_seconds(model, ids, labels) -> float:
+    start = time.perf_counter()
+    logits = model(ids).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--core", type=int, default=1, help="layers in the looped core (k)")
+    parser.add_argument("--steps", type=int, default=6, help="loop iterations (T)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    looped, plain = build(args)
+    n_looped = sum(p.numel() for p in looped.parameters())
+    n_plain = sum(p.numel() for p in plain.parameters())
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    labels = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    for _ in range(3):  # warm-up: allocator, kernels
+        step_seconds(looped, ids, labels)
+        step_seconds(plain, ids, labels)
+    times = {"looped": [], "plain": []}
+    for r in range(args.rounds):
+        order = [("looped", looped), ("plain", plain)]
+        for name, model in order if r % 2 == 0 else order[::-1]:
+            times[name].append(step_seconds(model, ids, labels))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"looped: 1 + {args.core}x{args.steps} + 1 layer applications, {n_looped / 1e6:.2f}M parameters")
+    print(f"plain HF Llama: {2 + args.core * args.steps} layers, {n_plain / 1e6:.2f}M parameters")
+    print(f"batch {args.batch} x {args.seq} tokens, d={args.hidden}, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} alternating rounds")
+    print(f"  step (fwd+bwd): looped {med['looped'] * 1e3:.1f} ms, plain {med['plain'] * 1e3:.1f} ms")
+    print(f"  ratio looped / plain = {med['looped'] / med['plain']:.3f}   (target <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()

@@ -197,3 +197,37 @@ def test_main_command_runs_the_residual_grid_writes_its_outputs_and_resumes(tmp_
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert again.returncode == 0
     assert again.stdout.count("done already, skipped") == 7
+
+
+# ---------------------------------------------------------------------------------- evaluate
+def test_greedy_decoding_with_left_padding_matches_teacher_forced_argmax():
+    from slr_zoo.evaluate import generate
+
+    model = tiny_model().eval()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(5, VOCAB, (n,), generator=g).tolist() for n in (4, 9, 6)]
+    answers, used = generate(model, prompts, steps=3, eos=-1, pad=0, max_new=3)
+    assert used.tolist() == [3, 3, 3]
+    for prompt, answer in zip(prompts, answers):
+        ids = torch.tensor([prompt + answer[:-1]])
+        with torch.no_grad():
+            forced = model(ids, steps=3).logits[0, len(prompt) - 1:].argmax(-1).tolist()
+        assert forced == answer
+
+
+def test_evaluate_reports_each_depth_and_the_intermediate_states(tmp_path):
+    from slr_zoo import evaluate
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((ROOT / "recipes/quickstart.yaml").read_text())
+    tiny = [f"output_dir={tmp_path}", "task.n_train=64", "task.n_val=16", "trainer.max_steps=2",
+            "trainer.batch_size=16", "backbone.hidden_size=32", "trainer.progress_bar=false"]
+    assert fit.main([str(recipe), *tiny]) == 0
+    cell = tmp_path / "quickstart" / "default"
+    assert evaluate.main([str(cell), "--steps", "1", "6", "--limit", "8", "--show", "2"]) == 0
+    report = json.loads((cell / "eval.json").read_text())
+    assert [r["steps"] for r in report["by_depth"]] == [1, 6]
+    assert [r["mean_steps"] for r in report["by_depth"]] == [1, 6]
+    assert len(report["logit_lens"]) == 2
+    assert all(len(item["states"]) == 6 for item in report["logit_lens"].values())
+    assert evaluate.main([str(tmp_path / "nowhere")]) == 2

@@ -10,6 +10,7 @@ rotary tables), so the layers see exactly the inputs the original model would gi
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -252,13 +253,15 @@ def _causal_mask(config, embeds: torch.Tensor, attention_mask, position_ids):
 
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
-    return create_causal_mask(
-        config=config,
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        past_key_values=None,
-        position_ids=position_ids,
-    )
+    # the keyword names moved between transformers releases (input_embeds -> inputs_embeds,
+    # past_key_values -> cache); pass each under the name this release uses
+    params = inspect.signature(create_causal_mask).parameters
+    kwargs = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids}
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
+    kwargs["cache" if "cache" in params else "past_key_values"] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(embeds.size(1), device=embeds.device)
+    return create_causal_mask(**kwargs)
 
 
 @BACKBONES.register("llama")

@@ -248,6 +248,19 @@ def test_compaction_runs_fewer_rows_and_stops_when_all_halted():
     assert calls == [3] and out.steps.tolist() == [1, 1, 1]    # everyone halts at step 1: one core pass
 
 
+def test_a_policy_that_decodes_each_step_is_not_decoded_again_for_the_output():
+    model = tiny_model(tiny_recipe(loop__max_steps=4, loop__halting={"name": "kl", "threshold": -1.0}))
+    model.eval()
+    decodes = []
+    model.decoder.register_forward_hook(lambda m, i, o: decodes.append(o.size(0)))
+    ids = torch.randint(4, VOCAB, (3, 8))
+    with torch.no_grad():
+        out = model(ids, keep_states=True)
+        assert decodes == [3, 3, 3, 3]                     # one decode per step, none after the loop
+        again = model.decoder(out.states[-1], model.backbone, model.backbone.context(ids))
+    torch.testing.assert_close(out.logits, again)
+
+
 def test_training_runs_every_step_for_every_sample_and_freezes_halted_ones():
     model = tiny_model(tiny_recipe(loop__max_steps=4, loop__halting={"name": "threshold", "epsilon": 1e9}))
     model.train()

@@ -198,11 +198,13 @@ class LoopedLM(nn.Module):
             logits_fn = _lazy(lambda s=h_next, c=ctx: self.decoder(s, backbone, c))
             decision = policy.observe(track.state, t, h_next, h, logits_fn, last=t == T)
             track.record(t, h_next, h, decision, logits_fn)
-            h, h0, ctx = track.compact(t, h_next, h0, ctx)
+            h, h0, ctx = track.compact(t, h_next, h0, ctx, logits_fn)
             if h.size(0) == 0:
                 break
 
-        logits = self.decoder(track.output(), backbone, full_ctx)
+        logits = track.decoded_output()
+        if logits is None:
+            logits = self.decoder(track.output(), backbone, full_ctx)
         if nonfinite_at is not None:
             raise NonFiniteStateError(nonfinite_at)
         return LoopOutput(
@@ -250,6 +252,10 @@ class _Track:
         self.token_steps = torch.full((B, S), T, dtype=torch.long, device=h0.device) if policy.per_token else None
         self.done = torch.zeros(B, dtype=torch.bool, device=h0.device)
         self.last_h = h0
+        # logits a policy already decoded at each sample's halting step (inference, e.g. `kl`),
+        # so the output is not decoded a second time
+        self.final_logits: torch.Tensor | None = None
+        self.decoded = torch.zeros(B, dtype=torch.bool, device=h0.device)
         self.step_logits: list[torch.Tensor] = []
         self.step_weights: list[torch.Tensor] = []
         self.states: list[torch.Tensor] = []
@@ -292,14 +298,22 @@ class _Track:
     def mixes(self, kind: str) -> bool:
         return self.policy.mixes == kind
 
-    def compact(self, t, h, h0, ctx):
-        """At inference, halted samples leave the batch; their output state is stored."""
+    def compact(self, t, h, h0, ctx, logits_fn):
+        """At inference, halted samples leave the batch; their output state is stored, and so are
+        its logits when the policy decoded them this step."""
         if not self.compact_batch:
             return h, h0, ctx
         finished = self.done | (t == self.T)
         if not finished.any():
             return h, h0, ctx
-        self.final[self.active[finished]] = h[finished].to(self.final.dtype)
+        rows = self.active[finished]
+        self.final[rows] = h[finished].to(self.final.dtype)
+        if self.mixture is None and not torch.is_grad_enabled() and logits_fn.computed():
+            logits = logits_fn()
+            if self.final_logits is None:
+                self.final_logits = logits.new_zeros((self.final.size(0), *logits.shape[1:]))
+            self.final_logits[rows] = logits[finished]
+            self.decoded[rows] = True
         keep = (~finished).nonzero().squeeze(1)
         self.active = self.active[keep]
         self.done = self.done[keep]
@@ -308,6 +322,12 @@ class _Track:
         self.state = {k: v.index_select(0, keep) if torch.is_tensor(v) and v.dim() > 0 else v
                       for k, v in self.state.items()}
         return h[keep], h0[keep], ctx.select(keep)
+
+    def decoded_output(self) -> torch.Tensor | None:
+        """The output logits, if every sample's were decoded at its halting step."""
+        if self.final_logits is not None and bool(self.decoded.all()):
+            return self.final_logits
+        return None
 
     def output(self) -> torch.Tensor:
         if self.mixture is not None:

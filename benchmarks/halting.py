@@ -96,7 +96,7 @@ def batches(task, tokenizer, split: str, size: int) -> list[dict]:
 def evaluate(model, data: list[dict]) -> dict:
     correct, steps, hops, sep_steps = [], [], [], []
     for batch in data:
-        out = model(batch["input_ids"], query_mask=batch["query"])
+        out = model(batch["input_ids"], query_mask=batch["query"], real_mask=batch["real_mask"])
         correct.append(answer_correct(out.logits, batch["labels"]))
         steps.append(out.steps)
         hops.append(batch["hops"])
@@ -126,7 +126,7 @@ def wall_times(model, runs: dict[str, tuple], data: list[dict], repeats: int) ->
             model.halting = policy
             start = time.perf_counter()
             for batch in data:
-                model(batch["input_ids"], steps=steps, query_mask=batch["query"])
+                model(batch["input_ids"], steps=steps, query_mask=batch["query"], real_mask=batch["real_mask"])
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts[1:]) for name, ts in times.items()}
 

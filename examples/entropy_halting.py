@@ -29,7 +29,9 @@ class EntropyHalting(HaltingPolicy):
         self.max_entropy, self.min_steps = max_entropy, min_steps
 
     def observe(self, state, t, h, prev, logits, last):
-        with torch.no_grad(), fp32(h.device):
-            log_p = F.log_softmax(logits().float(), dim=-1)
-            entropy = -(log_p.exp() * log_p).sum(dim=-1)
+        with torch.no_grad():
+            decoded = logits()  # decode under the run's precision; only the arithmetic is fp32
+            with fp32(h.device):
+                log_p = F.log_softmax(decoded.float(), dim=-1)
+                entropy = -(log_p.exp() * log_p).sum(dim=-1)
         return Decision(done=(entropy < self.max_entropy) & (t >= self.min_steps))

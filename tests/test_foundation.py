@@ -215,6 +215,29 @@ def test_greedy_decoding_with_left_padding_matches_teacher_forced_argmax():
         assert forced == answer
 
 
+def test_greedy_decoding_halts_per_sample_where_teacher_forced_validation_does():
+    """A per-sample policy reads the prompt only, so every generated token is computed at the depth
+    validation uses, whatever the model has appended after the prompt."""
+    from slr_zoo.evaluate import generate
+    from slr_zoo.training.module import question_mask
+
+    torch.manual_seed(0)
+    model = tiny_model(tiny_recipe(loop__max_steps=6, loop__halting={"name": "ponder"})).eval()
+    torch.nn.init.normal_(model.halting.unit.linear.weight, std=3.0)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(5, VOCAB, (n,), generator=g).tolist() for n in (4, 9, 6, 7, 5, 8)]
+    answers, used = generate(model, prompts, steps=None, eos=-1, pad=0, max_new=3)
+    assert len(set(used.tolist())) > 1                        # the samples really halt apart
+    for prompt, answer, steps in zip(prompts, answers, used.tolist()):
+        ids = torch.tensor([prompt + answer])
+        labels = torch.full_like(ids, -100)
+        labels[0, len(prompt) - 1:] = torch.tensor(answer + [0])[: ids.size(1) - len(prompt) + 1]
+        with torch.no_grad():
+            forced = model(ids, query_mask=question_mask(labels))
+        assert int(forced.steps) == int(steps)
+        assert forced.logits[0, len(prompt) - 1:-1].argmax(-1).tolist() == answer
+
+
 def test_evaluate_reports_each_depth_and_the_intermediate_states(tmp_path):
     from slr_zoo import evaluate
 

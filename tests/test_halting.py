@@ -418,3 +418,60 @@ def test_depth_histogram_counts_and_sums_across_ranks():
     assert rank0.counts.tolist() == [1, 1, 0, 2]
     rank0.merge_state(rank1)   # combines states with the metric's dist_reduce_fx, as the DDP sync does
     assert rank0.compute().tolist() == [1, 1, 1, 3]
+
+
+# ------------------------------------------------------------------ padding changes nothing
+PER_TOKEN = [
+    {"name": "act", "epsilon": 0.05, "init_bias": 0.0},
+    {"name": "exit_gate", "q": 0.5},
+    {"name": "kl", "threshold": 1e-3},
+    {"name": "threshold", "epsilon": 0.5, "granularity": "token"},
+]
+
+
+@pytest.mark.parametrize("node", PER_TOKEN, ids=lambda n: n["name"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_changes_neither_steps_nor_aux_loss_of_per_token_policies(node, side):
+    torch.manual_seed(0)
+    model = tiny_model(tiny_recipe(loop__max_steps=6, loop__halting=node))
+    if hasattr(model.halting, "unit"):           # a unit that reads the state, so tokens differ
+        torch.nn.init.normal_(model.halting.unit.linear.weight, std=1.0)
+    ids = torch.randint(4, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    padded = torch.cat([ids, pad], 1) if side == "right" else torch.cat([pad, ids], 1)
+    real = padded != 0 if side == "right" else torch.arange(12)[None] >= 5
+    kwargs = {"real_mask": real} if side == "right" else {"attention_mask": real.long()}
+    for training in (False, True):
+        model.train(training)
+        with torch.no_grad():
+            alone, batched = model(ids), model(padded, **kwargs)
+        assert batched.steps.tolist() == alone.steps.tolist()
+        keep = real[0]
+        assert torch.equal(batched.token_steps[0, keep], alone.token_steps[0])
+        assert (batched.token_steps[0, ~keep] == 0).all()             # pads never ran
+        if alone.aux_loss is not None:
+            torch.testing.assert_close(batched.aux_loss, alone.aux_loss)
+
+
+def test_kl_output_under_bf16_autocast_has_the_precision_of_a_fixed_depth_run():
+    torch.manual_seed(0)
+    model = tiny_model(tiny_recipe(loop__max_steps=3, loop__halting={"name": "kl", "threshold": -1.0}))
+    model.eval()
+    ids = torch.randint(4, VOCAB, (2, 8))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        halting = model(ids).logits
+        model.halting = HALTING.build({"name": "fixed"})
+        fixed = model(ids).logits
+    assert halting.dtype == fixed.dtype == torch.bfloat16
+    assert torch.equal(halting, fixed)
+
+
+@pytest.mark.parametrize("name", ["ponder", "exit_gate"])
+def test_loss_mixing_policies_decode_the_last_state_once_in_training(name):
+    model = tiny_model(tiny_recipe(loop__max_steps=4, loop__halting={"name": name}))
+    model.train()
+    decodes = []
+    model.decoder.register_forward_hook(lambda m, i, o: decodes.append(o.size(0)))
+    out = model(torch.randint(4, VOCAB, (3, 8)))
+    assert len(decodes) == 4                                   # one per step, none extra
+    assert out.logits is out.step_logits[-1] and out.logits.requires_grad

@@ -66,10 +66,13 @@ def generate(model, prompts: list[list[int]], steps: int, eos: int, pad: int, ma
         width = max(len(out[j]) for j in live)
         ids = torch.full((len(live), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
+        query = torch.zeros_like(ids, dtype=torch.bool)  # the prompt: what per-sample halting reads
         for row, j in enumerate(live):  # left padding: the last position is every row's next token
-            ids[row, width - len(out[j]):] = torch.tensor(out[j])
-            mask[row, width - len(out[j]):] = 1
-        result = model(ids, attention_mask=mask, steps=steps)
+            start = width - len(out[j])
+            ids[row, start:] = torch.tensor(out[j])
+            mask[row, start:] = 1
+            query[row, start : start + len(prompts[j])] = True
+        result = model(ids, attention_mask=mask, steps=steps, query_mask=query)
         nxt = result.logits[:, -1].argmax(-1).tolist()
         for row, j in enumerate(live):
             if i == 0:

@@ -163,19 +163,25 @@ class LoopedLM(nn.Module):
         steps: int | None = None,
         keep_states: bool = False,
         query_mask: torch.Tensor | None = None,
+        real_mask: torch.Tensor | None = None,
     ) -> LoopOutput:
         """``query_mask`` [B, S] bool: the positions a per-sample halting decision may read (the
         question up to its separator, so that teacher-forced validation equals greedy decoding);
-        default: every real position."""
+        default: every real position. ``real_mask`` [B, S] bool marks the real (unpadded)
+        positions, default ``attention_mask``: a right-padded batch needs no attention mask under
+        a causal model, but per-token halting must still know its pads, so that padding never
+        changes a sample's steps."""
         backbone, policy = self.backbone, self.halting
         T = steps or self.max_steps
         ctx = full_ctx = backbone.context(input_ids, attention_mask)
         h0 = backbone.prelude(backbone.embed(input_ids, ctx), ctx)
         h = h0
-        if query_mask is None:
-            query_mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        track = _Track(policy, h0, T, compact=not self.training, keep_states=keep_states,
-                       query=query_mask.bool().expand_as(input_ids))
+        if real_mask is None:
+            real_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        real = real_mask.bool()
+        # a per-token policy decides for every real position; pads are done before the first step
+        query = real if policy.per_token or query_mask is None else query_mask.bool().expand_as(input_ids) & real
+        track = _Track(policy, h0, T, compact=not self.training, keep_states=keep_states, query=query)
         first_grad_step = T - self.backprop_steps + 1 if self.training and self.backprop_steps else 1
         nonfinite_at = None
 
@@ -248,14 +254,15 @@ class _Track:
         self.steps = torch.full((B,), T, dtype=torch.long, device=h0.device)
         self.final = h0.new_zeros(h0.shape) if compact else None  # output rows of halted samples
         self.mixture = h0.new_zeros(h0.shape, dtype=torch.float32) if policy.mixes == "state" else None
-        self.frozen = torch.zeros(B, S, dtype=torch.bool, device=h0.device) if policy.per_token else None
-        self.token_steps = torch.full((B, S), T, dtype=torch.long, device=h0.device) if policy.per_token else None
+        self.frozen = ~query if policy.per_token else None            # pads never run
+        self.token_steps = torch.where(query, T, 0) if policy.per_token else None
         self.done = torch.zeros(B, dtype=torch.bool, device=h0.device)
         self.last_h = h0
         # logits a policy already decoded at each sample's halting step (inference, e.g. `kl`),
         # so the output is not decoded a second time
         self.final_logits: torch.Tensor | None = None
         self.decoded = torch.zeros(B, dtype=torch.bool, device=h0.device)
+        self.last_logits_fn: Callable[[], torch.Tensor] | None = None
         self.step_logits: list[torch.Tensor] = []
         self.step_weights: list[torch.Tensor] = []
         self.states: list[torch.Tensor] = []
@@ -294,6 +301,7 @@ class _Track:
             self.step_logits.append(logits_fn())
             self.step_weights.append(decision.weight)
         self.last_h = h_next
+        self.last_logits_fn = logits_fn
 
     def mixes(self, kind: str) -> bool:
         return self.policy.mixes == kind
@@ -324,9 +332,16 @@ class _Track:
         return h[keep], h0[keep], ctx.select(keep)
 
     def decoded_output(self) -> torch.Tensor | None:
-        """The output logits, if every sample's were decoded at its halting step."""
-        if self.final_logits is not None and bool(self.decoded.all()):
-            return self.final_logits
+        """The output logits, if the policy already decoded them: at inference, at each sample's
+        halting step; in training, at the last step (whose state is the output), provided they
+        were decoded with the graph the loss needs."""
+        if self.mixture is not None:
+            return None
+        if self.compact_batch:
+            return self.final_logits if self.final_logits is not None and bool(self.decoded.all()) else None
+        fn = self.last_logits_fn
+        if fn is not None and fn.computed() and (fn().requires_grad or not torch.is_grad_enabled()):
+            return fn()
         return None
 
     def output(self) -> torch.Tensor:

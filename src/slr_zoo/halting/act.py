@@ -46,7 +46,8 @@ class ACTHalting(LearnedHalting):
         stop = ~halted & ((cumulative + lam >= 1 - self.epsilon) | last)
         remainder = 1 - cumulative
         weight = torch.where(halted, 0.0, torch.where(stop, remainder, lam))
-        state["ponder"] = state["ponder"] + torch.where(stop, t + remainder, 0.0).sum()
+        counted = stop & state["query"] if self.per_token else stop  # pads cost nothing
+        state["ponder"] = state["ponder"] + torch.where(counted, t + remainder, 0.0).sum()
         state["cumulative"] = cumulative + weight
         state["halted"] = halted | stop
         return Decision(done=state["halted"], weight=weight)

@@ -5,10 +5,12 @@ between forward passes: per-forward state lives in the ``dict`` returned by :met
 tensors are batch-first (or 0-dim accumulators) so that the loop can drop halted samples from it
 (batch compaction).
 
-:meth:`start` receives ``query`` [B, S] bool: the positions a *per-sample* decision may read.
-The loop sets it to the question (up to and including the separator whose position predicts the
-first answer token), so that a per-sample decision never sees the answer that teacher-forced
-validation puts in the input; per-token decisions are causal by construction and ignore it.
+:meth:`start` receives ``query`` [B, S] bool: the positions whose decisions count. For a
+*per-sample* policy the loop sets it to the question (up to and including the separator whose
+position predicts the first answer token), so that a per-sample decision never sees the answer
+that teacher-forced validation puts in the input. For a *per-token* policy (causal by
+construction) it is every real position: pads start done, and aux losses average over ``query``
+so that padding changes nothing.
 
 Each step the loop calls :meth:`observe` with the new state ``h`` [B, S, D], the previous state,
 and ``logits()``, a function that decodes ``h`` only if the policy calls it (once; the result is
@@ -147,8 +149,9 @@ class LearnedHalting(HaltingPolicy):
 
     def start(self, h0, query):
         state = super().start(h0, query)
-        shape = query.shape if self.per_token else query.shape[:1]
-        state["entities"] = torch.tensor(float(shape.numel()), device=h0.device)  # aux losses average over these
+        # aux losses average over these: real tokens, or samples
+        count = query.sum() if self.per_token else query.size(0)
+        state["entities"] = torch.as_tensor(count, dtype=torch.float32, device=h0.device).clamp_min(1)
         return state
 
 

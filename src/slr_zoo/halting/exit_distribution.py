@@ -48,7 +48,10 @@ class ExitDistributionHalting(LearnedHalting):
         log_p = torch.where(last_step, log_survival, F.logsigmoid(z) + log_survival)
         state["log_survival"] = log_survival + F.logsigmoid(-z)
         if self.training:
-            state["regulariser"] = state["regulariser"] + self.step_regulariser(t, log_p, last).sum()
+            term = self.step_regulariser(t, log_p, last)
+            if self.per_token:
+                term = torch.where(state["query"], term, 0.0)  # pads add nothing
+            state["regulariser"] = state["regulariser"] + term.sum()
             return Decision(weight=log_p.exp())
         if last:
             done = torch.ones_like(z, dtype=torch.bool)

@@ -36,14 +36,16 @@ class KLHalting(HaltingPolicy):
         self.per_token = granularity == "token"
 
     def observe(self, state, t, h, prev, logits, last):
-        with torch.no_grad(), fp32(h.device):  # a decision, not a loss: no graph through it
-            log_p = F.log_softmax(logits().float(), dim=-1)
-            previous = state.get("log_p")
-            state["log_p"] = log_p
-            if previous is None:
-                shape = state["query"].shape if self.per_token else state["query"].shape[:1]
-                return Decision(done=torch.zeros(shape, dtype=torch.bool, device=h.device))
-            kl = (previous.exp() * (previous - log_p)).sum(dim=-1)
-            if not self.per_token:
-                kl = self.over_query(state, kl, self.reduce)
-            return Decision(done=kl < self.threshold)
+        with torch.no_grad():  # a decision, not a loss: no graph through it
+            decoded = logits()  # under the run's autocast, like the output it may become
+            with fp32(h.device):
+                log_p = F.log_softmax(decoded.float(), dim=-1)
+                previous = state.get("log_p")
+                state["log_p"] = log_p
+                if previous is None:
+                    shape = state["query"].shape if self.per_token else state["query"].shape[:1]
+                    return Decision(done=torch.zeros(shape, dtype=torch.bool, device=h.device))
+                kl = (previous.exp() * (previous - log_p)).sum(dim=-1)
+                if not self.per_token:
+                    kl = self.over_query(state, kl, self.reduce)
+                return Decision(done=kl < self.threshold)

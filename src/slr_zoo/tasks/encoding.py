@@ -32,14 +32,16 @@ def encode(record: Record, tokenizer) -> Encoded:
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right padding: with a causal mask no real token ever attends to a pad, so no mask is needed."""
+    """Right padding: with a causal mask no real token ever attends to a pad, so no attention mask
+    is needed; ``real_mask`` still tells per-token halting which positions are pads."""
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     for row, e in enumerate(batch):
         ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
-    return {"input_ids": ids, "labels": labels}
+    real = torch.arange(width)[None, :] < torch.tensor([len(e.input_ids) for e in batch])[:, None]
+    return {"input_ids": ids, "labels": labels, "real_mask": real}
 
 
 def answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

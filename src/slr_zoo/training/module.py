@@ -68,7 +68,8 @@ class LoopedLMModule(L.LightningModule):
         task = aux = None
         failure, detail = 0, ""  # 0: finite; 1: the loss; t + 1: the state at loop iteration t
         try:
-            out = self.model(batch["input_ids"], steps=steps, query_mask=question_mask(batch["labels"]))
+            out = self.model(batch["input_ids"], steps=steps, query_mask=question_mask(batch["labels"]),
+                             real_mask=batch.get("real_mask"))
             task = answer_loss(out, labels)
             aux = out.aux_loss
             total = task if aux is None else task + aux
@@ -180,7 +181,7 @@ class LoopedLMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
-        out = self.model(batch["input_ids"], query_mask=question_mask(batch["labels"]))
+        out = self.model(batch["input_ids"], query_mask=question_mask(batch["labels"]), real_mask=batch.get("real_mask"))
         correct = answer_correct(out.logits, batch["labels"])
         self.val_accuracy.update(correct.float())
         self.val_steps.update(out.steps.float())

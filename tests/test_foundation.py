@@ -170,6 +170,10 @@ def test_depth_samplers_stay_in_range_and_follow_their_generator():
     assert a == [huginn.sample(second) for _ in range(2000)]
     assert min(a) >= 1 and max(a) <= 32
     assert 4.5 < sum(a) / len(a) < 5.5  # Poisson(mean) + 1
+    for node in ({"name": "fixed", "steps": 9}, {"name": "uniform", "high": 9}, {"name": "lognormal_poisson", "cap": 9}):
+        key = {"fixed": "steps", "uniform": "high", "lognormal_poisson": "cap"}[node["name"]]
+        with pytest.raises(ValueError, match=rf"depth_sampler\.{key} must be in \[1, loop\.max_steps = 8\], got 9"):
+            DEPTH_SAMPLERS.build(node, max_steps=8)
 
 
 # ------------------------------------------------------------------ the main command, end to end

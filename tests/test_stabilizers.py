@@ -50,6 +50,8 @@ CASES = [
 
 
 def model_with(kind: str, node: dict, seed: int = 0, **overrides):
+    if node.get("noise_level"):  # the noise input needs a noisy state in training
+        overrides.setdefault("loop__state_noise", 0.1)
     return tiny_model(tiny_recipe(**{f"loop__{kind}": node}, **overrides), seed=seed)
 
 
@@ -86,8 +88,7 @@ def test_member_runs_forward_backward_beyond_trained_steps(kind, node, precision
     for name, p in part.named_parameters():
         assert p.grad is not None, f"{kind}.{name} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{kind}.{name} has a non-finite gradient"
-        if name != "noise":  # the loop passes no noise level (sigma = 0); see the noise_level test
-            assert p.grad.abs().sum() > 0, f"{kind}.{name} got an all-zero gradient"
+        assert p.grad.abs().sum() > 0, f"{kind}.{name} got an all-zero gradient"
 
 
 @pytest.mark.parametrize("kind,node", CASES)
@@ -168,6 +169,7 @@ def test_gated_starts_as_residual_previous_with_its_alpha(tokens):
 def test_add_mode_starts_with_zero_embedding_equal_to_none(name, noise, tokens):
     base = model_with("step_embedding", {"name": "none"})
     model = model_with("step_embedding", {"name": name, "mode": "add", "noise_level": noise})
+    model.eval(), base.eval()  # inference: no state noise, whatever loop.state_noise says
     assert torch.equal(model(tokens).logits, base(tokens).logits)
     h = torch.randn(3, 10, 32)
     assert torch.equal(model.step_embedding(h, 2, noise_level=torch.rand(3)), h)
@@ -533,3 +535,23 @@ def test_shipped_ablation_recipes_validate_and_build(name):
         validate(cell.recipe)
         model = build_model(cell.recipe, build_backbone(cell.recipe, vocab_size=VOCAB))
         assert model(torch.randint(4, VOCAB, (2, 6))).logits.shape == (2, 6, VOCAB)
+
+
+def test_state_noise_trains_the_noise_input_and_leaves_inference_clean(tokens):
+    node = {"name": "learned", "noise_level": True}
+    noisy = model_with("step_embedding", node, loop__state_noise=0.5)
+    clean = model_with("step_embedding", {"name": "learned"})
+    clean.load_state_dict(noisy.state_dict(), strict=False)   # same weights, no noise input
+    noisy.eval(), clean.eval()
+    assert torch.equal(noisy(tokens).logits, clean(tokens).logits)       # inference is clean
+    noisy.train()
+    torch.manual_seed(0)
+    first = noisy(tokens).logits
+    assert not torch.equal(first, noisy(tokens).logits)                 # training perturbs the state
+    loss_of(noisy, tokens).backward()
+    assert noisy.step_embedding.noise.grad.abs().sum() > 0               # and teaches the noise input
+
+
+def test_a_noise_input_without_state_noise_is_a_recipe_error():
+    with pytest.raises(ComponentError, match=r"loop\.step_embedding\.noise_level: .*loop\.state_noise"):
+        model_with("step_embedding", {"name": "sinusoidal", "noise_level": True}, loop__state_noise=0.0)

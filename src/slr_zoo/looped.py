@@ -46,6 +46,12 @@ class DepthSampler(nn.Module):
         raise NotImplementedError
 
 
+def _within(key: str, value: int, max_steps: int) -> None:
+    # deeper training runs would silently reuse the last step embedding and LoRA adapter
+    if not 1 <= value <= max_steps:
+        raise ValueError(f"depth_sampler.{key} must be in [1, loop.max_steps = {max_steps}], got {value}")
+
+
 DEPTH_SAMPLERS = Registry("depth_sampler", DepthSampler, context=("max_steps",))
 
 
@@ -56,6 +62,7 @@ class FixedDepth(DepthSampler):
     def __init__(self, steps: int | None = None, max_steps: int = 1):
         super().__init__(max_steps)
         self.steps = steps or max_steps
+        _within("steps", self.steps, max_steps)
 
     def sample(self, generator):
         return self.steps
@@ -70,6 +77,7 @@ class UniformDepth(DepthSampler):
         self.low, self.high = low, high or max_steps
         if not 1 <= self.low <= self.high:
             raise ValueError(f"depth_sampler: need 1 <= low <= high, got low={low} high={self.high}")
+        _within("high", self.high, max_steps)
 
     def sample(self, generator):
         return int(torch.randint(self.low, self.high + 1, (1,), generator=generator))
@@ -83,6 +91,7 @@ class LogNormalPoissonDepth(DepthSampler):
     def __init__(self, mean: float = 4.0, sigma: float = 0.5, cap: int | None = None, max_steps: int = 1):
         super().__init__(max_steps)
         self.mean, self.sigma, self.cap = mean, sigma, cap or max_steps
+        _within("cap", self.cap, max_steps)
 
     def sample(self, generator):
         mu = math.log(self.mean) - 0.5 * self.sigma**2
@@ -132,6 +141,7 @@ class LoopedLM(nn.Module):
         check_finite: bool = True,
         debug_nan_at_step: int | None = None,
         checkpoint_core: bool = False,
+        state_noise: float = 0.0,
     ):
         super().__init__()
         self.backbone = backbone
@@ -147,6 +157,7 @@ class LoopedLM(nn.Module):
         self.check_finite = check_finite
         self.debug_nan_at_step = debug_nan_at_step  # plants a NaN in training, to test the guards
         self.checkpoint_core = checkpoint_core      # recompute each core pass in backward (less memory)
+        self.state_noise = state_noise              # training: perturb the state entering each step
         # finish the pass before raising NonFiniteStateError: under FSDP a rank that left the
         # forward early would skip collectives (all-gathers of later units) the others make
         self.finish_on_nonfinite = False
@@ -183,11 +194,17 @@ class LoopedLM(nn.Module):
         query = real if policy.per_token or query_mask is None else query_mask.bool().expand_as(input_ids) & real
         track = _Track(policy, h0, T, compact=not self.training, keep_states=keep_states, query=query)
         first_grad_step = T - self.backprop_steps + 1 if self.training and self.backprop_steps else 1
+        # robustness to a perturbed state (diffusion-style): sigma per sample, told to the step embedding
+        sigma = h0.new_empty(h0.size(0)).uniform_(0, self.state_noise) if self.training and self.state_noise else None
         nonfinite_at = None
 
         for t in range(1, T + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_step):
-                u = self.injection(self.step_embedding(h, t), h0)
+                if sigma is None:
+                    u = self.injection(self.step_embedding(h, t), h0)
+                else:
+                    noisy = h + sigma[:, None, None].to(h.dtype) * torch.randn_like(h)
+                    u = self.injection(self.step_embedding(noisy, t, noise_level=sigma), h0)
                 if self.checkpoint_core and torch.is_grad_enabled():
                     # the recomputation calls core_at again, which re-enters at_step(t)
                     new = torch.utils.checkpoint.checkpoint(self.core_at, u, ctx, t, use_reentrant=False)

@@ -40,10 +40,19 @@ def build_model(recipe: dict, backbone: Backbone) -> LoopedLM:
             f"{len(backbone.coda)} layer(s) would never train; set backbone.coda_layers=0 or use 'coda'",
         )
     loop_lora = part("loop_lora")
+    step_embedding = part("step_embedding")
+    if loop["state_noise"] < 0:
+        raise ComponentError("loop.state_noise", f"must be >= 0, got {loop['state_noise']}")
+    if getattr(step_embedding, "uses_noise", False) and not loop["state_noise"]:
+        raise ComponentError(
+            "loop.step_embedding.noise_level",
+            "the noise-level input would never see a noisy state; set loop.state_noise > 0 "
+            "(the largest noise std used in training) or noise_level: false",
+        )
     return LoopedLM(
         backbone,
         max_steps=loop["max_steps"],
-        step_embedding=part("step_embedding"),
+        step_embedding=step_embedding,
         injection=part("injection"),
         loop_lora=loop_lora,
         combine=part("combine"),
@@ -53,4 +62,5 @@ def build_model(recipe: dict, backbone: Backbone) -> LoopedLM:
         backprop_steps=loop["backprop_steps"],
         check_finite=loop["check_finite"],
         debug_nan_at_step=loop.get("debug_nan_at_step"),
+        state_noise=loop["state_noise"],
     )

@@ -34,6 +34,7 @@ class LoopConfig:
     combine: Node = node("none")
     halting: Node = node("fixed")
     check_finite: bool = True
+    state_noise: float = 0.0  # training only: Gaussian noise of std sigma ~ U(0, state_noise) per sample on the state entering each step
     debug_nan_at_step: Optional[int] = None  # plant a NaN in the state at this training iteration (tests the guards)
 
 

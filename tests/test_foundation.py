@@ -49,6 +49,12 @@ def test_the_main_grid_holds_every_residual_and_both_baselines():
         ("loop.combine={name: gated, alpah: 0.5}", ["loop.combine.alpah", "alpha"]),
         ("backbone.pretrained=/no/such/model", ["backbone.pretrained", "/no/such/model"]),
         ("task.name=json", ["task"]),
+        ("trainer.batch_size=0", ["trainer.batch_size", ">= 1"]),
+        ("loop.max_steps=0", ["loop.max_steps", ">= 1"]),
+        ("trainer.devices=2x", ["trainer.devices", "'2x'"]),
+        ("loop.mode=thoughts", ["loop.mode", "'depth'"]),
+        ("loop.combine={name: gated", ["loop.combine", "cannot parse"]),
+        ("loop.combine={_component_: json.NoSuchThing}", ["loop.combine._component_", "json.NoSuchThing"]),
     ],
 )
 def test_bad_recipe_exits_2_naming_the_key_and_trains_nothing(override, message, tmp_path, capsys):
@@ -76,6 +82,14 @@ def test_bad_grid_cell_is_named_before_any_cell_trains(tmp_path, capsys):
 def test_missing_recipe_file_is_a_recipe_error(tmp_path, capsys):
     assert fit.main([str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_malformed_yaml_is_a_recipe_error_without_a_traceback(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("loop: {max_steps: 3\ntrainer: {}\n")
+    assert fit.main([str(broken), f"output_dir={tmp_path}/runs"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recipe error: recipe: cannot parse") and "broken.yaml" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------- the loop is the HF model
@@ -258,3 +272,12 @@ def test_evaluate_reports_each_depth_and_the_intermediate_states(tmp_path):
     assert len(report["logit_lens"]) == 2
     assert all(len(item["states"]) == 6 for item in report["logit_lens"].values())
     assert evaluate.main([str(tmp_path / "nowhere")]) == 2
+    # a run saved before a key existed still evaluates: its config is read onto today's defaults
+    config = cell / "config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(True) if "state_noise" not in line))
+    assert "state_noise" not in config.read_text()
+    assert evaluate.main([str(cell), "--steps", "2", "--limit", "4", "--show", "0"]) == 0
+    assert evaluate.main([str(cell), "--steps", "0"]) == 2
+    last = cell / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:100])
+    assert evaluate.main([str(cell)]) == 2                     # a torn checkpoint: named, no traceback

@@ -168,9 +168,12 @@ def test_killed_run_resumes_to_exactly_the_weights_of_an_uninterrupted_run(tmp_p
     interrupted_at = _state(killed)["global_step"]
     assert 0 < interrupted_at < recipe["trainer"]["max_steps"], "the kill came too late to test a resume"
     assert not (killed / "summary.json").exists()
+    seconds_before_kill = _state(killed)["train_seconds"]
+    assert seconds_before_kill > 0
 
     summary = run_cell(recipe, killed)
     assert summary["train_steps"] == recipe["trainer"]["max_steps"]
+    assert summary["train_seconds"] >= round(seconds_before_kill, 1)   # the whole cost, not the last leg
     a, b = _state(straight), _state(killed)
     assert a["global_step"] == b["global_step"] == recipe["trainer"]["max_steps"]
     assert a["state_dict"].keys() == b["state_dict"].keys()

@@ -19,7 +19,9 @@ import torch
 import yaml
 
 from slr_zoo.files import atomic_write
+from slr_zoo.recipe import resolve_stored
 from slr_zoo.tasks.encoding import special_ids, text_ids
+from slr_zoo.training.checkpoint import CheckpointError
 
 
 def parse_args(argv):
@@ -27,7 +29,7 @@ def parse_args(argv):
     parser.add_argument("run_dir", type=Path, help="a cell directory: runs/<name>/<cell>")
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="loop depths to evaluate (default: 1 .. 2 x the trained max_steps)")
-    parser.add_argument("--split", default="val")
+    parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
     parser.add_argument("--show", type=int, default=3, help="examples whose intermediate states are shown")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -42,7 +44,7 @@ def load_cell(run_dir: Path):
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"{run_dir} is not a cell directory (no config.yaml); pass runs/<name>/<cell>")
-    recipe = yaml.safe_load(config.read_text())
+    recipe = resolve_stored(yaml.safe_load(config.read_text()) or {})  # older runs lack newer keys
     task, tokenizer, module = build_everything(recipe, run_dir)
     checkpoint = resume_point(run_dir, module)  # checked: a corrupt file stops with its name
     if checkpoint is None:
@@ -167,9 +169,12 @@ def _plot(rows, trained: int, path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.steps and min(args.steps) < 1:
+        print(f"evaluate: --steps must be loop depths >= 1, got {args.steps}", file=sys.stderr)
+        return 2
     try:
         report = evaluate(args.run_dir, args.steps, args.split, args.limit, args.show, args.batch_size)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
     print(f"{report['records']} {args.split} records, trained at max_steps={report['trained_max_steps']}")

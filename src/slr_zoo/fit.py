@@ -1,24 +1,35 @@
-"""``python -m slr_zoo.fit RECIPE [dotted.key=value ...] [--cell I]``
+"""``python -m slr_zoo.fit RECIPE [dotted.key=value ...] [--cell I] [--rerun] [--resume]``
 
 Validates the recipe and every grid cell before anything trains, then runs the cells one after
 another under ``runs/<name>/<cell>/``. Cells whose ``summary.json`` says ``ok`` are skipped, so a
 grid that is run again resumes; a cell interrupted mid-training resumes from its last checkpoint.
-A cell that fails is recorded as failed and the others still run. Exit status: 0 when every
-selected cell is ok, 1 when some failed, 2 for a bad recipe (nothing is trained).
+A cell folder that holds a run of a *different* recipe is never reused silently: the command stops
+before training (use a new ``name=`` or ``--rerun``), except that a failed attempt is moved aside
+and retried. A cell that fails is recorded as failed and the others still run. Exit status: 0 when
+every selected cell is ok, 1 when some failed, 2 for a bad recipe (nothing is trained).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
+import yaml
+
 from slr_zoo.files import atomic_write
-from slr_zoo.recipe import expand, load, validate
+from slr_zoo.recipe import differences, expand, load, resolve_stored, validate
 from slr_zoo.registry import ComponentError
+
+# keys that change how a run is watched, not what it computes: a cell may resume under new values
+PRESENTATION_KEYS = (
+    "description", "trainer.threads", "trainer.progress_bar", "trainer.num_workers", "trainer.log_every",
+    "trainer.eval_batch_size", "trainer.val_every", "trainer.checkpoint_every",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,7 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. loop.max_steps=6")
     parser.add_argument("--cell", type=int, default=None, help="run only grid cell I (0-based)")
     parser.add_argument("--list", action="store_true", help="list the grid's cells and exit")
-    parser.add_argument("--rerun", action="store_true", help="run cells again even if they finished")
+    parser.add_argument("--rerun", action="store_true",
+                        help="train cells again from scratch; an earlier run moves to <name>/.replaced/")
+    parser.add_argument("--resume", action="store_true",
+                        help="only continue runs: stop if a selected unfinished cell has no checkpoint")
     return parser.parse_args(argv)
 
 
@@ -44,25 +58,27 @@ def main(argv: list[str] | None = None) -> int:
                 raise ComponentError(err.path, f"{err.message} (in grid cell {cell.index}: {cell.label})") from None
         if args.cell is not None and not 0 <= args.cell < len(cells):
             raise ComponentError("--cell", f"{args.cell} is out of range: the grid has {len(cells)} cells (0..{len(cells) - 1})")
+        run_dir = Path(recipe["output_dir"]) / recipe["name"]
+        selected = [cells[args.cell]] if args.cell is not None else cells
+        if args.list:
+            for cell in cells:
+                print(f"{cell.index:3d}  {cell.label}")
+            return 0
+        plan = {cell.label: _plan(cell, run_dir / cell.label, args) for cell in selected}
     except ComponentError as err:
         print(f"recipe error: {err}", file=sys.stderr)
         return 2
 
-    run_dir = Path(recipe["output_dir"]) / recipe["name"]
-    if args.list:
-        for cell in cells:
-            print(f"{cell.index:3d}  {cell.label}")
-        return 0
-    selected = [cells[args.cell]] if args.cell is not None else cells
     print(f"{recipe['name']}: {len(selected)} of {len(cells)} cell(s) -> {run_dir}/", flush=True)
     failures = 0
     for n, cell in enumerate(selected, start=1):
         directory = run_dir / cell.label
-        summary_path = directory / "summary.json"
-        if not args.rerun and _finished(summary_path):
+        if plan[cell.label] == "skip":
             print(f"[{n}/{len(selected)}] {cell.label}: done already, skipped", flush=True)
             continue
         print(f"[{n}/{len(selected)}] {cell.label}", flush=True)
+        if plan[cell.label] == "replace":
+            _move_aside(directory)
         summary = _run_guarded(cell, directory)
         if summary["status"] != "ok":
             failures += 1
@@ -80,11 +96,63 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures else 0
 
 
-def _finished(path: Path) -> bool:
+def _status(directory: Path) -> str | None:
     try:
-        return json.loads(path.read_text()).get("status") == "ok"
+        return json.loads((directory / "summary.json").read_text()).get("status")
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def _plan(cell, directory: Path, args) -> str:
+    """What to do with a cell's folder: "run" (fresh or resuming), "skip" (finished with this
+    recipe) or "replace" (move the old folder aside first). Raises when reusing it would mix two
+    recipes' results."""
+    status = _status(directory)
+    has_checkpoint = (directory / "checkpoints" / "last.ckpt").is_file() or any(directory.glob("hpc_ckpt_*.ckpt"))
+    try:
+        stored = resolve_stored(yaml.safe_load((directory / "config.yaml").read_text()) or {})
+    except (OSError, yaml.YAMLError, AttributeError, TypeError):
+        stored = None
+    new = yaml.safe_load(yaml.safe_dump(cell.recipe, sort_keys=False))  # as it would be saved
+    changed = differences(stored, new, ignore=PRESENTATION_KEYS) if stored is not None else []
+    if args.rerun:
+        return "replace" if directory.exists() else "run"
+    if changed and (status == "ok" or (status is None and has_checkpoint)):
+        shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise ComponentError(
+            str(directory),
+            f"holds a {'finished' if status == 'ok' else 'started'} run of a different recipe ({shown}). "
+            "Use a new name= to keep both, or --rerun to replace it (the old run moves to .replaced/)",
+        )
+    if changed:   # a failed attempt, or a folder with nothing trained: retry the new recipe cleanly
+        return "replace"
+    if status == "ok":
+        return "skip"
+    if args.resume and not has_checkpoint:
+        raise ComponentError(str(directory), "--resume: there is no checkpoint to resume from")
+    return "run"
+
+
+def _move_aside(directory: Path) -> None:
+    """Keep an earlier run instead of deleting it: ``<name>/.replaced/<cell>-<time>``. Under a
+    multi-process launch rank 0 moves it and the other ranks wait until it is gone."""
+    if not directory.exists():
+        return
+    if _is_global_zero():
+        target = directory.parent / ".replaced" / f"{directory.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        directory.rename(target)
+        print(f"    moved the earlier run to {target}", flush=True)
+        return
+    old = (directory / "config.yaml").stat().st_ino if (directory / "config.yaml").exists() else None
+    deadline = time.monotonic() + 600
+    while old is not None and time.monotonic() < deadline:
+        try:
+            if (directory / "config.yaml").stat().st_ino != old:
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.2)
 
 
 def _run_guarded(cell, directory: Path) -> dict:
@@ -110,8 +178,6 @@ def _run_guarded(cell, directory: Path) -> dict:
 
 def _is_global_zero() -> bool:
     """Rank 0 of torchrun (RANK), srun (SLURM_PROCID) or Lightning's own launcher (LOCAL_RANK)."""
-    import os
-
     return all(os.environ.get(var, "0") == "0" for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"))
 
 

@@ -92,8 +92,8 @@ class Registry:
             target = node["_component_"]
             try:
                 cls = import_object(str(target))
-            except (ImportError, ModuleNotFoundError) as err:
-                raise ComponentError(f"{path}._component_", f"cannot import {target!r}: {err}") from None
+            except Exception as err:  # noqa: BLE001  (a user module may fail to import in any way)
+                raise ComponentError(f"{path}._component_", f"cannot import {target!r}: {type(err).__name__}: {err}") from None
             if not (isinstance(cls, type) and issubclass(cls, self.base)):
                 raise ComponentError(
                     f"{path}._component_", f"{target!r} is not a subclass of {self.base.__name__}"

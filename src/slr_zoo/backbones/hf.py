@@ -128,6 +128,9 @@ class Backbone(nn.Module):
         if pretrained is not None:
             hf = self._load_pretrained(pretrained)
         else:
+            if hidden_size < 1 or heads < 1 or hidden_size % heads:
+                raise ValueError(f"backbone.hidden_size must be a positive multiple of backbone.heads, "
+                                 f"got hidden_size={hidden_size}, heads={heads}")
             if vocab_size <= 0:
                 raise ValueError("a backbone built from scratch needs the tokenizer's vocab_size")
             config = self.make_config(

@@ -11,6 +11,7 @@ import copy
 from pathlib import Path
 from typing import Any, Iterable
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -28,8 +29,8 @@ def load(path: str | Path, overrides: Iterable[str] = ()) -> dict:
         raise RecipeError("recipe", f"no such recipe file: {str(path)!r}")
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except (OmegaConfBaseException, ValueError) as err:  # yaml errors are ValueErrors in omegaconf
-        raise RecipeError("recipe", f"cannot parse {path}: {err}") from None
+    except (OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
+        raise RecipeError("recipe", f"cannot parse {path}: {_one_line(err)}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -47,8 +48,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise RecipeError("override", f"expected dotted.key=value, got {item!r}")
     try:
         value = OmegaConf.to_container(OmegaConf.create(f"v: {text}"), resolve=True)["v"] if text.strip() else ""
-    except (OmegaConfBaseException, ValueError) as err:
-        raise RecipeError(key.strip(), f"cannot parse value {text!r}: {err}") from None
+    except (OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
+        raise RecipeError(key.strip(), f"cannot parse value {text!r}: {_one_line(err)}") from None
     return key.strip(), value
 
 
@@ -71,6 +72,31 @@ def set_key(recipe: dict, dotted: str, value: Any, prefix: str = "") -> dict:
     else:
         node[last] = copy.deepcopy(value)
     return recipe
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def resolve_stored(raw: dict) -> dict:
+    """A run's saved ``config.yaml`` onto today's defaults: keys added since it was written take
+    their default, so older runs still load."""
+    return merge(defaults(), raw)
+
+
+def differences(old: dict, new: dict, ignore: Iterable[str] = (), path: str = "") -> list[str]:
+    """Dotted keys whose values differ, as ``key: old -> new``; component nodes compare whole."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        dotted = f"{path}.{key}" if path else str(key)
+        if dotted in ignore:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and dotted not in COMPONENT_NODES:
+            out += differences(a, b, ignore, dotted)
+        elif a != b:
+            out.append(f"{dotted}: {a!r} -> {b!r}")
+    return out
 
 
 def merge(base: dict, update: dict, path: str = "") -> dict:

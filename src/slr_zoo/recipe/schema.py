@@ -8,6 +8,7 @@ and the closest valid names.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,27 @@ def defaults() -> dict:
     return dataclasses.asdict(Recipe())
 
 
+# value ranges checked with the types: a bad value stops before anything is built
+AT_LEAST = {
+    "loop.max_steps": 1, "loop.backprop_steps": 1, "loop.state_noise": 0,
+    "optim.lr": 0, "optim.warmup_steps": 0, "optim.min_lr_ratio": 0, "optim.grad_clip": 0,
+    "trainer.max_steps": 1, "trainer.batch_size": 1, "trainer.eval_batch_size": 1, "trainer.num_nodes": 1,
+    "trainer.val_every": 1, "trainer.log_every": 1, "trainer.num_workers": 0, "trainer.threads": 1,
+    "trainer.checkpoint_every": 1,
+}
+DEVICES = re.compile(r"^(auto|-1|\d+|\d+(,\d+)+,?)$")  # what Lightning's `devices` accepts as text
+
+
+def check_value(dotted: str, value: Any) -> None:
+    if dotted in AT_LEAST and value is not None and value < AT_LEAST[dotted]:
+        raise ComponentError(dotted, f"must be >= {AT_LEAST[dotted]}, got {value!r}")
+    if dotted == "trainer.devices" and not (isinstance(value, int) and (value >= 1 or value == -1)
+                                            or isinstance(value, str) and DEVICES.match(value.strip())):
+        raise ComponentError(dotted, f"expected a count >= 1, -1, 'auto' or a list like '0,1'; got {value!r}")
+    if dotted == "loop.mode" and value == "thoughts":
+        raise ComponentError(dotted, "mode 'thoughts' is not available yet (use 'depth')")
+
+
 def validate(recipe: dict, path: str = "", schema: type = Recipe) -> None:
     """Raise ComponentError at the first key that does not fit the schema."""
     if not isinstance(recipe, dict):
@@ -118,6 +140,7 @@ def validate(recipe: dict, path: str = "", schema: type = Recipe) -> None:
             validate(value, dotted, hints[key])
         else:
             check_type(value, hints[key], dotted)
+            check_value(dotted, value)
 
 
 def _check_paths(cls: type, value: dict, path: str) -> None:

@@ -30,15 +30,31 @@ def lookup(recipe: dict, dotted: str) -> Any:
 
 
 def collect(run_dir: Path, cells: Iterable, keys: list[str]) -> list[dict]:
-    """One row per cell, in grid order; cells not run yet are ``missing``."""
+    """One row per cell, in grid order (cells not run yet are ``missing``), then one per other
+    finished cell folder under ``run_dir``: a smaller grid or a single run under the same name
+    adds to the table instead of hiding what is already there."""
+    import yaml
+
     from slr_zoo.recipe.grid import value_label
 
+    def shown(value):
+        return value_label(value) if isinstance(value, (dict, list)) else value
+
     rows = []
-    for cell in cells:
-        row = {"cell": cell.label}
-        row.update({k: value_label(lookup(cell.recipe, k)) if isinstance(lookup(cell.recipe, k), (dict, list))
-                    else lookup(cell.recipe, k) for k in keys})
-        path = run_dir / cell.label / "summary.json"
+    cells = list(cells)
+    others = sorted(p.parent.name for p in run_dir.glob("*/summary.json") if not p.parent.name.startswith("."))
+    known = {cell.label for cell in cells}
+    listed = [(cell.label, cell.recipe) for cell in cells]
+    for label in others:
+        if label not in known:
+            try:
+                listed.append((label, yaml.safe_load((run_dir / label / "config.yaml").read_text()) or {}))
+            except (OSError, yaml.YAMLError):
+                listed.append((label, {}))
+    for label, recipe in listed:
+        row = {"cell": label}
+        row.update({k: shown(lookup(recipe, k)) for k in keys})
+        path = run_dir / label / "summary.json"
         if path.is_file():
             summary = json.loads(path.read_text())
             row["status"] = summary.get("status", "ok")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import lightning as L
@@ -241,8 +242,18 @@ class LoopedLMModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # wall time spent in fit, summed over resumes: a killed and resumed cell reports its whole cost
+    def on_fit_start(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        started = getattr(self, "_fit_started", None)
+        return getattr(self, "train_seconds_before", 0.0) + (time.perf_counter() - started if started else 0.0)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_batches"] = self.skipped_batches
+        checkpoint["train_seconds"] = self.train_seconds()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_batches = checkpoint.get("skipped_batches", 0)
+        self.train_seconds_before = float(checkpoint.get("train_seconds", 0.0))

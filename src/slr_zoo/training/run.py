@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +52,8 @@ def run_cell(recipe: dict, directory: Path, keys: dict[str, Any] | None = None) 
         remove_stale_temporaries(directory / "checkpoints")
         remove_stale_temporaries(directory)
     resume = resume_point(directory, module)  # checked first: a bad file stops with its name
-    start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
-    train_seconds = time.perf_counter() - start
+    train_seconds = module.train_seconds()  # includes the time before any resume
     metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
     hop_accuracy = {str(h): round(c / n, 4) for h, (c, n) in sorted(module.hop_correct.items()) if n}
     summary = {

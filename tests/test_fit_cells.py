@@ -68,3 +68,10 @@ def test_a_smaller_run_under_the_same_name_adds_to_the_table(tmp_path):
     with open(tmp_path / "runs/cells/results.csv") as f:
         cells = [row["cell"] for row in csv.DictReader(f)]
     assert cells == ["default", "seed=0", "seed=1"]
+
+
+def test_a_grid_can_be_started_from_the_command_line_and_a_swept_override_is_flagged(tmp_path, capsys):
+    assert run(tmp_path, "grid.seed=[0, 1]", "--list") == 0
+    assert capsys.readouterr().out.split() == ["0", "seed=0", "1", "seed=1"]
+    assert run(tmp_path, "grid.seed=[0, 1]", "seed=5", "--list") == 0
+    assert "note: seed is set by the grid (seed)" in capsys.readouterr().err

@@ -260,6 +260,14 @@ def test_malformed_record_stops_with_its_index_file_and_reason(tmp_path, bad, me
         list(read_records(path))
 
 
+@pytest.mark.parametrize("text", ["[]", "", "\n\n"])
+def test_a_file_without_records_is_named(tmp_path, text):
+    path = tmp_path / "empty.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"empty\.json holds no records"):
+        list(read_records(path))
+
+
 def test_json_task_paths_are_checked_at_validation(tmp_path):
     recipe = load(REPO / "recipes" / "quickstart.yaml", [f"task={{name: json, train: {tmp_path}/no.json, val: x}}"])
     with pytest.raises(ComponentError, match=r"task\.train: no such file"):

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load(args.recipe, args.overrides)
         validate(recipe)
         cells = expand(recipe)
+        _warn_grid_overrides(args.overrides, recipe)
         for cell in cells:
             try:
                 validate(cell.recipe)
@@ -94,6 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         print(write_reports(recipe, cells, run_dir))
         print(f"wrote {run_dir}/results.csv, results.md and plots")
     return 1 if failures else 0
+
+
+def _warn_grid_overrides(overrides: list[str], recipe: dict) -> None:
+    """A command-line value for a key the grid sets is replaced by the grid's values: say so."""
+    from slr_zoo.reports.results import grid_keys
+
+    swept = grid_keys(recipe.get("grid"))
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        hit = [k for k in swept if k == key or k.startswith(key + ".") or key.startswith(k + ".")]
+        if hit:
+            print(f"note: {key} is set by the grid ({', '.join(hit)}), so the command-line value is not used; "
+                  f"override grid.{hit[0]} to change the swept values", file=sys.stderr)
 
 
 def _status(directory: Path) -> str | None:

@@ -60,6 +60,8 @@ def set_key(recipe: dict, dotted: str, value: Any, prefix: str = "") -> dict:
     node = recipe
     for i, part in enumerate(parts[:-1]):
         here = ".".join(parts[: i + 1])
+        if here == "grid" and node.get(part) is None:
+            node[part] = {}  # grid.<key>=[...] starts a grid on a recipe without one
         if not isinstance(node.get(part), dict):
             if part not in node:
                 node[part] = {}  # let validation name the unknown key

@@ -30,14 +30,20 @@ def _raw_records(path: Path) -> Iterator[object]:
                 data = json.load(f)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: not valid JSON ({err})") from None
+            if not data:
+                raise ValueError(f"{path} holds no records (an empty list)")
             yield from data
             return
+        found = False
         for line_no, line in enumerate(f, 1):
             if line.strip():
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path} line {line_no}: not valid JSON ({err})") from None
+                found = True
+        if not found:
+            raise ValueError(f"{path} holds no records (the file is empty)")
 
 
 def clean_record(raw: object, index: int, source: str, literal_fields=LITERAL_FIELDS) -> Record:

@@ -32,7 +32,7 @@ def test_a_finished_cell_of_another_recipe_is_refused_not_reused(tmp_path, capsy
     capsys.readouterr()
     assert run(tmp_path, "optim.lr=0.01") == 2
     err = capsys.readouterr().err
-    assert "holds a finished run of a different recipe (optim.lr: 0.003 -> 0.01)" in err
+    assert "holds a finished run of a different recipe (optim.lr: 0.001 -> 0.01)" in err
     assert "name=" in err and "--rerun" in err
     assert summary(tmp_path) == before                       # nothing trained, nothing overwritten
     assert run(tmp_path, "trainer.threads=1") == 0           # presentation keys do not count
@@ -45,7 +45,7 @@ def test_rerun_trains_from_scratch_and_keeps_the_old_run(tmp_path):
     assert new["train_steps"] == 3 and new["train_seconds"] > 0
     assert "lr: 0.01" in (tmp_path / "runs/cells/default/config.yaml").read_text()
     kept = list((tmp_path / "runs/cells/.replaced").iterdir())
-    assert len(kept) == 1 and "lr: 0.003" in (kept[0] / "config.yaml").read_text()
+    assert len(kept) == 1 and "lr: 0.001" in (kept[0] / "config.yaml").read_text()
 
 
 def test_a_failed_attempt_is_moved_aside_when_the_recipe_is_fixed(tmp_path):

@@ -108,7 +108,7 @@ class LoopOutput:
     logits: torch.Tensor                       # [B, S, V] from the output state
     steps: torch.Tensor                        # [B] loop steps each sample used
     aux_loss: torch.Tensor | None = None       # the halting policy's regulariser
-    step_logits: list[torch.Tensor] = field(default_factory=list)   # per step, when mixes == "loss"
+    step_logits: list[torch.Tensor] = field(default_factory=list)   # per step, when mixes == "loss" or decode_steps
     step_weights: list[torch.Tensor] = field(default_factory=list)  # per step, when mixes == "loss"
     token_steps: torch.Tensor | None = None    # [B, S] for per-token policies
     states: list[torch.Tensor] = field(default_factory=list)       # per step, with keep_states
@@ -175,13 +175,15 @@ class LoopedLM(nn.Module):
         keep_states: bool = False,
         query_mask: torch.Tensor | None = None,
         real_mask: torch.Tensor | None = None,
+        decode_steps: bool = False,
     ) -> LoopOutput:
         """``query_mask`` [B, S] bool: the positions a per-sample halting decision may read (the
         question up to its separator, so that teacher-forced validation equals greedy decoding);
         default: every real position. ``real_mask`` [B, S] bool marks the real (unpadded)
         positions, default ``attention_mask``: a right-padded batch needs no attention mask under
         a causal model, but per-token halting must still know its pads, so that padding never
-        changes a sample's steps."""
+        changes a sample's steps. ``decode_steps``: keep every step's decoded logits in
+        ``step_logits`` (per-iteration supervision)."""
         backbone, policy = self.backbone, self.halting
         T = steps or self.max_steps
         ctx = full_ctx = backbone.context(input_ids, attention_mask)
@@ -192,7 +194,8 @@ class LoopedLM(nn.Module):
         real = real_mask.bool()
         # a per-token policy decides for every real position; pads are done before the first step
         query = real if policy.per_token or query_mask is None else query_mask.bool().expand_as(input_ids) & real
-        track = _Track(policy, h0, T, compact=not self.training, keep_states=keep_states, query=query)
+        track = _Track(policy, h0, T, compact=not self.training, keep_states=keep_states, query=query,
+                       decode_steps=decode_steps)
         first_grad_step = T - self.backprop_steps + 1 if self.training and self.backprop_steps else 1
         # robustness to a perturbed state (diffusion-style): sigma per sample, told to the step embedding
         sigma = h0.new_empty(h0.size(0)).uniform_(0, self.state_noise) if self.training and self.state_noise else None
@@ -262,9 +265,9 @@ class _Track:
     """Everything the loop must remember across steps, kept out of the loop body."""
 
     def __init__(self, policy: HaltingPolicy, h0: torch.Tensor, T: int, compact: bool, keep_states: bool,
-                 query: torch.Tensor):
+                 query: torch.Tensor, decode_steps: bool = False):
         B, S, _ = h0.shape
-        self.policy, self.T, self.keep_states = policy, T, keep_states
+        self.policy, self.T, self.keep_states, self.decode_steps = policy, T, keep_states, decode_steps
         self.compact_batch = compact
         self.state = policy.start(h0, query)
         self.active = torch.arange(B, device=h0.device)          # original row of each running row
@@ -314,9 +317,10 @@ class _Track:
         if self.mixes("state"):
             w = decision.weight if decision.weight.dim() == 2 else decision.weight[:, None]
             self.mixture = self.mixture.index_add(0, self.active, (w[..., None] * h_next).to(self.mixture.dtype))
-        if self.mixes("loss") and torch.is_grad_enabled():
+        if (self.mixes("loss") or self.decode_steps) and torch.is_grad_enabled():
             self.step_logits.append(logits_fn())
-            self.step_weights.append(decision.weight)
+            if self.mixes("loss"):
+                self.step_weights.append(decision.weight)
         self.last_h = h_next
         self.last_logits_fn = logits_fn
 

@@ -35,6 +35,7 @@ class LoopConfig:
     combine: Node = node("none")
     halting: Node = node("fixed")
     check_finite: bool = True
+    step_supervision: float = 0.0  # weight of the per-iteration loss toward the task's per-hop answers
     state_noise: float = 0.0  # training only: Gaussian noise of std sigma ~ U(0, state_noise) per sample on the state entering each step
     debug_nan_at_step: Optional[int] = None  # plant a NaN in the state at this training iteration (tests the guards)
 
@@ -104,7 +105,7 @@ def defaults() -> dict:
 
 # value ranges checked with the types: a bad value stops before anything is built
 AT_LEAST = {
-    "loop.max_steps": 1, "loop.backprop_steps": 1, "loop.state_noise": 0,
+    "loop.max_steps": 1, "loop.backprop_steps": 1, "loop.state_noise": 0, "loop.step_supervision": 0,
     "optim.lr": 0, "optim.warmup_steps": 0, "optim.min_lr_ratio": 0, "optim.grad_clip": 0,
     "trainer.max_steps": 1, "trainer.batch_size": 1, "trainer.eval_batch_size": 1, "trainer.num_nodes": 1,
     "trainer.val_every": 1, "trainer.log_every": 1, "trainer.num_workers": 0, "trainer.threads": 1,
@@ -119,6 +120,8 @@ def check_value(dotted: str, value: Any) -> None:
     if dotted == "trainer.devices" and not (isinstance(value, int) and (value >= 1 or value == -1)
                                             or isinstance(value, str) and DEVICES.match(value.strip())):
         raise ComponentError(dotted, f"expected a count >= 1, -1, 'auto' or a list like '0,1'; got {value!r}")
+    if dotted == "loop.step_supervision" and value > 1:
+        raise ComponentError(dotted, f"is the per-iteration loss's share of the loss, in [0, 1]; got {value!r}")
     if dotted == "loop.mode" and value == "thoughts":
         raise ComponentError(dotted, "mode 'thoughts' is not available yet (use 'depth')")
 

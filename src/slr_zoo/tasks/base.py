@@ -35,6 +35,11 @@ class Task:
         gold = self.normalize(str(record["answer"]))
         return bool(gold) and self.normalize(predicted) == gold
 
+    def step_answers(self, record: Record) -> list[str] | None:
+        """The answer after each hop (the last is the answer), for ``loop.step_supervision``: loop
+        iteration t is trained to predict entry min(t, hops). ``None``: the task has none."""
+        return None
+
 
 TASKS = Registry("task", Task)
 

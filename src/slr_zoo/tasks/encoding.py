@@ -16,19 +16,28 @@ IGNORE = -100
 class Encoded:
     input_ids: list[int]
     labels: list[int]   # labels[i] is the token position i must predict, or IGNORE
+    step_targets: list[list[int]] | None = None  # per hop, the answer tokens after that hop
 
 
-def encode(record: Record, tokenizer) -> Encoded:
+def encode(record: Record, tokenizer, step_answers: list[str] | None = None) -> Encoded:
     """``question [SEP] answer [EOS]``, with loss on the answer and the end token.
 
     Position i predicts token i+1, so the label of the [SEP] position is the first answer token.
+    ``step_answers`` (one per hop) become targets for the same positions, so each must tokenize to
+    as many tokens as the answer.
     """
     sep, eos = special_ids(tokenizer)
     question = text_ids(tokenizer, record["question"])
     answer = text_ids(tokenizer, " " + str(record["answer"]).strip())
     ids = question + [sep] + answer + [eos]
     labels = [IGNORE] * len(question) + answer + [eos] + [IGNORE]
-    return Encoded(ids, labels)
+    targets = None
+    if step_answers is not None:
+        targets = [text_ids(tokenizer, " " + str(a).strip()) for a in step_answers]
+        if not targets or any(len(t) != len(answer) for t in targets):
+            raise ValueError(f"step answers {step_answers!r} must be non-empty and tokenize to as many "
+                             f"tokens as the answer {record['answer']!r} ({len(answer)})")
+    return Encoded(ids, labels, targets)
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -41,7 +50,23 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
     real = torch.arange(width)[None, :] < torch.tensor([len(e.input_ids) for e in batch])[:, None]
-    return {"input_ids": ids, "labels": labels, "real_mask": real}
+    out = {"input_ids": ids, "labels": labels, "real_mask": real}
+    if all(e.step_targets is not None for e in batch):
+        out["step_labels"] = step_labels(batch, labels)
+    return out
+
+
+def step_labels(batch: list[Encoded], labels: torch.Tensor) -> torch.Tensor:
+    """[B, H, S]: for hop h, the labels with the answer tokens replaced by the answer after hop h;
+    samples with fewer hops repeat their final answer, so iteration t reads row min(t, H) - 1."""
+    hops = max(len(e.step_targets) for e in batch)
+    out = labels[:, None, :].repeat(1, hops, 1)
+    for row, e in enumerate(batch):
+        start = next(i for i, x in enumerate(e.labels) if x != IGNORE)
+        for h in range(hops):
+            target = e.step_targets[min(h, len(e.step_targets) - 1)]
+            out[row, h, start : start + len(target)] = torch.tensor(target)
+    return out
 
 
 def answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -51,3 +51,6 @@ class IterateTask(Task):
             v = table[v]
         question = " ".join(map(str, table)) + f" ? {x} {k}"
         return {"question": question, "steps": steps, "answer": str(v), "hops": k}
+
+    def step_answers(self, record):
+        return [step.split()[1] for step in record["steps"]]  # "v f(v)": f^t(x) after hop t

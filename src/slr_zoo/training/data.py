@@ -24,6 +24,8 @@ class EncodedDataset(Dataset):
     def __init__(self, examples: Iterable[Encoded] = (), hops: Iterable[int] | None = None, typecode: str = "i"):
         self.ids, self.labels = array(typecode), array(typecode)
         self.offsets, self.hops = array("q", [0]), array("i")
+        # per-hop answer tokens (loop.step_supervision), flat, with the number of hops per example
+        self.step_tokens, self.step_offsets, self.step_counts = array(typecode), array("q", [0]), array("i")
         for example, hop in zip(examples, hops if hops is not None else itertools.repeat(0)):
             self.append(example, hop)
 
@@ -34,13 +36,23 @@ class EncodedDataset(Dataset):
         self.labels.extend(example.labels)
         self.offsets.append(len(self.ids))
         self.hops.append(hops)
+        for target in example.step_targets or []:
+            self.step_tokens.extend(target)
+        self.step_offsets.append(len(self.step_tokens))
+        self.step_counts.append(len(example.step_targets or []))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int):
         start, end = self.offsets[i], self.offsets[i + 1]
-        return Encoded(self.ids[start:end].tolist(), self.labels[start:end].tolist()), self.hops[i]
+        example = Encoded(self.ids[start:end].tolist(), self.labels[start:end].tolist())
+        count = self.step_counts[i]
+        if count:
+            flat = self.step_tokens[self.step_offsets[i] : self.step_offsets[i + 1]].tolist()
+            width = len(flat) // count
+            example.step_targets = [flat[h * width : (h + 1) * width] for h in range(count)]
+        return example, self.hops[i]
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -89,12 +101,21 @@ def shard_batches(size: int, batch_size: int, rank: int = 0, world_size: int = 1
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def encode_split(task: Task, split: str, tokenizer) -> EncodedDataset:
-    """Encode records one at a time as the task yields them; no split is ever held as records."""
+def encode_split(task: Task, split: str, tokenizer, step_answers: bool = False) -> EncodedDataset:
+    """Encode records one at a time as the task yields them; no split is ever held as records.
+    ``step_answers``: also encode the task's per-hop answers (``loop.step_supervision``)."""
     dataset = EncodedDataset(typecode="h" if len(tokenizer) < 2**15 else "i")
     for i, record in enumerate(task.records(split)):
         check_record(record, i, f"task {split} split")
-        dataset.append(encode(record, tokenizer), int(record.get("hops", 0)))
+        steps = task.step_answers(record) if step_answers else None
+        if step_answers and steps is None:
+            raise ValueError(f"loop.step_supervision needs per-hop answers, which task "
+                             f"{type(task).__name__} does not give (record {i} of the {split} split)")
+        try:
+            encoded = encode(record, tokenizer, steps)
+        except ValueError as err:
+            raise ValueError(f"record {i} of the {split} split: {err}") from None
+        dataset.append(encoded, int(record.get("hops", 0)))
     if not len(dataset):
         raise ValueError(f"task produced no {split} records")
     return dataset
@@ -117,9 +138,10 @@ def load_or_build_tokenizer(task: Task, directory: Path, pretrained_tokenizer=No
 
 class ReasoningDataModule(L.LightningDataModule):
     def __init__(self, task: Task, tokenizer, batch_size: int, eval_batch_size: int | None = None,
-                 seed: int = 0, num_workers: int = 0):
+                 seed: int = 0, num_workers: int = 0, step_answers: bool = False):
         super().__init__()
         self.task, self.tokenizer = task, tokenizer
+        self.step_answers = step_answers
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.seed, self.num_workers = seed, num_workers
         self.train_set: EncodedDataset | None = None
@@ -127,7 +149,7 @@ class ReasoningDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
-            self.train_set = encode_split(self.task, "train", self.tokenizer)
+            self.train_set = encode_split(self.task, "train", self.tokenizer, self.step_answers)
         if self.val_set is None:
             self.val_set = encode_split(self.task, "val", self.tokenizer)
 

@@ -26,7 +26,7 @@ def answer_loss(out: LoopOutput, labels: torch.Tensor) -> torch.Tensor:
     policy mixes losses (PonderNet, Ouro) and step logits were kept."""
     mask = labels != IGNORE
     n = mask.sum().clamp_min(1)
-    if not out.step_logits:
+    if not out.step_weights:
         return F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
     total = out.logits.new_zeros((), dtype=torch.float32)
     for logits, weight in zip(out.step_logits, out.step_weights):
@@ -34,6 +34,18 @@ def answer_loss(out: LoopOutput, labels: torch.Tensor) -> torch.Tensor:
         w = weight if weight.dim() == 2 else weight[:, None]
         total = total + (w.float() * ce * mask).sum() / n
     return total
+
+
+def step_loss(out: LoopOutput, step_labels: torch.Tensor) -> torch.Tensor:
+    """Per-iteration supervision: iteration t's decoded state is trained toward the answer after
+    min(t, hops) hops (``step_labels`` [B, H, S], see ``tasks.encoding.step_labels``); the mean
+    over iterations. Iterations run without a graph (``loop.backprop_steps``) are left out."""
+    terms = [
+        F.cross_entropy(logits.flatten(0, 1).float(), step_labels[:, min(t, step_labels.size(1)) - 1].flatten(),
+                        ignore_index=IGNORE)
+        for t, logits in enumerate(out.step_logits, start=1) if logits.requires_grad
+    ]
+    return torch.stack(terms).mean()
 
 
 def question_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -46,13 +58,15 @@ def question_mask(labels: torch.Tensor) -> torch.Tensor:
 
 
 class LoopedLMModule(L.LightningModule):
-    def __init__(self, model: LoopedLM, optim: dict, seed: int = 0, on_nonfinite: str = "stop", log_every: int = 25):
+    def __init__(self, model: LoopedLM, optim: dict, seed: int = 0, on_nonfinite: str = "stop", log_every: int = 25,
+                 step_supervision: float = 0.0):
         super().__init__()
         self.model = model
         self.optim = optim
         self.seed = seed
         self.on_nonfinite = on_nonfinite
         self.log_every = log_every
+        self.step_supervision = step_supervision
         self.val_accuracy = MeanMetric()
         self.val_steps = MeanMetric()
         self.val_depth = DepthHistogram(model.max_steps)
@@ -69,9 +83,13 @@ class LoopedLMModule(L.LightningModule):
         task = aux = None
         failure, detail = 0, ""  # 0: finite; 1: the loss; t + 1: the state at loop iteration t
         try:
+            supervise = self.step_supervision > 0
             out = self.model(batch["input_ids"], steps=steps, query_mask=question_mask(batch["labels"]),
-                             real_mask=batch.get("real_mask"))
+                             real_mask=batch.get("real_mask"), decode_steps=supervise)
             task = answer_loss(out, labels)
+            if supervise:  # the same answer tokens: the DDP token weighting below still holds
+                w = self.step_supervision
+                task = (1 - w) * task + w * step_loss(out, batch["step_labels"])
             aux = out.aux_loss
             total = task if aux is None else task + aux
             if not torch.isfinite(total):

@@ -33,6 +33,7 @@ def build_everything(recipe: dict, directory: Path):
     module = LoopedLMModule(
         model, recipe["optim"], seed=recipe["seed"],
         on_nonfinite=recipe["trainer"]["on_nonfinite"], log_every=recipe["trainer"]["log_every"],
+        step_supervision=recipe["loop"]["step_supervision"],
     )
     return task, tokenizer, module
 
@@ -46,7 +47,7 @@ def run_cell(recipe: dict, directory: Path, keys: dict[str, Any] | None = None) 
     L.seed_everything(recipe["seed"], workers=True, verbose=False)
     task, tokenizer, module = build_everything(recipe, directory)
     data = ReasoningDataModule(task, tokenizer, tc["batch_size"], tc["eval_batch_size"], seed=recipe["seed"],
-                               num_workers=tc["num_workers"])
+                               num_workers=tc["num_workers"], step_answers=recipe["loop"]["step_supervision"] > 0)
     trainer = make_trainer(tc, directory, grad_clip=recipe["optim"]["grad_clip"], seed=recipe["seed"])
     if trainer.is_global_zero:
         remove_stale_temporaries(directory / "checkpoints")

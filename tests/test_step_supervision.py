@@ -1,0 +1,100 @@
+"""Per-iteration supervision (``loop.step_supervision``): the per-hop targets reach the right
+positions, the loss is the stated mixture, and a run trains end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model, tiny_recipe
+from slr_zoo import fit
+from slr_zoo.tasks.encoding import IGNORE, collate, encode
+from slr_zoo.tasks.iterate import IterateTask
+from slr_zoo.tasks.tokenizer import build_word_tokenizer
+from slr_zoo.training.data import EncodedDataset, encode_split
+from slr_zoo.training.module import answer_loss, step_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def iterate_records(n=40):
+    task = IterateTask(n_train=n, n_val=8, hops=[1, 4])
+    return task, list(task.records("train"))
+
+
+def test_iterate_gives_the_value_after_each_hop():
+    task, records = iterate_records()
+    for r in records:
+        table = [int(v) for v in r["question"].split()[:10]]
+        x, k = int(r["question"].split()[-2]), r["hops"]
+        expected, v = [], x
+        for _ in range(k):
+            v = table[v]
+            expected.append(str(v))
+        assert task.step_answers(r) == expected and expected[-1] == r["answer"]
+
+
+def test_step_labels_put_each_hop_answer_on_the_answer_positions():
+    task, records = iterate_records()
+    tokenizer = build_word_tokenizer(records)
+    encoded = [encode(r, tokenizer, task.step_answers(r)) for r in records[:6]]
+    # stored flat and read back unchanged
+    stored = EncodedDataset(encoded, [r["hops"] for r in records[:6]], typecode="h")
+    assert [stored[i][0] for i in range(6)] == encoded
+    batch = collate(encoded, tokenizer.pad_token_id)
+    H = max(r["hops"] for r in records[:6])
+    assert batch["step_labels"].shape == (6, H, batch["labels"].size(1))
+    for row, r in enumerate(records[:6]):
+        start = int((batch["labels"][row] != IGNORE).nonzero()[0])
+        answers = task.step_answers(r)
+        for h in range(H):
+            want = answers[min(h, len(answers) - 1)]
+            assert tokenizer.convert_ids_to_tokens(int(batch["step_labels"][row, h, start])) == want
+            other = torch.ones_like(batch["labels"][row], dtype=torch.bool)
+            other[start] = False
+            assert torch.equal(batch["step_labels"][row, h][other], batch["labels"][row][other])  # EOS, ignores
+
+
+def test_a_task_without_hop_answers_is_named():
+    from slr_zoo.tasks.walk import WalkTask
+
+    task = WalkTask(n_train=4, n_val=2)
+    tokenizer = build_word_tokenizer(task.records("train"))
+    with pytest.raises(ValueError, match="loop.step_supervision needs per-hop answers, which task WalkTask"):
+        encode_split(task, "train", tokenizer, step_answers=True)
+
+
+def test_step_loss_is_the_mean_over_iterations_of_each_hop_target():
+    torch.manual_seed(0)
+    model = tiny_model(tiny_recipe(loop__max_steps=3)).train()
+    ids = torch.randint(4, 32, (2, 6))
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, 3] = torch.tensor([5, 6])
+    step_labels = labels[:, None].repeat(1, 2, 1)
+    step_labels[:, 0, 3] = torch.tensor([7, 8])          # hop 1 answer differs; hop 2 is the answer
+    out = model(ids, decode_steps=True)
+    assert len(out.step_logits) == 3 and all(x.requires_grad for x in out.step_logits)
+    expected = sum(F.cross_entropy(out.step_logits[t].flatten(0, 1), step_labels[:, min(t + 1, 2) - 1].flatten(),
+                                   ignore_index=IGNORE) for t in range(3)) / 3
+    torch.testing.assert_close(step_loss(out, step_labels), expected)
+    assert out.logits is out.step_logits[-1]                    # the output is not decoded twice
+    torch.testing.assert_close(answer_loss(out, labels),
+                               F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE))
+    step_loss(out, step_labels).backward()
+    core = [p for n, p in model.named_parameters() if ".core." in f".{n}" or n.startswith("backbone.core")]
+    assert core and all(p.grad is not None and p.grad.abs().sum() > 0 for p in core)
+
+
+def test_fit_trains_with_step_supervision_and_rejects_an_out_of_range_weight(tmp_path, capsys):
+    tiny = [f"output_dir={tmp_path}", "task.n_train=64", "task.n_val=16", "trainer.max_steps=3",
+            "trainer.batch_size=16", "backbone.hidden_size=32", "trainer.progress_bar=false"]
+    recipe = str(ROOT / "recipes/quickstart.yaml")
+    assert fit.main([recipe, *tiny, "loop.step_supervision=0.5"]) == 0
+    summary = json.loads((tmp_path / "quickstart/default/summary.json").read_text())
+    assert summary["status"] == "ok" and summary["train_steps"] == 3
+    assert fit.main([recipe, *tiny, "loop.step_supervision=1.5", "name=bad"]) == 2
+    assert "loop.step_supervision: is the per-iteration loss's share" in capsys.readouterr().err

@@ -94,7 +94,7 @@ def main():
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--backbone", default="gpt2", help="slr_zoo backbone (gpt2 has learned positions, like the reference)")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

@@ -75,3 +75,9 @@ def test_a_grid_can_be_started_from_the_command_line_and_a_swept_override_is_fla
     assert capsys.readouterr().out.split() == ["0", "seed=0", "1", "seed=1"]
     assert run(tmp_path, "grid.seed=[0, 1]", "seed=5", "--list") == 0
     assert "note: seed is set by the grid (seed)" in capsys.readouterr().err
+
+
+def test_options_may_sit_between_overrides(tmp_path, capsys):
+    recipe = ROOT / "recipes/ablation_residual.yaml"
+    assert fit.main([str(recipe), "--cell", "6", f"output_dir={tmp_path}", "--list", "trainer.max_steps=2"]) == 0
+    assert "max_steps=1__core_layers=6" in capsys.readouterr().out

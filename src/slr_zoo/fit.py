@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="train cells again from scratch; an earlier run moves to <name>/.replaced/")
     parser.add_argument("--resume", action="store_true",
                         help="only continue runs: stop if a selected unfinished cell has no checkpoint")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may sit between overrides
 
 
 def main(argv: list[str] | None = None) -> int:

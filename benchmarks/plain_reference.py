@@ -72,7 +72,8 @@ def library_model(args):
 
     recipe = defaults()
     recipe["backbone"] = {"name": args.backbone, "hidden_size": args.hidden, "heads": args.heads,
-                          "prelude_layers": 1, "core_layers": 1, "coda_layers": 1, "max_positions": 16}
+                          "prelude_layers": 1, "core_layers": 1, "coda_layers": 1, "max_positions": 16,
+                          "init_std": args.init_std}
     recipe["loop"]["max_steps"] = args.loop_steps
     validate(recipe)
     model = build_model(recipe, build_backbone(recipe, vocab_size=len(VOCAB)))
@@ -93,6 +94,7 @@ def main():
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--backbone", default="gpt2", help="slr_zoo backbone (gpt2 has learned positions, like the reference)")
+    parser.add_argument("--init-std", type=float, default=None, help="slr_zoo's backbone.init_std (default hidden ** -0.5)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=250)

@@ -17,6 +17,7 @@ from conftest import VOCAB, tiny_model, tiny_recipe
 from slr_zoo import fit
 from slr_zoo.looped import DEPTH_SAMPLERS
 from slr_zoo.recipe import build_backbone, build_model, expand, load, set_key, validate
+from slr_zoo.registry import ComponentError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -281,3 +282,20 @@ def test_evaluate_reports_each_depth_and_the_intermediate_states(tmp_path):
     last = cell / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:100])
     assert evaluate.main([str(cell)]) == 2                     # a torn checkpoint: named, no traceback
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fan_in_init_and_untied_head(family):
+    recipe = tiny_recipe(backbone__name=family, backbone__init="fan_in", backbone__tie_embeddings=False)
+    model = tiny_model(recipe)
+    bb = model.backbone
+    assert bb.lm_head.weight is not bb.embed_tokens.weight
+    assert 0.9 < float(bb.embed_tokens.weight.detach().std()) < 1.1                 # N(0, 1) embeddings
+    for name, p in bb.core.named_parameters():
+        if p.dim() == 2:                                                             # U(+-1/sqrt(fan_in))
+            fan_in = p.size(1) if "c_" not in name else p.size(0)
+            assert float(p.detach().abs().max()) <= fan_in ** -0.5 + 1e-6, name
+    tied = tiny_model(tiny_recipe(backbone__name=family, backbone__init="fan_in")).backbone
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    with pytest.raises(ComponentError, match=r"backbone\.init: expected Literal\['normal', 'fan_in'\]"):
+        tiny_recipe(backbone__name=family, backbone__init="xavier")

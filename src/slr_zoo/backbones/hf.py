@@ -110,6 +110,8 @@ class Backbone(nn.Module):
         max_positions: int = 512,
         dropout: float = 0.0,
         init_std: float | None = None,
+        init: Literal["normal", "fan_in"] = "normal",
+        tie_embeddings: bool = True,
         pretrained: str | None = None,
         share: Literal["none", "average"] = "none",
         loops: int | None = None,
@@ -125,7 +127,12 @@ class Backbone(nn.Module):
             raise ValueError("backbone.share=average needs backbone.loops: how many pretrained blocks the loop replaces")
         # share=average stands for a deeper model: core_layers * loops layers between prelude and coda
         n_shared = core_layers * (loops if share == "average" else 1)
+        if init not in ("normal", "fan_in"):
+            raise ValueError(f"backbone.init must be 'normal' or 'fan_in', got {init!r}")
         if pretrained is not None:
+            if init != "normal" or not tie_embeddings:
+                raise ValueError("backbone.init and backbone.tie_embeddings apply to a model built from scratch, "
+                                 "not to backbone.pretrained")
             hf = self._load_pretrained(pretrained)
         else:
             if hidden_size < 1 or heads < 1 or hidden_size % heads:
@@ -145,7 +152,10 @@ class Backbone(nn.Module):
                 init_std=init_std if init_std is not None else hidden_size**-0.5,
             )
             config._attn_implementation = "sdpa"
+            config.tie_word_embeddings = tie_embeddings
             hf = self.model_class()(config)
+            if init == "fan_in":
+                _fan_in_init(hf)
         self.hf_config = hf.config
         layers = list(self.layers_of(hf))
         if prelude_layers + n_shared + coda_layers != len(layers):
@@ -249,6 +259,27 @@ def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> 
         return torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)
     # left padding: real tokens count from 0
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _fan_in_init(model: nn.Module) -> None:
+    """PyTorch's own layer defaults instead of one N(0, init_std) for everything: weights and biases
+    U(+-1/sqrt(fan_in)), embeddings N(0, 1). Token and position identity then stays large in the
+    residual stream that every loop iteration adds to; measured to decide whether a small looped
+    model composes hops at all (docs/results.md)."""
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+            elif isinstance(module, Conv1D):  # GPT-2's transposed Linear: weight [in, out]
+                bound = module.weight.size(0) ** -0.5
+                module.weight.uniform_(-bound, bound)
+                module.bias.uniform_(-bound, bound)
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, 1.0)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
 
 
 def _causal_mask(config, embeds: torch.Tensor, attention_mask, position_ids):

@@ -98,3 +98,19 @@ def test_fit_trains_with_step_supervision_and_rejects_an_out_of_range_weight(tmp
     assert summary["status"] == "ok" and summary["train_steps"] == 3
     assert fit.main([recipe, *tiny, "loop.step_supervision=1.5", "name=bad"]) == 2
     assert "loop.step_supervision: is the per-iteration loss's share" in capsys.readouterr().err
+
+
+def test_prosqa_gives_the_concept_reached_after_each_hop():
+    from slr_zoo.tasks.prosqa import ProsQATask
+
+    task = ProsQATask(n_train=20, n_val=2)
+    records = list(task.records("train"))
+    tokenizer = build_word_tokenizer(records)
+    for r in records:
+        answers = task.step_answers(r)
+        assert len(answers) == len(r["steps"]) and answers[-1] == r["answer"]
+        person = r["answer"].split(" is a ")[0]
+        path = [a.split(" is a ")[1].rstrip(".") for a in answers]
+        assert all(a.startswith(f"{person} is a ") for a in answers)
+        assert set(path) <= set(r["idx_to_symbol"])
+        encode(r, tokenizer, answers)   # every per-hop answer has the answer's token length

@@ -216,3 +216,12 @@ class ProsQATask(Task):
         rng = random.Random(f"prosqa/{self.seed}/{split}")
         for _ in range(self.n[split]):
             yield generate(rng, self.hops, self.nodes)
+
+    def step_answers(self, record):
+        """After hop t, "<person> is a <t-th concept on the path>.": the steps read "Tom is a A.",
+        "Every A is a B.", ...; the last one is the answer."""
+        steps = record["steps"]
+        if not steps:
+            return None
+        person = steps[0].split(" is a ")[0]
+        return [f"{person} is a {step.rstrip('.').split()[-1]}." for step in steps]

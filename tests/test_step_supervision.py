@@ -114,3 +114,16 @@ def test_prosqa_gives_the_concept_reached_after_each_hop():
         assert all(a.startswith(f"{person} is a ") for a in answers)
         assert set(path) <= set(r["idx_to_symbol"])
         encode(r, tokenizer, answers)   # every per-hop answer has the answer's token length
+
+
+def test_step_supervision_with_a_policy_that_decodes_without_grad():
+    """``kl`` decodes each step under no_grad; the per-step loss must still get a graph."""
+    torch.manual_seed(0)
+    model = tiny_model(tiny_recipe(loop__max_steps=3, loop__halting={"name": "kl"})).train()
+    ids = torch.randint(4, 32, (2, 6))
+    out = model(ids, decode_steps=True)
+    assert len(out.step_logits) == 3 and all(x.requires_grad for x in out.step_logits)
+    assert out.logits.requires_grad
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, 3] = 5
+    step_loss(out, labels[:, None]).backward()

@@ -250,14 +250,17 @@ class LoopedLM(nn.Module):
 # Bookkeeping: which samples are still running, frozen tokens, output mixtures
 # ---------------------------------------------------------------------------------------------
 def _lazy(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    cache: list[torch.Tensor] = []
+    """Decode at most once per grad mode: a policy that decodes under no_grad (``kl``) must not
+    hand a graph-less tensor to a loss that needs one (step supervision, the output)."""
+    cache: dict[bool, torch.Tensor] = {}
 
     def call() -> torch.Tensor:
-        if not cache:
-            cache.append(fn())
-        return cache[0]
+        mode = torch.is_grad_enabled()
+        if mode not in cache:
+            cache[mode] = fn()
+        return cache[mode]
 
-    call.computed = lambda: bool(cache)  # type: ignore[attr-defined]
+    call.computed = lambda: torch.is_grad_enabled() in cache  # type: ignore[attr-defined]
     return call
 
 
@@ -337,7 +340,7 @@ class _Track:
             return h, h0, ctx
         rows = self.active[finished]
         self.final[rows] = h[finished].to(self.final.dtype)
-        if self.mixture is None and not torch.is_grad_enabled() and logits_fn.computed():
+        if self.mixture is None and logits_fn.computed():
             logits = logits_fn()
             if self.final_logits is None:
                 self.final_logits = logits.new_zeros((self.final.size(0), *logits.shape[1:]))
@@ -353,17 +356,14 @@ class _Track:
         return h[keep], h0[keep], ctx.select(keep)
 
     def decoded_output(self) -> torch.Tensor | None:
-        """The output logits, if the policy already decoded them: at inference, at each sample's
-        halting step; in training, at the last step (whose state is the output), provided they
-        were decoded with the graph the loss needs."""
+        """The output logits, if already decoded in this grad mode: at inference, at each sample's
+        halting step; in training, at the last step (whose state is the output)."""
         if self.mixture is not None:
             return None
         if self.compact_batch:
             return self.final_logits if self.final_logits is not None and bool(self.decoded.all()) else None
         fn = self.last_logits_fn
-        if fn is not None and fn.computed() and (fn().requires_grad or not torch.is_grad_enabled()):
-            return fn()
-        return None
+        return fn() if fn is not None and fn.computed() else None
 
     def output(self) -> torch.Tensor:
         if self.mixture is not None:

@@ -10,6 +10,7 @@ rotary tables), so the layers see exactly the inputs the original model would gi
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import os
 from dataclasses import dataclass, replace
@@ -282,6 +283,13 @@ def _fan_in_init(model: nn.Module) -> None:
         model.tie_weights()
 
 
+@functools.cache
+def _mask_parameters() -> frozenset[str]:
+    from transformers.masking_utils import create_causal_mask
+
+    return frozenset(inspect.signature(create_causal_mask).parameters)
+
+
 def _causal_mask(config, embeds: torch.Tensor, attention_mask, position_ids):
     from transformers.masking_utils import create_causal_mask
 
@@ -289,7 +297,7 @@ def _causal_mask(config, embeds: torch.Tensor, attention_mask, position_ids):
         attention_mask = None
     # the keyword names moved between transformers releases (input_embeds -> inputs_embeds,
     # past_key_values -> cache); pass each under the name this release uses
-    params = inspect.signature(create_causal_mask).parameters
+    params = _mask_parameters()
     kwargs = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids}
     kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
     kwargs["cache" if "cache" in params else "past_key_values"] = None

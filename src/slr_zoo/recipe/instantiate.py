@@ -6,6 +6,7 @@ from __future__ import annotations
 from slr_zoo import decoders, halting, stabilizers, tasks  # noqa: F401
 from slr_zoo.backbones import BACKBONES, Backbone
 from slr_zoo.looped import DEPTH_SAMPLERS, LoopedLM
+from slr_zoo.recipe.schema import check_value
 from slr_zoo.registry import REGISTRIES, ComponentError
 from slr_zoo.tasks.base import TASKS, Task
 
@@ -20,8 +21,7 @@ def build_backbone(recipe: dict, vocab_size: int = 0) -> Backbone:
 
 def build_model(recipe: dict, backbone: Backbone) -> LoopedLM:
     loop = recipe["loop"]
-    if loop["mode"] != "depth":
-        raise ComponentError("loop.mode", f"mode {loop['mode']!r} is not available yet (use 'depth')")
+    check_value("loop.mode", loop["mode"])  # also for recipes built without validate()
     context = {
         "hidden_size": backbone.hidden_size,
         "max_steps": loop["max_steps"],
@@ -41,8 +41,6 @@ def build_model(recipe: dict, backbone: Backbone) -> LoopedLM:
         )
     loop_lora = part("loop_lora")
     step_embedding = part("step_embedding")
-    if loop["state_noise"] < 0:
-        raise ComponentError("loop.state_noise", f"must be >= 0, got {loop['state_noise']}")
     if getattr(step_embedding, "uses_noise", False) and not loop["state_noise"]:
         raise ComponentError(
             "loop.step_embedding.noise_level",

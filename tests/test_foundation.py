@@ -285,17 +285,27 @@ def test_evaluate_reports_each_depth_and_the_intermediate_states(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_fan_in_init_and_untied_head(family):
-    recipe = tiny_recipe(backbone__name=family, backbone__init="fan_in", backbone__tie_embeddings=False)
-    model = tiny_model(recipe)
-    bb = model.backbone
+def test_torch_init_and_untied_head(family):
+    recipe = tiny_recipe(backbone__name=family, backbone__init="torch", backbone__tie_embeddings=False)
+    bb = tiny_model(recipe).backbone
     assert bb.lm_head.weight is not bb.embed_tokens.weight
     assert 0.9 < float(bb.embed_tokens.weight.detach().std()) < 1.1                 # N(0, 1) embeddings
+    d = recipe["backbone"]["hidden_size"]
+    attention = {"c_attn", "q_proj", "k_proj", "v_proj"}
     for name, p in bb.core.named_parameters():
-        if p.dim() == 2:                                                             # U(+-1/sqrt(fan_in))
-            fan_in = p.size(1) if "c_" not in name else p.size(0)
+        module, kind = name.split(".")[-2:]
+        if module in attention:                                  # nn.MultiheadAttention's Xavier over q/k/v
+            if kind == "bias":
+                assert not p.any(), name
+            else:
+                assert float(p.detach().abs().max()) <= (6 / (d + 3 * d)) ** 0.5 + 1e-6, name
+                assert float(p.detach().abs().max()) > d ** -0.5, name    # wider than a plain Linear
+        elif name.endswith(("attn.c_proj.bias", "o_proj.bias")):                  # attention output bias
+            assert not p.any(), name
+        elif p.dim() == 2:                                                           # U(+-1/sqrt(fan_in))
+            fan_in = p.size(1) if "c_" not in module else p.size(0)
             assert float(p.detach().abs().max()) <= fan_in ** -0.5 + 1e-6, name
-    tied = tiny_model(tiny_recipe(backbone__name=family, backbone__init="fan_in")).backbone
+    tied = tiny_model(tiny_recipe(backbone__name=family, backbone__init="torch")).backbone
     assert tied.lm_head.weight is tied.embed_tokens.weight
-    with pytest.raises(ComponentError, match=r"backbone\.init: expected Literal\['normal', 'fan_in'\]"):
+    with pytest.raises(ComponentError, match=r"backbone\.init: expected Literal\['normal', 'torch'\]"):
         tiny_recipe(backbone__name=family, backbone__init="xavier")

@@ -111,7 +111,7 @@ class Backbone(nn.Module):
         max_positions: int = 512,
         dropout: float = 0.0,
         init_std: float | None = None,
-        init: Literal["normal", "fan_in"] = "normal",
+        init: Literal["normal", "torch"] = "normal",
         tie_embeddings: bool = True,
         pretrained: str | None = None,
         share: Literal["none", "average"] = "none",
@@ -128,8 +128,8 @@ class Backbone(nn.Module):
             raise ValueError("backbone.share=average needs backbone.loops: how many pretrained blocks the loop replaces")
         # share=average stands for a deeper model: core_layers * loops layers between prelude and coda
         n_shared = core_layers * (loops if share == "average" else 1)
-        if init not in ("normal", "fan_in"):
-            raise ValueError(f"backbone.init must be 'normal' or 'fan_in', got {init!r}")
+        if init not in ("normal", "torch"):
+            raise ValueError(f"backbone.init must be 'normal' or 'torch', got {init!r}")
         if pretrained is not None:
             if init != "normal" or not tie_embeddings:
                 raise ValueError("backbone.init and backbone.tie_embeddings apply to a model built from scratch, "
@@ -155,8 +155,8 @@ class Backbone(nn.Module):
             config._attn_implementation = "sdpa"
             config.tie_word_embeddings = tie_embeddings
             hf = self.model_class()(config)
-            if init == "fan_in":
-                _fan_in_init(hf)
+            if init == "torch":
+                _torch_init(hf)
         self.hf_config = hf.config
         layers = list(self.layers_of(hf))
         if prelude_layers + n_shared + coda_layers != len(layers):
@@ -262,11 +262,14 @@ def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> 
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def _fan_in_init(model: nn.Module) -> None:
-    """PyTorch's own layer defaults instead of one N(0, init_std) for everything: weights and biases
-    U(+-1/sqrt(fan_in)), embeddings N(0, 1). Token and position identity then stays large in the
-    residual stream that every loop iteration adds to; measured to decide whether a small looped
-    model composes hops at all (docs/results.md)."""
+def _torch_init(model: nn.Module) -> None:
+    """The init a hand-written PyTorch transformer gets from its modules' defaults, instead of
+    Hugging Face's one N(0, init_std) for everything: linear weights and biases U(+-1/sqrt(fan_in)),
+    embeddings N(0, 1), and attention as ``nn.MultiheadAttention`` sets it (Xavier-uniform over the
+    stacked q/k/v, zero attention biases). Token and position identity then stays large in the
+    residual stream every iteration adds to. A small looped model given these exact weights trains
+    like the hand-written one and composes hops; under Hugging Face's scheme it learns only the first
+    (docs/results.md)."""
     from transformers.pytorch_utils import Conv1D
 
     with torch.no_grad():
@@ -279,6 +282,22 @@ def _fan_in_init(model: nn.Module) -> None:
                 module.bias.uniform_(-bound, bound)
             elif isinstance(module, nn.Embedding):
                 module.weight.normal_(0.0, 1.0)
+        for module in model.modules():
+            if isinstance(getattr(module, "c_attn", None), Conv1D):  # GPT-2: q/k/v in one [in, 3*out]
+                inputs, output = [module.c_attn], module.c_proj
+                fan_in, fan_out = module.c_attn.weight.shape
+            elif all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                inputs, output = [module.q_proj, module.k_proj, module.v_proj], module.o_proj
+                fan_in, fan_out = module.q_proj.in_features, sum(p.out_features for p in inputs)
+            else:
+                continue
+            bound = (6.0 / (fan_in + fan_out)) ** 0.5
+            for projection in inputs:
+                projection.weight.uniform_(-bound, bound)
+                if projection.bias is not None:
+                    projection.bias.zero_()
+            if output.bias is not None:
+                output.bias.zero_()
     if model.config.tie_word_embeddings:
         model.tie_weights()
 

@@ -80,13 +80,30 @@ def test_step_loss_is_the_mean_over_iterations_of_each_hop_target():
     assert len(out.step_logits) == 3 and all(x.requires_grad for x in out.step_logits)
     expected = sum(F.cross_entropy(out.step_logits[t].flatten(0, 1), step_labels[:, min(t + 1, 2) - 1].flatten(),
                                    ignore_index=IGNORE) for t in range(3)) / 3
-    torch.testing.assert_close(step_loss(out, step_labels), expected)
+    torch.testing.assert_close(step_loss(out, step_labels, labels), expected)
     assert out.logits is out.step_logits[-1]                    # the output is not decoded twice
     torch.testing.assert_close(answer_loss(out, labels),
                                F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE))
-    step_loss(out, step_labels).backward()
+    step_loss(out, step_labels, labels).backward()
     core = [p for n, p in model.named_parameters() if ".core." in f".{n}" or n.startswith("backbone.core")]
     assert core and all(p.grad is not None and p.grad.abs().sum() > 0 for p in core)
+
+
+def test_a_loop_shorter_than_the_chain_ends_on_the_final_answer():
+    """With fewer iterations than hops (``loop.max_steps=1``: no loop) the last iteration is still
+    trained toward the answer, not toward a partial one it has no iteration left to finish."""
+    torch.manual_seed(0)
+    model = tiny_model(tiny_recipe(loop__max_steps=3)).train()
+    ids = torch.randint(4, 32, (2, 6))
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, 3] = torch.tensor([5, 6])
+    step_labels = labels[:, None].repeat(1, 3, 1)
+    step_labels[:, 0, 3] = torch.tensor([7, 8])
+    step_labels[:, 1, 3] = torch.tensor([9, 10])          # three hops; the loop runs two iterations
+    out = model(ids, steps=2, decode_steps=True)
+    first, last = (F.cross_entropy(x.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+                   for x, y in [(out.step_logits[0], step_labels[:, 0]), (out.step_logits[1], labels)])
+    torch.testing.assert_close(step_loss(out, step_labels, labels), (first + last) / 2)
 
 
 def test_fit_trains_with_step_supervision_and_rejects_an_out_of_range_weight(tmp_path, capsys):
@@ -126,4 +143,4 @@ def test_step_supervision_with_a_policy_that_decodes_without_grad():
     assert out.logits.requires_grad
     labels = torch.full_like(ids, IGNORE)
     labels[:, 3] = 5
-    step_loss(out, labels[:, None]).backward()
+    step_loss(out, labels[:, None], labels).backward()

@@ -36,12 +36,16 @@ def answer_loss(out: LoopOutput, labels: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def step_loss(out: LoopOutput, step_labels: torch.Tensor) -> torch.Tensor:
+def step_loss(out: LoopOutput, step_labels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-iteration supervision: iteration t's decoded state is trained toward the answer after
-    min(t, hops) hops (``step_labels`` [B, H, S], see ``tasks.encoding.step_labels``); the mean
-    over iterations. Iterations run without a graph (``loop.backprop_steps``) are left out."""
+    min(t, hops) hops (``step_labels`` [B, H, S], see ``tasks.encoding.step_labels``), and the last
+    iteration toward the final answer (``labels``) even when it comes before the last hop, so a loop
+    shorter than the chain (``loop.max_steps=1``) is still trained to answer. The mean over
+    iterations; iterations run without a graph (``loop.backprop_steps``) are left out."""
+    last = len(out.step_logits)
     terms = [
-        F.cross_entropy(logits.flatten(0, 1).float(), step_labels[:, min(t, step_labels.size(1)) - 1].flatten(),
+        F.cross_entropy(logits.flatten(0, 1).float(),
+                        (labels if t == last else step_labels[:, min(t, step_labels.size(1)) - 1]).flatten(),
                         ignore_index=IGNORE)
         for t, logits in enumerate(out.step_logits, start=1) if logits.requires_grad
     ]
@@ -89,7 +93,7 @@ class LoopedLMModule(L.LightningModule):
             task = answer_loss(out, labels)
             if supervise:  # the same answer tokens: the DDP token weighting below still holds
                 w = self.step_supervision
-                task = (1 - w) * task + w * step_loss(out, batch["step_labels"])
+                task = (1 - w) * task + w * step_loss(out, batch["step_labels"], labels)
             aux = out.aux_loss
             total = task if aux is None else task + aux
             if not torch.isfinite(total):

@@ -81,3 +81,47 @@ def test_options_may_sit_between_overrides(tmp_path, capsys):
     recipe = ROOT / "recipes/ablation_residual.yaml"
     assert fit.main([str(recipe), "--cell", "6", f"output_dir={tmp_path}", "--list", "trainer.max_steps=2"]) == 0
     assert "max_steps=1__core_layers=6" in capsys.readouterr().out
+
+
+def test_parallel_cells_train_each_cell_in_its_own_process_and_fill_one_table(tmp_path, capsys):
+    grid = ["grid.loop.max_steps=[1,2,3]", "trainer.parallel_cells=2", "trainer.threads=1"]
+    # one cell finished before: it is skipped, the other two run side by side
+    assert run(tmp_path, *grid, "--cell", "0", "trainer.parallel_cells=1") == 0
+    first = summary(tmp_path, "max_steps=1")
+    capsys.readouterr()
+    assert run(tmp_path, *grid) == 0
+    out = capsys.readouterr().out
+    assert "max_steps=1: done already, skipped" in out
+    assert out.count(": started (output in") == 2
+    assert summary(tmp_path, "max_steps=1") == first
+    for cell in ("max_steps=2", "max_steps=3"):
+        assert summary(tmp_path, cell)["status"] == "ok"
+        assert "val_accuracy=" in (tmp_path / "runs/cells/.logs" / f"{cell}.log").read_text()
+    rows = list(csv.DictReader((tmp_path / "runs/cells/results.csv").open()))
+    assert sorted(r["loop.max_steps"] for r in rows) == ["1", "2", "3"]
+
+
+def test_a_failing_parallel_cell_is_reported_and_the_grid_exits_1(tmp_path, capsys):
+    # heads=3 does not divide hidden_size 32: the builder fails inside the child
+    grid = ["grid.backbone.heads=[2,3]", "trainer.parallel_cells=2", "trainer.threads=1"]
+    assert run(tmp_path, *grid) == 1
+    captured = capsys.readouterr()
+    assert "heads=3: FAILED: ValueError" in captured.err and "heads=2: val_accuracy=" in captured.out
+    assert summary(tmp_path, "heads=2")["status"] == "ok"
+
+
+def test_parallel_cells_refuse_multi_device_cells(tmp_path, capsys):
+    assert run(tmp_path, "grid.seed=[0,1]", "trainer.parallel_cells=2", "trainer.devices=2") == 2
+    assert "trainer.parallel_cells: runs several single-process cells at once" in capsys.readouterr().err
+
+
+def test_a_grid_key_from_the_command_line_is_one_dotted_key_and_reaches_every_product():
+    from slr_zoo.recipe import expand, load
+
+    single = expand(load(str(ROOT / "recipes/quickstart.yaml"), ["grid.loop.max_steps=[1,2]"]))
+    assert [c.keys for c in single] == [{"loop.max_steps": 1}, {"loop.max_steps": 2}]
+    # the residual ablation is a list of products (variants, then baselines): seeds go on each
+    cells = expand(load(str(ROOT / "recipes/ablation_residual.yaml"), ["grid.seed=[0,1]"]))
+    plain = expand(load(str(ROOT / "recipes/ablation_residual.yaml")))
+    assert len(cells) == 2 * len(plain)
+    assert {c.recipe["seed"] for c in cells} == {0, 1} and all("seed" in c.keys for c in cells)

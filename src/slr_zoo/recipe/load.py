@@ -57,11 +57,11 @@ def set_key(recipe: dict, dotted: str, value: Any, prefix: str = "") -> dict:
     """A copy of ``recipe`` with ``dotted`` set: component nodes replaced, groups merged."""
     recipe = copy.deepcopy(recipe)
     parts = dotted.split(".")
+    if parts[0] == "grid" and len(parts) > 1:
+        return _set_grid_key(recipe, ".".join(parts[1:]), value)
     node = recipe
     for i, part in enumerate(parts[:-1]):
         here = ".".join(parts[: i + 1])
-        if here == "grid" and node.get(part) is None:
-            node[part] = {}  # grid.<key>=[...] starts a grid on a recipe without one
         if not isinstance(node.get(part), dict):
             if part not in node:
                 node[part] = {}  # let validation name the unknown key
@@ -73,6 +73,18 @@ def set_key(recipe: dict, dotted: str, value: Any, prefix: str = "") -> dict:
         node[last] = merge(node[last], value)
     else:
         node[last] = copy.deepcopy(value)
+    return recipe
+
+
+def _set_grid_key(recipe: dict, key: str, values: Any) -> dict:
+    """``grid.<dotted key>=[...]``: the key swept as one grid key (not nested groups). A grid
+    given as a list of products gets it in every product, e.g. seeds over a whole ablation; a
+    recipe without a grid gets one."""
+    grid = recipe.get("grid") or {}
+    for part in grid if isinstance(grid, list) else [grid]:
+        if isinstance(part, dict):
+            part[key] = copy.deepcopy(values)
+    recipe["grid"] = grid
     return recipe
 
 

@@ -64,6 +64,7 @@ class TrainerConfig:
     log_every: int = 25
     num_workers: int = 0
     threads: Optional[int] = None
+    parallel_cells: int = 1  # grid cells trained at once, each in its own process (CPU grids of small models)
     progress_bar: bool = True
     on_nonfinite: Literal["stop", "skip"] = "stop"
     activation_checkpointing: bool = False  # recompute each core pass in backward instead of storing it
@@ -109,7 +110,7 @@ AT_LEAST = {
     "optim.lr": 0, "optim.warmup_steps": 0, "optim.min_lr_ratio": 0, "optim.grad_clip": 0,
     "trainer.max_steps": 1, "trainer.batch_size": 1, "trainer.eval_batch_size": 1, "trainer.num_nodes": 1,
     "trainer.val_every": 1, "trainer.log_every": 1, "trainer.num_workers": 0, "trainer.threads": 1,
-    "trainer.checkpoint_every": 1,
+    "trainer.checkpoint_every": 1, "trainer.parallel_cells": 1,
 }
 DEVICES = re.compile(r"^(auto|-1|\d+|\d+(,\d+)+,?)$")  # what Lightning's `devices` accepts as text
 

@@ -35,8 +35,7 @@ from lightning.pytorch.callbacks import Callback
 
 from slr_zoo.recipe import set_key, validate
 from slr_zoo.recipe.schema import defaults
-from slr_zoo.training.data import ReasoningDataModule
-from slr_zoo.training.run import build_everything
+from slr_zoo.training.run import build_data, build_everything
 from slr_zoo.training.trainer import fork_workers, make_trainer
 
 
@@ -123,7 +122,7 @@ def train(recipe: dict, out: Path, warmup: int) -> None:
     L.seed_everything(0, verbose=False)
     task, tokenizer, module = build_everything(recipe, out)
     tc = recipe["trainer"]
-    data = ReasoningDataModule(task, tokenizer, tc["batch_size"], seed=0)
+    data = build_data(recipe, task, tokenizer)
     trainer = make_trainer(tc, out, enable_checkpointing=False)
     trainer.callbacks.append(Meter(out, warmup, rss_before))
     trainer.fit(module, datamodule=data)

@@ -2,10 +2,10 @@
 
     python benchmarks/halting.py [--recipe recipes/quickstart.yaml] [--minutes 4] [key=value ...]
 
-Part 1, halting at inference. One model is trained once (the recipe, with a depth sampler and
-Parcae's contractive injection by default, so that the state is usable at every depth and can
-settle to a fixed point), then evaluated on the validation set with every step (``fixed``), ``threshold`` and ``kl``. Their
-thresholds are chosen on a separate calibration split (same task, another seed): the largest one
+Part 1, halting at inference. One model is trained once (the recipe as it is: the quickstart trains
+every iteration toward the answer after that many hops, so the state is decodable at every depth
+and the output settles once the hops are done), then evaluated on the validation set with every
+step (``fixed``), ``threshold`` and ``kl``. Their thresholds are chosen on a separate calibration split (same task, another seed): the largest one
 whose calibration accuracy stays within ``--tolerance`` of fixed depth. Wall times are medians of
 ``--repeats`` interleaved runs, single-threaded; the figure of merit is
 ``time(halting) / time(fixed)`` against ``mean_steps / max_steps + 0.1``. The ``ideal`` column is
@@ -36,13 +36,12 @@ from lightning.pytorch.callbacks import Timer
 from slr_zoo.halting import HALTING
 from slr_zoo.recipe import build_task, load, validate
 from slr_zoo.tasks.encoding import answer_correct, collate
-from slr_zoo.training.data import ReasoningDataModule, encode_split
+from slr_zoo.training.data import encode_split
 from slr_zoo.training.module import question_mask
-from slr_zoo.training.run import build_everything
+from slr_zoo.training.run import build_data, build_everything
 from slr_zoo.training.trainer import make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_FOR_HALTING = ["loop.depth_sampler={name: uniform}", "loop.injection={name: diagonal}"]
 THRESHOLD_EPSILONS = [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.3]
 KL_THRESHOLDS = [1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1]
 
@@ -68,7 +67,7 @@ def train(recipe: dict, directory: Path, minutes: float, threads: int):
     torch.set_num_threads(threads)
     L.seed_everything(recipe["seed"], workers=True, verbose=False)
     task, tokenizer, module = build_everything(recipe, directory)
-    data = ReasoningDataModule(task, tokenizer, tc["batch_size"], tc["eval_batch_size"], seed=recipe["seed"])
+    data = build_data(recipe, task, tokenizer)
     trainer = make_trainer(tc, directory, grad_clip=recipe["optim"]["grad_clip"], enable_checkpointing=False)
     trainer.callbacks.append(Timer(duration=timedelta(minutes=minutes), interval="step"))
     start = time.perf_counter()
@@ -145,7 +144,7 @@ def calibrate(model, name: str, key: str, values: list[float], calib: list[dict]
 
 
 def part_inference(args, out: Path) -> dict:
-    recipe = load(args.recipe, TRAIN_FOR_HALTING + args.overrides)
+    recipe = load(args.recipe, args.overrides)
     recipe["loop"]["halting"] = {"name": "fixed"}
     validate(recipe)
     print(f"part 1: train once ({recipe['loop']['depth_sampler']}, {recipe['loop']['injection']}), "

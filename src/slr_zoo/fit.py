@@ -125,7 +125,7 @@ def _run_in_processes(args, to_run: list, total: int, run_dir: Path, jobs: int) 
     # unset threads would let every child claim every core
     threads = [] if to_run[0][1].recipe["trainer"]["threads"] else [f"trainer.threads={max(1, (os.cpu_count() or 1) // jobs)}"]
     flags = [flag for flag, on in (("--rerun", args.rerun), ("--resume", args.resume)) if on]
-    pending, running, failures = list(to_run), {}, 0
+    pending, running, failures, last_status = list(to_run), {}, 0, time.monotonic()
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -136,6 +136,11 @@ def _run_in_processes(args, to_run: list, total: int, run_dir: Path, jobs: int) 
                 running[subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)] = (n, cell, log)
                 print(f"[{n}/{total}] {cell.label}: started (output in {log.name})", flush=True)
             time.sleep(0.2)
+            if time.monotonic() - last_status > 30:  # the children's progress bars go to their logs
+                last_status = time.monotonic()
+                print("    running: " + "; ".join(f"{cell.label} step {_last_step(run_dir / cell.label)}/"
+                                                  f"{cell.recipe['trainer']['max_steps']}" for _, cell, _ in running.values()),
+                      flush=True)
             for process in [p for p in running if p.poll() is not None]:
                 n, cell, log = running.pop(process)
                 log.close()
@@ -149,6 +154,16 @@ def _run_in_processes(args, to_run: list, total: int, run_dir: Path, jobs: int) 
             process.terminate()
             process.wait()
     return failures
+
+
+def _last_step(directory: Path) -> int:
+    """The last step in a cell's ``train_curve.csv`` (0 before its first step)."""
+    try:
+        with (directory / "train_curve.csv").open("rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 200))
+            return int(f.read().splitlines()[-1].split(b",")[0]) + 1
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _warn_grid_overrides(overrides: list[str], recipe: dict) -> None:

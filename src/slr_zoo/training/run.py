@@ -38,6 +38,13 @@ def build_everything(recipe: dict, directory: Path):
     return task, tokenizer, module
 
 
+def build_data(recipe: dict, task, tokenizer) -> ReasoningDataModule:
+    """The recipe's DataModule, with per-hop targets when ``loop.step_supervision`` asks for them."""
+    tc = recipe["trainer"]
+    return ReasoningDataModule(task, tokenizer, tc["batch_size"], tc["eval_batch_size"], seed=recipe["seed"],
+                               num_workers=tc["num_workers"], step_answers=recipe["loop"]["step_supervision"] > 0)
+
+
 def run_cell(recipe: dict, directory: Path, keys: dict[str, Any] | None = None) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / "config.yaml", yaml.safe_dump(recipe, sort_keys=False))
@@ -46,8 +53,7 @@ def run_cell(recipe: dict, directory: Path, keys: dict[str, Any] | None = None) 
         torch.set_num_threads(tc["threads"])
     L.seed_everything(recipe["seed"], workers=True, verbose=False)
     task, tokenizer, module = build_everything(recipe, directory)
-    data = ReasoningDataModule(task, tokenizer, tc["batch_size"], tc["eval_batch_size"], seed=recipe["seed"],
-                               num_workers=tc["num_workers"], step_answers=recipe["loop"]["step_supervision"] > 0)
+    data = build_data(recipe, task, tokenizer)
     trainer = make_trainer(tc, directory, grad_clip=recipe["optim"]["grad_clip"], seed=recipe["seed"])
     if trainer.is_global_zero:
         remove_stale_temporaries(directory / "checkpoints")

@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=4.0, help="training time cap per model")
     p.add_argument("--repeats", type=int, default=5, help="timed evaluations per policy (median)")
     p.add_argument("--tolerance", type=float, default=0.005, help="calibration accuracy loss allowed")
+    p.add_argument("--reduce", default="last", choices=["last", "max", "mean"],
+                   help="question positions a per-sample threshold/kl decision reads: last = the separator, "
+                        "which predicts the answer; max = every question position has settled")
     p.add_argument("--learned", default="act", choices=["act", "exit_gate", "ponder"])
     p.add_argument("--skip", choices=["inference", "learned"], action="append", default=[])
     p.add_argument("--threads", type=int, default=1)
@@ -130,17 +133,17 @@ def wall_times(model, runs: dict[str, tuple], data: list[dict], repeats: int) ->
     return {name: statistics.median(ts[1:]) for name, ts in times.items()}
 
 
-def calibrate(model, name: str, key: str, values: list[float], calib: list[dict], floor: float):
-    """The largest threshold whose calibration accuracy is at least ``floor``."""
+def calibrate(model, node: dict, key: str, values: list[float], calib: list[dict], floor: float) -> dict:
+    """``node`` with the largest ``key`` whose calibration accuracy is at least ``floor``."""
     chosen, table = None, []
     for value in values:
-        model.halting = HALTING.build({"name": name, key: value})
+        model.halting = HALTING.build({**node, key: value})
         result = evaluate(model, calib)
         table.append((value, round(result["accuracy"], 4), round(result["mean_steps"], 2)))
         if result["accuracy"] >= floor:
             chosen = value
-    print(f"  calibration {name}.{key}: (value, accuracy, mean_steps) {table}", flush=True)
-    return chosen if chosen is not None else values[0]
+    print(f"  calibration {node}.{key}: (value, accuracy, mean_steps) {table}", flush=True)
+    return {**node, key: chosen if chosen is not None else values[0]}
 
 
 def part_inference(args, out: Path) -> dict:
@@ -160,10 +163,12 @@ def part_inference(args, out: Path) -> dict:
     floor = evaluate(model, calib)["accuracy"] - args.tolerance
     policies = {
         "fixed": HALTING.build({"name": "fixed"}),
-        "threshold": HALTING.build({"name": "threshold",
-                                    "epsilon": calibrate(model, "threshold", "epsilon", THRESHOLD_EPSILONS, calib, floor)}),
-        "kl": HALTING.build({"name": "kl", "threshold": calibrate(model, "kl", "threshold", KL_THRESHOLDS, calib, floor)}),
-        "kl_default": HALTING.build({"name": "kl"}),
+        # per sample, decided where --reduce says (by default the separator, which predicts the answer)
+        "threshold": HALTING.build(calibrate(model, {"name": "threshold", "reduce": args.reduce}, "epsilon",
+                                             THRESHOLD_EPSILONS, calib, floor)),
+        "kl": HALTING.build(calibrate(model, {"name": "kl", "granularity": "sample", "reduce": args.reduce},
+                                      "threshold", KL_THRESHOLDS, calib, floor)),
+        "kl_default": HALTING.build({"name": "kl"}),  # Huginn's: per token, 5e-4
     }
     results = {}
     for name, policy in policies.items():

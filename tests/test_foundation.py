@@ -201,7 +201,7 @@ def test_main_command_runs_the_residual_grid_writes_its_outputs_and_resumes(tmp_
     run_dir = tmp_path / "ablation_residual"
     rows = list(csv.DictReader((run_dir / "results.csv").open()))
     assert len(rows) == 7 and all(r["status"] == "ok" for r in rows)
-    for cell in [p for p in run_dir.iterdir() if p.is_dir()]:
+    for cell in [p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]:
         summary = json.loads((cell / "summary.json").read_text())
         assert {"val_accuracy", "mean_steps", "train_seconds", "params"} <= set(summary)
         assert 0.0 <= summary["val_accuracy"] <= 1.0
@@ -211,6 +211,8 @@ def test_main_command_runs_the_residual_grid_writes_its_outputs_and_resumes(tmp_
     assert unrolled["mean_steps"] == no_loop["mean_steps"] == 1
     assert unrolled["params"] > no_loop["params"]
     assert "| combine" in first.stdout and (run_dir / "results.md").is_file()
+    assert first.stdout.count(": started (output in") == 7            # two cells at a time, as shipped
+    assert len(list((run_dir / ".logs").glob("*.log"))) == 7
     assert (run_dir / "accuracy.png").stat().st_size > 0
 
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)

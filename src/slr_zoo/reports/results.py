@@ -12,6 +12,35 @@ from typing import Any, Iterable
 from slr_zoo.files import atomic_write
 
 METRICS = ("val_accuracy", "mean_steps", "train_seconds", "train_steps", "params")
+FIT_WINDOW, FIT_FRACTION = 50, 0.05
+
+
+def read_curve(path: Path) -> tuple[list[int], list[float]]:
+    """Steps and losses of a cell's ``train_curve.csv`` (empty when it is missing or unreadable)."""
+    steps, losses = [], []
+    try:
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                steps.append(int(row["step"]))
+                losses.append(float(row["loss"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], []
+    return steps, losses
+
+
+def steps_to_fit(path: Path) -> int | None:
+    """Training steps until the loss, averaged over blocks of ``FIT_WINDOW`` steps, first falls
+    under ``FIT_FRACTION`` of the first block's average; None if it never does. When every cell of
+    a grid ends near 100%, how fast each got there is what still tells them apart."""
+    steps, losses = read_curve(path)
+    blocks = [losses[i : i + FIT_WINDOW] for i in range(0, len(losses) - FIT_WINDOW + 1, FIT_WINDOW)]
+    if len(blocks) < 2:
+        return None
+    first = statistics.fmean(blocks[0])
+    for i, block in enumerate(blocks[1:], start=1):
+        if statistics.fmean(block) < FIT_FRACTION * first:
+            return steps[(i + 1) * FIT_WINDOW - 1] + 1
+    return None
 
 
 def grid_keys(grid: Any) -> list[str]:
@@ -61,6 +90,7 @@ def collect(run_dir: Path, cells: Iterable, keys: list[str]) -> list[dict]:
             row.update({m: summary.get(m) for m in METRICS})
             row["error"] = summary.get("error", "")
             row["hop_accuracy"] = summary.get("hop_accuracy", {})
+            row["steps_to_fit"] = steps_to_fit(run_dir / label / "train_curve.csv")
         else:
             row["status"] = "missing"
         rows.append(row)
@@ -68,7 +98,7 @@ def collect(run_dir: Path, cells: Iterable, keys: list[str]) -> list[dict]:
 
 
 def write_csv(rows: list[dict], keys: list[str], path: Path) -> str:
-    columns = ["cell", *keys, "status", *METRICS, "error"]
+    columns = ["cell", *keys, "status", *METRICS, "steps_to_fit", "error"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -101,6 +131,7 @@ def summarise(rows: list[dict], keys: list[str]) -> list[dict]:
             accuracy=_mean_std([r["val_accuracy"] for r in ok], 100),
             mean_steps=_mean_std([r["mean_steps"] for r in ok], digits=2),
             train_seconds=_mean_std([r["train_seconds"] for r in ok], digits=0),
+            steps_to_fit=_fit_column(ok),
             params=f"{ok[0]['params']:,}" if ok else "—",
             _accuracy=statistics.fmean([r["val_accuracy"] for r in ok]) if ok else None,
             _std=statistics.stdev([r["val_accuracy"] for r in ok]) if len(ok) > 1 else 0.0,
@@ -108,6 +139,12 @@ def summarise(rows: list[dict], keys: list[str]) -> list[dict]:
         )
         table.append(entry)
     return table
+
+
+def _fit_column(ok: list[dict]) -> str:
+    fitted = [r["steps_to_fit"] for r in ok if r.get("steps_to_fit") is not None]
+    text = _mean_std(fitted, digits=0)
+    return text if len(fitted) == len(ok) else f"{text} ({len(fitted)}/{len(ok)} fit)"
 
 
 def _mean_hops(rows: list[dict]) -> dict[str, float]:
@@ -122,15 +159,18 @@ def write_markdown(name: str, table: list[dict], keys: list[str], rows: list[dic
                    description: str = "") -> str:
     group_keys = [k for k in keys if k != "seed"]
     header = [*(k.split(".")[-1] for k in group_keys), "seeds", "val accuracy (%)", "mean steps",
-              "train s", "params"]
+              "steps to fit", "train s", "params"]
     lines = [f"# {name}", ""]
     if description:
         lines += [description.strip(), ""]
-    lines += ["Mean ± std over seeds (sample std). Train seconds are wall time on this run's machine.", ""]
+    lines += ["Mean ± std over seeds (sample std). Train seconds are wall time on this run's machine. Steps to "
+              f"fit: training steps until the loss ({FIT_WINDOW}-step mean) first falls under "
+              f"{FIT_FRACTION:.0%} of its start (`training_loss.png` shows the curves).", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in table:
         cells = [str(entry[k]) for k in group_keys]
-        cells += [entry["seeds"], entry["accuracy"], entry["mean_steps"], entry["train_seconds"], entry["params"]]
+        cells += [entry["seeds"], entry["accuracy"], entry["mean_steps"], entry["steps_to_fit"], entry["train_seconds"],
+                  entry["params"]]
         lines.append("| " + " | ".join(cells) + " |")
     hop_sets = sorted({h for e in table for h in e["_hops"]}, key=int)
     if hop_sets:
@@ -148,8 +188,9 @@ def write_markdown(name: str, table: list[dict], keys: list[str], rows: list[dic
     return text
 
 
-def plot(table: list[dict], keys: list[str], directory: Path) -> list[Path]:
-    """``accuracy.png`` (bars with seed std) and ``accuracy_by_hops.png`` (one line per config)."""
+def plot(table: list[dict], keys: list[str], directory: Path, rows: list[dict] = ()) -> list[Path]:
+    """``accuracy.png`` (bars with seed std), ``accuracy_by_hops.png`` (one line per config) and
+    ``training_loss.png`` (one line per finished cell)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,6 +225,21 @@ def plot(table: list[dict], keys: list[str], directory: Path) -> list[Path]:
         written.append(directory / "accuracy_by_hops.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
+    curves = [(r["cell"], *read_curve(directory / r["cell"] / "train_curve.csv")) for r in rows if r["status"] == "ok"]
+    curves = [c for c in curves if len(c[1]) >= FIT_WINDOW]
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for cell, steps, losses in curves:
+            means = [statistics.fmean(losses[i : i + FIT_WINDOW]) for i in range(0, len(losses) - FIT_WINDOW + 1, FIT_WINDOW)]
+            ax.plot([steps[i + FIT_WINDOW - 1] + 1 for i in range(0, len(means) * FIT_WINDOW, FIT_WINDOW)], means, label=cell)
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"training loss ({FIT_WINDOW}-step mean)")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        written.append(directory / "training_loss.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
     return written
 
 
@@ -193,5 +249,5 @@ def write_reports(recipe: dict, cells: list, run_dir: Path) -> str:
     write_csv(rows, keys, run_dir / "results.csv")
     table = summarise(rows, keys)
     text = write_markdown(recipe["name"], table, keys, rows, run_dir / "results.md", recipe.get("description", ""))
-    plot(table, keys, run_dir)
+    plot(table, keys, run_dir, rows)
     return text

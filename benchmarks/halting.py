@@ -12,8 +12,10 @@ whose calibration accuracy stays within ``--tolerance`` of fixed depth. Wall tim
 the best ratio any policy could reach at its mean_steps: the cost outside the loop (prelude and
 final decoding, measured from fixed depth at 1 and at max_steps steps) does not shrink.
 
-Part 2, learned halting. A model is trained with ``act`` (or ``--learned exit_gate``) and its
-mean steps per hop count are printed: samples with more hops should use more steps.
+Part 2, learned halting. A model is trained with ``exit_gate`` (or ``--learned act`` / ``ponder``)
+and its mean steps per hop count are printed: samples with more hops should use more steps. It
+trains with ``loop.step_supervision=0.5`` (before your overrides): a learned policy learns when to
+stop only through the answer loss, which a weight of 1 would switch off.
 
 Each training stops after ``--minutes`` (Lightning's Timer). Results go to ``--out``/results.json.
 """
@@ -55,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--reduce", default="last", choices=["last", "max", "mean"],
                    help="question positions a per-sample threshold/kl decision reads: last = the separator, "
                         "which predicts the answer; max = every question position has settled")
-    p.add_argument("--learned", default="act", choices=["act", "exit_gate", "ponder"])
+    p.add_argument("--learned", default="exit_gate", choices=["act", "exit_gate", "ponder"])
     p.add_argument("--skip", choices=["inference", "learned"], action="append", default=[])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/benchmark_halting")
@@ -213,7 +215,7 @@ def part_inference(args, out: Path) -> dict:
 
 
 def part_learned(args, out: Path) -> dict:
-    recipe = load(args.recipe, args.overrides)
+    recipe = load(args.recipe, ["loop.step_supervision=0.5", *args.overrides])
     recipe["loop"]["halting"] = {"name": args.learned}
     validate(recipe)
     print(f"\npart 2: train with {recipe['loop']['halting']}, mean steps per hop count", flush=True)

@@ -144,3 +144,16 @@ def test_step_supervision_with_a_policy_that_decodes_without_grad():
     labels = torch.full_like(ids, IGNORE)
     labels[:, 3] = 5
     step_loss(out, labels[:, None], labels).backward()
+
+
+@pytest.mark.parametrize("policy", ["act", "exit_gate", "ponder"])
+def test_full_step_supervision_is_refused_for_a_policy_that_learns_from_the_answer_loss(policy):
+    from slr_zoo.recipe import load, validate
+    from slr_zoo.registry import ComponentError
+
+    recipe = str(ROOT / "recipes/quickstart.yaml")
+    with pytest.raises(ComponentError, match=rf"loop.step_supervision: 1.0 leaves no weight on the answer loss, "
+                                             rf"the only loss through which halting '{policy}' learns when to stop"):
+        validate(load(recipe, [f"loop.halting={{name: {policy}}}", "loop.step_supervision=1.0"]))
+    validate(load(recipe, [f"loop.halting={{name: {policy}}}", "loop.step_supervision=0.5"]))
+    validate(load(recipe, ["loop.halting={name: kl}", "loop.step_supervision=1.0"]))   # decides, learns nothing

@@ -145,6 +145,21 @@ def validate(recipe: dict, path: str = "", schema: type = Recipe) -> None:
         else:
             check_type(value, hints[key], dotted)
             check_value(dotted, value)
+    if schema is Recipe:
+        _check_across_keys(recipe)
+
+
+def _check_across_keys(recipe: dict) -> None:
+    loop = recipe.get("loop") or {}
+    if loop.get("step_supervision", 0) >= 1 and "halting" in loop:
+        cls = REGISTRIES["halting"].resolve(loop["halting"], "loop.halting")
+        if getattr(cls, "mixes", "last") != "last":
+            raise ComponentError(
+                "loop.step_supervision",
+                f"1.0 leaves no weight on the answer loss, the only loss through which halting "
+                f"{loop['halting'].get('name') or loop['halting'].get('_component_')!r} learns when to stop "
+                "(its output mixes steps); use a weight below 1, e.g. 0.5",
+            )
 
 
 def _check_paths(cls: type, value: dict, path: str) -> None:

@@ -171,6 +171,23 @@ def test_kl_halts_exactly_when_the_kl_falls_below_the_threshold():
     assert [bool(d.done) for d in decisions] == [False] * 5 + [True]
 
 
+def test_per_sample_kl_at_the_separator_reads_only_the_decision_position():
+    """``granularity: sample, reduce: last``: each sample halts on the KL at its last question
+    position alone; what the other positions do, settled or not, does not matter."""
+    probs = [0.5, 0.6, 0.64, 0.656, 0.667, 0.6755]          # settles under 5e-4 at step 5
+    noisy = [0.1, 0.9, 0.1, 0.9, 0.1, 0.9]                  # never settles
+    query = torch.tensor([[True, True, True, False], [True, True, False, False]])  # decide at 2 and 1
+    logits = []
+    for p, q in zip(probs, noisy):
+        rows = [[q, q, p, q], [q, p, q, q]]
+        logits.append(torch.tensor([[[math.log(x), math.log(1 - x)] for x in row] for row in rows]))
+    hs = [torch.zeros(2, 4, 4)] * len(probs)
+    decisions, _ = drive(KLHalting(granularity="sample", reduce="last"), hs, logits=logits, query=query)
+    assert [d.done.tolist() for d in decisions] == [[False, False]] * 4 + [[True, True]] * 2
+    decisions, _ = drive(KLHalting(granularity="sample", reduce="max"), hs, logits=logits, query=query)
+    assert not any(d.done.any() for d in decisions)         # max over the question: the noisy ones count
+
+
 def test_kl_default_threshold_is_hugins():
     assert KLHalting().threshold == 5e-4
 

@@ -38,6 +38,9 @@ class KLHalting(HaltingPolicy):
     def observe(self, state, t, h, prev, logits, last):
         with torch.no_grad():  # a decision, not a loss: no graph through it
             decoded = logits()  # under the run's autocast, like the output it may become
+            at_decision = not self.per_token and self.reduce == "last"
+            if at_decision:  # one position decides: compare only its distribution, [B, V]
+                decoded = self.at_decision(state, decoded)
             with fp32(h.device):
                 log_p = F.log_softmax(decoded.float(), dim=-1)
                 previous = state.get("log_p")
@@ -46,6 +49,6 @@ class KLHalting(HaltingPolicy):
                     shape = state["query"].shape if self.per_token else state["query"].shape[:1]
                     return Decision(done=torch.zeros(shape, dtype=torch.bool, device=h.device))
                 kl = (previous.exp() * (previous - log_p)).sum(dim=-1)
-                if not self.per_token:
+                if not self.per_token and not at_decision:
                     kl = self.over_query(state, kl, self.reduce)
                 return Decision(done=kl < self.threshold)

@@ -10,7 +10,9 @@ at its last position, so the only difference is the library. It prints validatio
 and by hop count) for both, side by side, every ``--eval-every`` steps.
 
 If the library's loop had a defect that stopped learning, the reference would pull ahead; if both
-plateau together, the plateau belongs to the task and the training budget.
+plateau together, the plateau belongs to the task and the training budget. With ``--init normal``
+(Hugging Face's init) the reference pulls ahead; with the default ``--init torch`` the two are alike
+up to the seed (docs/results.md).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def library_model(args):
     recipe = defaults()
     recipe["backbone"] = {"name": args.backbone, "hidden_size": args.hidden, "heads": args.heads,
                           "prelude_layers": 1, "core_layers": 1, "coda_layers": 1, "max_positions": 16,
-                          "init_std": args.init_std}
+                          "init_std": args.init_std, "init": args.init, "tie_embeddings": args.init == "normal"}
     recipe["loop"]["max_steps"] = args.loop_steps
     validate(recipe)
     model = build_model(recipe, build_backbone(recipe, vocab_size=len(VOCAB)))
@@ -94,7 +96,10 @@ def main():
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--backbone", default="gpt2", help="slr_zoo backbone (gpt2 has learned positions, like the reference)")
-    parser.add_argument("--init-std", type=float, default=None, help="slr_zoo's backbone.init_std (default hidden ** -0.5)")
+    parser.add_argument("--init", default="torch", choices=["torch", "normal"],
+                        help="slr_zoo's backbone.init: 'torch' (the reference's scheme, untied head) or "
+                             "'normal' (Hugging Face's N(0, init_std), tied head: learns the lookup only)")
+    parser.add_argument("--init-std", type=float, default=None, help="with --init normal: backbone.init_std (default hidden ** -0.5)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=250)

@@ -68,14 +68,22 @@ def test_a_task_without_hop_answers_is_named():
         encode_split(task, "train", tokenizer, step_answers=True)
 
 
-def test_step_loss_is_the_mean_over_iterations_of_each_hop_target():
+def hop_batch(*earlier_hops: list[int]):
+    """A training-mode model (T = 3), two questions of 6 tokens answered at position 3 with [5, 6],
+    and step labels whose first hops answer ``earlier_hops`` (the last hop is the answer)."""
     torch.manual_seed(0)
     model = tiny_model(tiny_recipe(loop__max_steps=3)).train()
     ids = torch.randint(4, 32, (2, 6))
     labels = torch.full_like(ids, IGNORE)
     labels[:, 3] = torch.tensor([5, 6])
-    step_labels = labels[:, None].repeat(1, 2, 1)
-    step_labels[:, 0, 3] = torch.tensor([7, 8])          # hop 1 answer differs; hop 2 is the answer
+    step_labels = labels[:, None].repeat(1, len(earlier_hops) + 1, 1)
+    for hop, answers in enumerate(earlier_hops):
+        step_labels[:, hop, 3] = torch.tensor(answers)
+    return model, ids, labels, step_labels
+
+
+def test_step_loss_is_the_mean_over_iterations_of_each_hop_target():
+    model, ids, labels, step_labels = hop_batch([7, 8])   # hop 1 answer differs; hop 2 is the answer
     out = model(ids, decode_steps=True)
     assert len(out.step_logits) == 3 and all(x.requires_grad for x in out.step_logits)
     expected = sum(F.cross_entropy(out.step_logits[t].flatten(0, 1), step_labels[:, min(t + 1, 2) - 1].flatten(),
@@ -92,14 +100,7 @@ def test_step_loss_is_the_mean_over_iterations_of_each_hop_target():
 def test_a_loop_shorter_than_the_chain_ends_on_the_final_answer():
     """With fewer iterations than hops (``loop.max_steps=1``: no loop) the last iteration is still
     trained toward the answer, not toward a partial one it has no iteration left to finish."""
-    torch.manual_seed(0)
-    model = tiny_model(tiny_recipe(loop__max_steps=3)).train()
-    ids = torch.randint(4, 32, (2, 6))
-    labels = torch.full_like(ids, IGNORE)
-    labels[:, 3] = torch.tensor([5, 6])
-    step_labels = labels[:, None].repeat(1, 3, 1)
-    step_labels[:, 0, 3] = torch.tensor([7, 8])
-    step_labels[:, 1, 3] = torch.tensor([9, 10])          # three hops; the loop runs two iterations
+    model, ids, labels, step_labels = hop_batch([7, 8], [9, 10])   # three hops; the loop runs two iterations
     out = model(ids, steps=2, decode_steps=True)
     first, last = (F.cross_entropy(x.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
                    for x, y in [(out.step_logits[0], step_labels[:, 0]), (out.step_logits[1], labels)])

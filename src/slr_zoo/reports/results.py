@@ -28,19 +28,27 @@ def read_curve(path: Path) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
-def steps_to_fit(path: Path) -> int | None:
-    """Training steps until the loss, averaged over blocks of ``FIT_WINDOW`` steps, first falls
-    under ``FIT_FRACTION`` of the first block's average; None if it never does. When every cell of
-    a grid ends near 100%, how fast each got there is what still tells them apart."""
+def loss_blocks(path: Path) -> list[tuple[int, float]]:
+    """A cell's training loss as (last step, mean) over consecutive blocks of ``FIT_WINDOW`` steps:
+    what both ``steps_to_fit`` and ``training_loss.png`` read."""
     steps, losses = read_curve(path)
-    blocks = [losses[i : i + FIT_WINDOW] for i in range(0, len(losses) - FIT_WINDOW + 1, FIT_WINDOW)]
+    return [(steps[i + FIT_WINDOW - 1] + 1, statistics.fmean(losses[i : i + FIT_WINDOW]))
+            for i in range(0, len(losses) - FIT_WINDOW + 1, FIT_WINDOW)]
+
+
+def fit_step(blocks: list[tuple[int, float]]) -> int | None:
+    """The first block whose mean loss is under ``FIT_FRACTION`` of the first block's; None if none
+    is (or there is nothing to compare). When every cell of a grid ends near 100%, how fast each got
+    there is what still tells them apart."""
     if len(blocks) < 2:
         return None
-    first = statistics.fmean(blocks[0])
-    for i, block in enumerate(blocks[1:], start=1):
-        if statistics.fmean(block) < FIT_FRACTION * first:
-            return steps[(i + 1) * FIT_WINDOW - 1] + 1
-    return None
+    first = blocks[0][1]
+    return next((step for step, mean in blocks[1:] if mean < FIT_FRACTION * first), None)
+
+
+def steps_to_fit(path: Path) -> int | None:
+    """``fit_step`` of a ``train_curve.csv``."""
+    return fit_step(loss_blocks(path))
 
 
 def grid_keys(grid: Any) -> list[str]:
@@ -90,7 +98,8 @@ def collect(run_dir: Path, cells: Iterable, keys: list[str]) -> list[dict]:
             row.update({m: summary.get(m) for m in METRICS})
             row["error"] = summary.get("error", "")
             row["hop_accuracy"] = summary.get("hop_accuracy", {})
-            row["steps_to_fit"] = steps_to_fit(run_dir / label / "train_curve.csv")
+            row["_loss_blocks"] = loss_blocks(run_dir / label / "train_curve.csv")  # read once: table and plot
+            row["steps_to_fit"] = fit_step(row["_loss_blocks"])
         else:
             row["status"] = "missing"
         rows.append(row)
@@ -225,13 +234,12 @@ def plot(table: list[dict], keys: list[str], directory: Path, rows: list[dict] =
         written.append(directory / "accuracy_by_hops.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
-    curves = [(r["cell"], *read_curve(directory / r["cell"] / "train_curve.csv")) for r in rows if r["status"] == "ok"]
-    curves = [c for c in curves if len(c[1]) >= FIT_WINDOW]
+    curves = [(r["cell"], r.get("_loss_blocks") or []) for r in rows if r["status"] == "ok"]
+    curves = [(cell, blocks) for cell, blocks in curves if blocks]
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for cell, steps, losses in curves:
-            means = [statistics.fmean(losses[i : i + FIT_WINDOW]) for i in range(0, len(losses) - FIT_WINDOW + 1, FIT_WINDOW)]
-            ax.plot([steps[i + FIT_WINDOW - 1] + 1 for i in range(0, len(means) * FIT_WINDOW, FIT_WINDOW)], means, label=cell)
+        for cell, blocks in curves:
+            ax.plot([step for step, _ in blocks], [mean for _, mean in blocks], label=cell)
         ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel(f"training loss ({FIT_WINDOW}-step mean)")

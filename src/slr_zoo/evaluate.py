@@ -90,8 +90,9 @@ def generate(model, prompts: list[list[int]], steps: int, eos: int, pad: int, ma
 def logit_lens(model, tokenizer, prompt: list[int], steps: int, top: int = 3) -> list[str]:
     """What each iteration's state decodes to at the position that predicts the first answer token."""
     ids = torch.tensor([prompt])
-    result = model(ids, steps=steps, keep_states=True)
-    ctx = model.backbone.context(ids)
+    query = torch.ones_like(ids, dtype=torch.bool)  # the whole prompt is question
+    result = model(ids, steps=steps, keep_states=True, query_mask=query)
+    ctx = model.backbone.context(ids, prefix=query)
     lines = []
     for t, state in enumerate(result.states, start=1):
         probs = model.decoder(state, model.backbone, ctx)[0, -1].float().softmax(-1)

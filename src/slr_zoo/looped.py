@@ -110,6 +110,7 @@ class LoopOutput:
     aux_loss: torch.Tensor | None = None       # the halting policy's regulariser
     step_logits: list[torch.Tensor] = field(default_factory=list)   # per step, when mixes == "loss" or decode_steps
     step_weights: list[torch.Tensor] = field(default_factory=list)  # per step, when mixes == "loss"
+    step_reach: list[torch.Tensor] = field(default_factory=list)    # per step [B, S] reach-probe logits, with probe_steps
     token_steps: torch.Tensor | None = None    # [B, S] for per-token policies
     states: list[torch.Tensor] = field(default_factory=list)       # per step, with keep_states
     norms: list[torch.Tensor] = field(default_factory=list)        # per step mean ||h_t||
@@ -142,6 +143,7 @@ class LoopedLM(nn.Module):
         debug_nan_at_step: int | None = None,
         checkpoint_core: bool = False,
         state_noise: float = 0.0,
+        reach_probe: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -158,6 +160,10 @@ class LoopedLM(nn.Module):
         self.debug_nan_at_step = debug_nan_at_step  # plants a NaN in training, to test the guards
         self.checkpoint_core = checkpoint_core      # recompute each core pass in backward (less memory)
         self.state_noise = state_noise              # training: perturb the state entering each step
+        # loop.reach_supervision: reads from each iteration's state, per token, whether the
+        # reasoning has reached that token's concept yet (a trained probe, not part of the answer path)
+        d = backbone.hidden_size
+        self.reach_probe = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1)) if reach_probe else None
         # finish the pass before raising NonFiniteStateError: under FSDP a rank that left the
         # forward early would skip collectives (all-gathers of later units) the others make
         self.finish_on_nonfinite = False
@@ -176,6 +182,7 @@ class LoopedLM(nn.Module):
         query_mask: torch.Tensor | None = None,
         real_mask: torch.Tensor | None = None,
         decode_steps: bool = False,
+        probe_steps: bool = False,
     ) -> LoopOutput:
         """``query_mask`` [B, S] bool: the positions a per-sample halting decision may read (the
         question up to its separator, so that teacher-forced validation equals greedy decoding);
@@ -183,10 +190,14 @@ class LoopedLM(nn.Module):
         positions, default ``attention_mask``: a right-padded batch needs no attention mask under
         a causal model, but per-token halting must still know its pads, so that padding never
         changes a sample's steps. ``decode_steps``: keep every step's decoded logits in
-        ``step_logits`` (per-iteration supervision)."""
+        ``step_logits`` (per-iteration supervision); ``probe_steps``: every step's reach-probe
+        logits in ``step_reach`` (training only: at inference halted samples leave the batch).
+        Under ``backbone.attention: prefix``, ``query_mask`` is also the bidirectional question."""
         backbone, policy = self.backbone, self.halting
         T = steps or self.max_steps
-        ctx = full_ctx = backbone.context(input_ids, attention_mask)
+        if probe_steps and self.reach_probe is None:
+            raise ValueError("probe_steps needs a model built with reach_probe=True (loop.reach_supervision > 0)")
+        ctx = full_ctx = backbone.context(input_ids, attention_mask, prefix=query_mask)
         h0 = backbone.prelude(backbone.embed(input_ids, ctx), ctx)
         h = h0
         if real_mask is None:
@@ -200,6 +211,7 @@ class LoopedLM(nn.Module):
         # robustness to a perturbed state (diffusion-style): sigma per sample, told to the step embedding
         sigma = h0.new_empty(h0.size(0)).uniform_(0, self.state_noise) if self.training and self.state_noise else None
         nonfinite_at = None
+        step_reach: list[torch.Tensor] = []
 
         for t in range(1, T + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_step):
@@ -221,6 +233,8 @@ class LoopedLM(nn.Module):
                     raise NonFiniteStateError(t)
                 nonfinite_at = t
             h_next = track.freeze(h_next, h)
+            if probe_steps and torch.is_grad_enabled():
+                step_reach.append(self.reach_probe(h_next).squeeze(-1))
             logits_fn = _lazy(lambda s=h_next, c=ctx: self.decoder(s, backbone, c))
             decision = policy.observe(track.state, t, h_next, h, logits_fn, last=t == T)
             track.record(t, h_next, h, decision, logits_fn)
@@ -239,6 +253,7 @@ class LoopedLM(nn.Module):
             aux_loss=policy.aux_loss(track.state),
             step_logits=track.step_logits,
             step_weights=track.step_weights,
+            step_reach=step_reach,
             token_steps=track.token_steps,
             states=track.states,
             norms=track.norms,

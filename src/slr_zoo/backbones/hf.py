@@ -116,9 +116,13 @@ class Backbone(nn.Module):
         pretrained: str | None = None,
         share: Literal["none", "average"] = "none",
         loops: int | None = None,
+        attention: Literal["causal", "prefix"] = "causal",
         vocab_size: int = 0,
     ):
         super().__init__()
+        if attention not in ("causal", "prefix"):
+            raise ValueError(f"backbone.attention must be 'causal' or 'prefix', got {attention!r}")
+        self.attention = attention
         self.pretrained = pretrained
         self.tokenizer = None
         counts = (prelude_layers, core_layers, coda_layers)
@@ -193,8 +197,25 @@ class Backbone(nn.Module):
     def embed(self, input_ids: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         raise NotImplementedError
 
-    def context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SequenceContext:
+    def context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                prefix: torch.Tensor | None = None) -> SequenceContext:
+        """``prefix`` [B, S] bool marks each row's question (up to its separator); with
+        ``attention: prefix`` the question attends to itself in both directions."""
         raise NotImplementedError
+
+    def mask(self, embeds: torch.Tensor, attention_mask, position_ids, prefix) -> Any:
+        """The attention mask every layer gets: HF's causal mask, or a prefix-LM mask.
+
+        Why prefix: a causal model reading facts in random order cannot let an early mention of a
+        concept learn from a later fact about it, so a search over the question's graph can only
+        happen at the last positions. With the question visible both ways every mention can be
+        updated in place, one hop per iteration. The answer stays causal, so teacher-forced
+        scoring still equals greedy decoding."""
+        if self.attention == "causal":
+            return _causal_mask(self.hf_config, embeds, attention_mask, position_ids)
+        if prefix is None:
+            raise ValueError("backbone.attention=prefix needs the question's extent (query_mask) in every forward call")
+        return _prefix_mask(prefix.bool().expand(embeds.shape[:2]), attention_mask)
 
     # ------------------------------------------------------------------ shared
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -253,6 +274,18 @@ def _average_into(core: list[nn.Module], replaced: list[nn.Module], core_layers:
 
 
 BACKBONES = Registry("backbone", Backbone, context=("vocab_size",))
+
+
+def _prefix_mask(prefix: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, 1, S, S] bool, True = may attend: causal, plus every question position to every other
+    one; padded keys never. Every query keeps itself, so no row is empty (softmax of nothing)."""
+    S = prefix.size(1)
+    causal = torch.ones(S, S, dtype=torch.bool, device=prefix.device).tril()
+    allowed = causal[None] | (prefix[:, :, None] & prefix[:, None, :])
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    allowed = allowed | torch.eye(S, dtype=torch.bool, device=prefix.device)[None]
+    return allowed[:, None]
 
 
 def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -372,10 +405,10 @@ class LlamaBackbone(Backbone):
     def embed(self, input_ids, ctx):
         return self.embed_tokens(input_ids)
 
-    def context(self, input_ids, attention_mask=None):
+    def context(self, input_ids, attention_mask=None, prefix=None):
         position_ids = _positions(input_ids, attention_mask)
         probe = self.embed_tokens.weight.new_empty(input_ids.shape + (1,))
-        mask = _causal_mask(self.hf_config, probe, attention_mask, position_ids)
+        mask = self.mask(probe, attention_mask, position_ids, prefix)
         cos, sin = self.rotary(probe, position_ids)
         return SequenceContext(position_ids, mask, (cos, sin))
 
@@ -455,7 +488,7 @@ class GPT2Backbone(Backbone):
     def embed(self, input_ids, ctx):
         return self.embed_dropout(self.embed_tokens(input_ids) + self.pos_embed(ctx.position_ids))
 
-    def context(self, input_ids, attention_mask=None):
+    def context(self, input_ids, attention_mask=None, prefix=None):
         position_ids = _positions(input_ids, attention_mask)
         probe = self.embed_tokens.weight.new_empty(input_ids.shape + (1,))
-        return SequenceContext(position_ids, _causal_mask(self.hf_config, probe, attention_mask, position_ids))
+        return SequenceContext(position_ids, self.mask(probe, attention_mask, position_ids, prefix))

@@ -1,11 +1,11 @@
 """Recipes: load, override, validate, expand grids, instantiate."""
 
 from slr_zoo.recipe.grid import Cell, expand
-from slr_zoo.recipe.instantiate import build_backbone, build_model, build_task
+from slr_zoo.recipe.instantiate import build_backbone, build_curriculum, build_model, build_task
 from slr_zoo.recipe.load import RecipeError, differences, load, resolve_stored, set_key
 from slr_zoo.recipe.schema import COMPONENT_NODES, Recipe, validate
 
 __all__ = [
-    "COMPONENT_NODES", "Cell", "Recipe", "RecipeError", "build_backbone", "build_model", "build_task",
+    "COMPONENT_NODES", "Cell", "Recipe", "RecipeError", "build_backbone", "build_curriculum", "build_model", "build_task",
     "differences", "expand", "load", "resolve_stored", "set_key", "validate",
 ]

@@ -12,7 +12,19 @@ from slr_zoo.tasks.base import TASKS, Task
 
 
 def build_task(recipe: dict) -> Task:
-    return TASKS.build(recipe["task"], "task", seed=recipe["seed"])
+    node = {k: v for k, v in recipe["task"].items() if k != "curriculum"}
+    return TASKS.build(node, "task", seed=recipe["seed"])
+
+
+def build_curriculum(recipe: dict) -> list[tuple[int, Task]]:
+    """``task.curriculum``: (the training step a stage ends before, its task) per stage; a stage
+    is the recipe's task with the stage's keys changed (smaller graphs, fewer hops)."""
+    node = {k: v for k, v in recipe["task"].items() if k != "curriculum"}
+    stages = []
+    for i, stage in enumerate(recipe["task"].get("curriculum") or []):
+        overrides = {k: v for k, v in stage.items() if k != "until"}
+        stages.append((stage["until"], TASKS.build({**node, **overrides}, f"task.curriculum[{i}]", seed=recipe["seed"])))
+    return stages
 
 
 def build_backbone(recipe: dict, vocab_size: int = 0) -> Backbone:
@@ -61,4 +73,5 @@ def build_model(recipe: dict, backbone: Backbone) -> LoopedLM:
         check_finite=loop["check_finite"],
         debug_nan_at_step=loop.get("debug_nan_at_step"),
         state_noise=loop["state_noise"],
+        reach_probe=loop["reach_supervision"] > 0,
     )

@@ -36,6 +36,7 @@ class LoopConfig:
     halting: Node = node("fixed")
     check_finite: bool = True
     step_supervision: float = 0.0  # weight of the per-iteration loss toward the task's per-hop answers
+    reach_supervision: float = 0.0  # weight of a per-token loss: has iteration t reached this word (task's reach_steps)
     state_noise: float = 0.0  # training only: Gaussian noise of std sigma ~ U(0, state_noise) per sample on the state entering each step
     debug_nan_at_step: Optional[int] = None  # plant a NaN in the state at this training iteration (tests the guards)
 
@@ -107,6 +108,7 @@ def defaults() -> dict:
 # value ranges checked with the types: a bad value stops before anything is built
 AT_LEAST = {
     "loop.max_steps": 1, "loop.backprop_steps": 1, "loop.state_noise": 0, "loop.step_supervision": 0,
+    "loop.reach_supervision": 0,
     "optim.lr": 0, "optim.warmup_steps": 0, "optim.min_lr_ratio": 0, "optim.grad_clip": 0,
     "trainer.max_steps": 1, "trainer.batch_size": 1, "trainer.eval_batch_size": 1, "trainer.num_nodes": 1,
     "trainer.val_every": 1, "trainer.log_every": 1, "trainer.num_workers": 0, "trainer.threads": 1,
@@ -138,6 +140,9 @@ def validate(recipe: dict, path: str = "", schema: type = Recipe) -> None:
         if key not in fields:
             raise ComponentError(dotted, f"unknown key{closest(key, fields)}")
         if dotted in COMPONENT_NODES:
+            if dotted == "task" and isinstance(value, dict) and "curriculum" in value:
+                value = {k: v for k, v in value.items() if k != "curriculum"}
+                _check_curriculum(recipe["task"]["curriculum"], value)
             REGISTRIES[COMPONENT_NODES[dotted]].validate(value, dotted)
             _check_paths(REGISTRIES[COMPONENT_NODES[dotted]].resolve(value, dotted), value, dotted)
         elif dataclasses.is_dataclass(hints[key]):
@@ -149,7 +154,37 @@ def validate(recipe: dict, path: str = "", schema: type = Recipe) -> None:
         _check_across_keys(recipe)
 
 
+def _check_curriculum(stages: Any, task: dict) -> None:
+    """``task.curriculum``: a list of stages, each ``until`` (the training step it ends before,
+    increasing) plus task keys that differ from the task's own, e.g. smaller ``nodes``."""
+    if not isinstance(stages, list) or not stages:
+        raise ComponentError("task.curriculum", f"expected a non-empty list of stages like "
+                             f"{{until: 1000, hops: [1, 2]}}, got {stages!r}")
+    previous = 0
+    for i, stage in enumerate(stages):
+        path = f"task.curriculum[{i}]"
+        if not isinstance(stage, dict):
+            raise ComponentError(path, f"expected a mapping with 'until' and task keys, got {stage!r}")
+        until = stage.get("until")
+        if not (isinstance(until, int) and not isinstance(until, bool) and until > previous):
+            raise ComponentError(f"{path}.until", f"must be an integer step after the previous stage's "
+                                 f"end ({previous}), got {until!r}")
+        previous = until
+        overrides = {k: v for k, v in stage.items() if k != "until"}
+        for key in set(overrides) & {"name", "_component_"}:
+            raise ComponentError(f"{path}.{key}", "a stage changes the task's keys, not the task")
+        merged = {**task, **overrides}
+        REGISTRIES["task"].validate(merged, path)
+        _check_paths(REGISTRIES["task"].resolve(merged, path), overrides, path)
+
+
 def _check_across_keys(recipe: dict) -> None:
+    stages = (recipe.get("task") or {}).get("curriculum")
+    max_steps = (recipe.get("trainer") or {}).get("max_steps", TrainerConfig.max_steps)
+    if stages and stages[-1]["until"] >= max_steps:
+        raise ComponentError(f"task.curriculum[{len(stages) - 1}].until",
+                             f"{stages[-1]['until']} leaves no step of trainer.max_steps ({max_steps}) for "
+                             "the task's own distribution")
     loop = recipe.get("loop") or {}
     if loop.get("step_supervision", 0) >= 1 and "halting" in loop:
         cls = REGISTRIES["halting"].resolve(loop["halting"], "loop.halting")

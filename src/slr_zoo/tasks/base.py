@@ -40,6 +40,15 @@ class Task:
         iteration t is trained to predict entry min(t, hops). ``None``: the task has none."""
         return None
 
+    def reach_steps(self, record: Record) -> dict[str, int] | None:
+        """For ``loop.reach_supervision``: the hop at which the reasoning reaches each word of the
+        question it names (ProsQA: a concept's distance from the root; ``UNREACHED`` for one that
+        is never reached). Every mention of such a word is labelled; other words are not.
+        ``None``: the task has none."""
+        return None
+
+
+UNREACHED = 999  # a reach step beyond any loop depth (fits the int16 storage of encoded data)
 
 TASKS = Registry("task", Task)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from slr_zoo.tasks.base import Record
-from slr_zoo.tasks.tokenizer import special_ids, text_ids
+from slr_zoo.tasks.tokenizer import special_ids, text_ids, token_words
 
 IGNORE = -100
 
@@ -17,14 +17,17 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]   # labels[i] is the token position i must predict, or IGNORE
     step_targets: list[list[int]] | None = None  # per hop, the answer tokens after that hop
+    reach: list[int] | None = None  # per position, the hop that reaches its word, or IGNORE
 
 
-def encode(record: Record, tokenizer, step_answers: list[str] | None = None) -> Encoded:
+def encode(record: Record, tokenizer, step_answers: list[str] | None = None,
+           reach_steps: dict[str, int] | None = None) -> Encoded:
     """``question [SEP] answer [EOS]``, with loss on the answer and the end token.
 
     Position i predicts token i+1, so the label of the [SEP] position is the first answer token.
     ``step_answers`` (one per hop) become targets for the same positions, so each must tokenize to
-    as many tokens as the answer.
+    as many tokens as the answer. ``reach_steps`` (word -> hop, ``Task.reach_steps``) label the
+    question tokens of those words, for ``loop.reach_supervision``.
     """
     sep, eos = special_ids(tokenizer)
     question = text_ids(tokenizer, record["question"])
@@ -37,7 +40,16 @@ def encode(record: Record, tokenizer, step_answers: list[str] | None = None) -> 
         if not targets or any(len(t) != len(answer) for t in targets):
             raise ValueError(f"step answers {step_answers!r} must be non-empty and tokenize to as many "
                              f"tokens as the answer {record['answer']!r} ({len(answer)})")
-    return Encoded(ids, labels, targets)
+    reach = None
+    if reach_steps is not None:
+        words = token_words(tokenizer, record["question"])
+        if len(words) != len(question):
+            raise ValueError("the tokenizer's offsets do not match its tokens; reach supervision needs a fast tokenizer")
+        reach = [reach_steps.get(w, IGNORE) if w is not None else IGNORE for w in words]
+        reach += [IGNORE] * (len(ids) - len(reach))
+        if all(r == IGNORE for r in reach):
+            raise ValueError(f"no word of the question is among the reach steps' words {sorted(reach_steps)[:5]}...")
+    return Encoded(ids, labels, targets, reach)
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -53,6 +65,11 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     out = {"input_ids": ids, "labels": labels, "real_mask": real}
     if all(e.step_targets is not None for e in batch):
         out["step_labels"] = step_labels(batch, labels)
+    if all(e.reach is not None for e in batch):
+        reach = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        for row, e in enumerate(batch):
+            reach[row, : len(e.reach)] = torch.tensor(e.reach)
+        out["reach"] = reach
     return out
 
 

@@ -26,7 +26,7 @@ import random
 from collections import deque
 from typing import Optional
 
-from slr_zoo.tasks.base import TASKS, Record, Task
+from slr_zoo.tasks.base import TASKS, UNREACHED, Record, Task
 
 # The made-up names of the published data, so a word-level vocabulary built from generated
 # training records covers the real validation split.
@@ -225,3 +225,14 @@ class ProsQATask(Task):
             return None
         person = steps[0].split(" is a ")[0]
         return [f"{person} is a {step.rstrip('.').split()[-1]}." for step in steps]
+
+    def reach_steps(self, record):
+        """Every node's distance from the root (people other than the root are never reached):
+        after t hops, the mentions of nodes at distance <= t are reached. Works on published
+        records too, from their ``edges`` and ``root``."""
+        symbols = record["idx_to_symbol"]
+        children: list[list[int]] = [[] for _ in symbols]
+        for parent, child in record["edges"]:
+            children[parent].append(child)
+        dist = distances(children, record["root"])
+        return {name: dist.get(i, UNREACHED) for i, name in enumerate(symbols)}

@@ -10,6 +10,7 @@ other tokenizer, goes through ``tokenizer.encode``.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from collections import Counter
@@ -104,6 +105,24 @@ def text_ids(tokenizer, text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
     unk = vocab[UNK]
     return [vocab.get(word, unk) for word in _ASCII_WORDS.findall(text)]
+
+
+def token_words(tokenizer, text: str) -> list[str | None]:
+    """For each token of ``text_ids(tokenizer, text)``, the word (a run of letters, digits and
+    underscores) it lies in, or None for punctuation: how word-level labels reach the tokens of any
+    tokenizer, one word split into several sub-word tokens labelling each of them."""
+    vocab = _word_vocab(tokenizer)
+    if vocab is not None and _python_splits(text):
+        return [piece if re.fullmatch(r"\w+", piece) else None for piece in _ASCII_WORDS.findall(text)]
+    spans = [(m.start(), m.end()) for m in re.finditer(r"\w+", text)]
+    starts = [s for s, _ in spans]
+    out: list[str | None] = []
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    for start, end in encoded["offset_mapping"]:
+        last = end - 1  # the token's last character: leading spaces belong to no word
+        i = bisect.bisect_right(starts, last) - 1
+        out.append(text[spans[i][0]:spans[i][1]] if i >= 0 and end > start and last < spans[i][1] else None)
+    return out
 
 
 def special_ids(tokenizer) -> tuple[int, int]:

@@ -26,12 +26,22 @@ class EncodedDataset(Dataset):
         self.offsets, self.hops = array("q", [0]), array("i")
         # per-hop answer tokens (loop.step_supervision), flat, with the number of hops per example
         self.step_tokens, self.step_offsets, self.step_counts = array(typecode), array("q", [0]), array("i")
+        # per-token reach steps (loop.reach_supervision), parallel to ids when every example has them
+        self.reach, self.has_reach = array(typecode), None
         for example, hop in zip(examples, hops if hops is not None else itertools.repeat(0)):
             self.append(example, hop)
 
     def append(self, example: Encoded, hops: int = 0) -> None:
         if len(example.input_ids) != len(example.labels):
             raise ValueError("an encoded example needs one label per input id")
+        has_reach = example.reach is not None
+        if self.has_reach is not None and has_reach != self.has_reach:
+            raise ValueError("either every example of a dataset has reach labels or none has")
+        self.has_reach = has_reach
+        if has_reach:
+            if len(example.reach) != len(example.input_ids):
+                raise ValueError("an encoded example needs one reach label per input id")
+            self.reach.extend(example.reach)
         self.ids.extend(example.input_ids)
         self.labels.extend(example.labels)
         self.offsets.append(len(self.ids))
@@ -47,6 +57,8 @@ class EncodedDataset(Dataset):
     def __getitem__(self, i: int):
         start, end = self.offsets[i], self.offsets[i + 1]
         example = Encoded(self.ids[start:end].tolist(), self.labels[start:end].tolist())
+        if self.has_reach:
+            example.reach = self.reach[start:end].tolist()
         count = self.step_counts[i]
         if count:
             flat = self.step_tokens[self.step_offsets[i] : self.step_offsets[i + 1]].tolist()
@@ -65,33 +77,49 @@ class ResumableBatchSampler(Sampler[list[int]]):
     the batch it would have seen next: the epoch is ``start // len(self)`` and the batches before
     ``start`` are skipped. Epochs are counted here, not taken from Lightning's ``set_epoch``,
     because Lightning builds the first iterator of a resumed run before it sets the epoch.
+
+    ``stages`` (a curriculum, ``task.curriculum``): ``(first global batch, first example, count)``
+    per stage, in order; from its first batch on, a stage draws its batches, epoch by epoch in the
+    same way, from its own examples only. Default: one stage, all ``size`` examples.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 start: int = 0):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
+                 start: int = 0, stages: list[tuple[int, int, int]] | None = None):
+        self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.per_epoch = size // (batch_size * world_size)
-        if self.per_epoch == 0:
-            raise ValueError(f"the training set has {size} examples, fewer than one global batch of "
-                             f"{batch_size} x {world_size} process(es); lower trainer.batch_size")
+        self.stages = stages or [(0, 0, size)]
+        if self.stages[0][0] != 0:
+            raise ValueError("the first stage must start at batch 0")
+        for first, offset, count in self.stages:
+            if count // (batch_size * world_size) == 0:
+                raise ValueError(f"a training set has {count} examples, fewer than one global batch of "
+                                 f"{batch_size} x {world_size} process(es); lower trainer.batch_size")
+        self.per_epoch = self.stages[-1][2] // (batch_size * world_size)
         self.position = start  # global index of the next batch
 
     def __len__(self) -> int:
         return self.per_epoch
 
-    def order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed((self.seed * 2_654_435_761 + epoch * 40_503 + 1) % 2**63)
-        return torch.randperm(self.size, generator=generator).tolist()
+    def order(self, epoch: int, stage: int = 0) -> list[int]:
+        generator = torch.Generator().manual_seed((self.seed * 2_654_435_761 + epoch * 40_503 + stage * 7_919 + 1) % 2**63)
+        _, offset, count = self.stages[stage]
+        return (torch.randperm(count, generator=generator) + offset).tolist()
 
     def __iter__(self):
-        epoch, offset = divmod(self.position, self.per_epoch)
-        order = self.order(epoch)
+        """From the next batch to the end of its epoch (or of its stage, if that comes first)."""
+        stage = max(k for k, (first, _, _) in enumerate(self.stages) if first <= self.position)
+        first, _, count = self.stages[stage]
+        stage_end = self.stages[stage + 1][0] if stage + 1 < len(self.stages) else None
+        per_epoch = count // (self.batch_size * self.world_size)
+        epoch, offset = divmod(self.position - first, per_epoch)
+        order = self.order(epoch, stage)
         stride, width = self.batch_size * self.world_size, self.batch_size
-        for i in range(offset, self.per_epoch):
-            self.position = epoch * self.per_epoch + i + 1
-            first = i * stride + self.rank * width
-            yield order[first:first + width]
+        for i in range(offset, per_epoch):
+            if stage_end is not None and self.position >= stage_end:
+                return
+            self.position += 1
+            start = i * stride + self.rank * width
+            yield order[start:start + width]
 
 
 def shard_batches(size: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
@@ -101,36 +129,44 @@ def shard_batches(size: int, batch_size: int, rank: int = 0, world_size: int = 1
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def encode_split(task: Task, split: str, tokenizer, step_answers: bool = False) -> EncodedDataset:
+def encode_split(task: Task, split: str, tokenizer, step_answers: bool = False, reach: bool = False,
+                 into: EncodedDataset | None = None) -> EncodedDataset:
     """Encode records one at a time as the task yields them; no split is ever held as records.
-    ``step_answers``: also encode the task's per-hop answers (``loop.step_supervision``)."""
-    dataset = EncodedDataset(typecode="h" if len(tokenizer) < 2**15 else "i")
+    ``step_answers``: also encode the task's per-hop answers (``loop.step_supervision``);
+    ``reach``: the per-token reach steps (``loop.reach_supervision``). ``into``: append to this
+    dataset (the stages of a curriculum share one)."""
+    dataset = into if into is not None else EncodedDataset(typecode="h" if len(tokenizer) < 2**15 else "i")
+    before = len(dataset)
     for i, record in enumerate(task.records(split)):
         check_record(record, i, f"task {split} split")
         steps = task.step_answers(record) if step_answers else None
         if step_answers and steps is None:
             raise ValueError(f"loop.step_supervision needs per-hop answers, which task "
                              f"{type(task).__name__} does not give (record {i} of the {split} split)")
+        reach_steps = task.reach_steps(record) if reach else None
+        if reach and reach_steps is None:
+            raise ValueError(f"loop.reach_supervision needs per-word reach steps, which task "
+                             f"{type(task).__name__} does not give (record {i} of the {split} split)")
         try:
-            encoded = encode(record, tokenizer, steps)
+            encoded = encode(record, tokenizer, steps, reach_steps)
         except ValueError as err:
             raise ValueError(f"record {i} of the {split} split: {err}") from None
         dataset.append(encoded, int(record.get("hops", 0)))
-    if not len(dataset):
+    if len(dataset) == before:
         raise ValueError(f"task produced no {split} records")
     return dataset
 
 
-def load_or_build_tokenizer(task: Task, directory: Path, pretrained_tokenizer=None):
+def load_or_build_tokenizer(task: Task, directory: Path, pretrained_tokenizer=None, stages: Iterable[Task] = ()):
     """The pretrained backbone's tokenizer, else the word-level one saved in ``directory``, else a
-    new one built from the training records (and saved there)."""
+    new one built from the training records (and saved there), a curriculum's ``stages`` included."""
     if pretrained_tokenizer is not None:
         return pretrained_tokenizer
     from transformers import PreTrainedTokenizerFast
 
     if (directory / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(str(directory))
-    tokenizer = build_word_tokenizer(task.records("train"))
+    tokenizer = build_word_tokenizer(itertools.chain(*(t.records("train") for t in [*stages, task])))
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(directory))
     return tokenizer
@@ -138,10 +174,15 @@ def load_or_build_tokenizer(task: Task, directory: Path, pretrained_tokenizer=No
 
 class ReasoningDataModule(L.LightningDataModule):
     def __init__(self, task: Task, tokenizer, batch_size: int, eval_batch_size: int | None = None,
-                 seed: int = 0, num_workers: int = 0, step_answers: bool = False):
+                 seed: int = 0, num_workers: int = 0, step_answers: bool = False, reach: bool = False,
+                 curriculum: list[tuple[int, Task]] = ()):
+        """``curriculum``: (the training batch it ends before, task) of each stage before ``task``'s
+        own distribution, which takes over where the last stage ends (``task.curriculum``)."""
         super().__init__()
         self.task, self.tokenizer = task, tokenizer
-        self.step_answers = step_answers
+        self.curriculum = list(curriculum)
+        self.stages: list[tuple[int, int, int]] = []  # (first batch, first example, count), for the sampler
+        self.step_answers, self.reach = step_answers, reach
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.seed, self.num_workers = seed, num_workers
         self.train_set: EncodedDataset | None = None
@@ -149,7 +190,12 @@ class ReasoningDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
-            self.train_set = encode_split(self.task, "train", self.tokenizer, self.step_answers)
+            self.train_set = EncodedDataset(typecode="h" if len(self.tokenizer) < 2**15 else "i")
+            firsts = [0] + [until for until, _ in self.curriculum]
+            for first, task in zip(firsts, [*(t for _, t in self.curriculum), self.task]):
+                before = len(self.train_set)
+                encode_split(task, "train", self.tokenizer, self.step_answers, self.reach, into=self.train_set)
+                self.stages.append((first, before, len(self.train_set) - before))
         if self.val_set is None:
             self.val_set = encode_split(self.task, "val", self.tokenizer)
 
@@ -167,7 +213,8 @@ class ReasoningDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         rank, world, start = self._placement()
-        sampler = ResumableBatchSampler(len(self.train_set), self.batch_size, self.seed, rank, world, start)
+        sampler = ResumableBatchSampler(len(self.train_set), self.batch_size, self.seed, rank, world, start,
+                                        stages=self.stages)
         return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self._collate,
                           num_workers=self.num_workers)
 

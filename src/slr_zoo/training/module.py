@@ -52,6 +52,29 @@ def step_loss(out: LoopOutput, step_labels: torch.Tensor, labels: torch.Tensor) 
     return torch.stack(terms).mean()
 
 
+def reach_loss(out: LoopOutput, reach: torch.Tensor) -> torch.Tensor:
+    """Per-token supervision of the search itself: iteration t's probe says, for every labelled
+    question token, whether its word has been reached within t hops (``reach`` [B, S], the hop
+    that reaches it, IGNORE where unlabelled). Binary cross-entropy, mean over labelled tokens,
+    then over iterations. Dense where the answer gives one bit per question: every mention of a
+    concept tells the loop how far its search should have got."""
+    labelled = reach != IGNORE
+    terms = [
+        F.binary_cross_entropy_with_logits(logits[labelled].float(), (reach[labelled] <= t).float())
+        for t, logits in enumerate(out.step_reach, start=1)
+    ]
+    return torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def reach_accuracy(out: LoopOutput, reach: torch.Tensor) -> list[float]:
+    """Per iteration, the share of labelled tokens whose reached / not-yet-reached the probe gets
+    right: shows how many hops the loop has learnt to take, iteration by iteration."""
+    labelled = reach != IGNORE
+    return [float(((logits[labelled] > 0) == (reach[labelled] <= t)).float().mean())
+            for t, logits in enumerate(out.step_reach, start=1)]
+
+
 def question_mask(labels: torch.Tensor) -> torch.Tensor:
     """[B, S] True up to and including the first labelled position (the separator, which predicts
     the first answer token): all a per-sample halting decision may read, since at validation the
@@ -63,7 +86,7 @@ def question_mask(labels: torch.Tensor) -> torch.Tensor:
 
 class LoopedLMModule(L.LightningModule):
     def __init__(self, model: LoopedLM, optim: dict, seed: int = 0, on_nonfinite: str = "stop", log_every: int = 25,
-                 step_supervision: float = 0.0):
+                 step_supervision: float = 0.0, reach_supervision: float = 0.0):
         super().__init__()
         self.model = model
         self.optim = optim
@@ -71,6 +94,7 @@ class LoopedLMModule(L.LightningModule):
         self.on_nonfinite = on_nonfinite
         self.log_every = log_every
         self.step_supervision = step_supervision
+        self.reach_supervision = reach_supervision
         self.val_accuracy = MeanMetric()
         self.val_steps = MeanMetric()
         self.val_depth = DepthHistogram(model.max_steps)
@@ -89,12 +113,21 @@ class LoopedLMModule(L.LightningModule):
         try:
             supervise = self.step_supervision > 0
             out = self.model(batch["input_ids"], steps=steps, query_mask=question_mask(batch["labels"]),
-                             real_mask=batch.get("real_mask"), decode_steps=supervise)
+                             real_mask=batch.get("real_mask"), decode_steps=supervise,
+                             probe_steps=self.reach_supervision > 0)
             task = answer_loss(out, labels)
             if supervise:  # the same answer tokens: the DDP token weighting below still holds
                 w = self.step_supervision
                 task = (1 - w) * task + w * step_loss(out, batch["step_labels"], labels)
             aux = out.aux_loss
+            if self.reach_supervision > 0:  # like the halting regulariser: not weighted by answer tokens
+                reach = reach_loss(out, batch["reach"])
+                self.log("train/reach_loss", reach.detach())
+                if self.global_step % self.log_every == 0:
+                    for t, hit in enumerate(reach_accuracy(out, batch["reach"]), start=1):
+                        self.log(f"train/reach_accuracy_t{t}", hit)
+                reach = self.reach_supervision * reach
+                aux = reach if aux is None else aux + reach
             total = task if aux is None else task + aux
             if not torch.isfinite(total):
                 failure, detail = 1, f"non-finite loss {total.item()}"

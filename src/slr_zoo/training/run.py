@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from slr_zoo.files import atomic_write
-from slr_zoo.recipe import build_backbone, build_model, build_task
+from slr_zoo.recipe import build_backbone, build_curriculum, build_model, build_task
 from slr_zoo.training.checkpoint import remove_stale_temporaries, resume_point
 from slr_zoo.training.data import ReasoningDataModule, load_or_build_tokenizer
 from slr_zoo.training.module import LoopedLMModule
@@ -26,7 +26,8 @@ def build_everything(recipe: dict, directory: Path):
         backbone = build_backbone(recipe)
         tokenizer = load_or_build_tokenizer(task, directory / "tokenizer", backbone.tokenizer)
     else:
-        tokenizer = load_or_build_tokenizer(task, directory / "tokenizer")
+        stages = [stage for _, stage in build_curriculum(recipe)]
+        tokenizer = load_or_build_tokenizer(task, directory / "tokenizer", stages=stages)
         backbone = build_backbone(recipe, vocab_size=len(tokenizer))
     model = build_model(recipe, backbone)
     model.checkpoint_core = recipe["trainer"].get("activation_checkpointing", False)
@@ -34,15 +35,18 @@ def build_everything(recipe: dict, directory: Path):
         model, recipe["optim"], seed=recipe["seed"],
         on_nonfinite=recipe["trainer"]["on_nonfinite"], log_every=recipe["trainer"]["log_every"],
         step_supervision=recipe["loop"]["step_supervision"],
+        reach_supervision=recipe["loop"]["reach_supervision"],
     )
     return task, tokenizer, module
 
 
 def build_data(recipe: dict, task, tokenizer) -> ReasoningDataModule:
-    """The recipe's DataModule, with per-hop targets when ``loop.step_supervision`` asks for them."""
+    """The recipe's DataModule, with per-hop targets when ``loop.step_supervision`` asks for them
+    and per-token reach steps when ``loop.reach_supervision`` does."""
     tc = recipe["trainer"]
     return ReasoningDataModule(task, tokenizer, tc["batch_size"], tc["eval_batch_size"], seed=recipe["seed"],
-                               num_workers=tc["num_workers"], step_answers=recipe["loop"]["step_supervision"] > 0)
+                               num_workers=tc["num_workers"], step_answers=recipe["loop"]["step_supervision"] > 0,
+                               reach=recipe["loop"]["reach_supervision"] > 0, curriculum=build_curriculum(recipe))
 
 
 def run_cell(recipe: dict, directory: Path, keys: dict[str, Any] | None = None) -> dict:

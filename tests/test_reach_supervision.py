@@ -1,0 +1,159 @@
+"""Prefix attention (``backbone.attention: prefix``) and per-token reach supervision
+(``loop.reach_supervision``): the question is read both ways while the answer stays causal, every
+mention of a concept is labelled with the hop that reaches it, and the probe's loss trains the loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import VOCAB, tiny_model, tiny_recipe
+from slr_zoo import fit
+from slr_zoo.tasks.base import UNREACHED
+from slr_zoo.tasks.encoding import IGNORE, collate, encode
+from slr_zoo.tasks.json_file import read_records
+from slr_zoo.tasks.prosqa import ProsQATask, distances
+from slr_zoo.tasks.tokenizer import build_word_tokenizer, text_ids, token_words
+from slr_zoo.training.data import EncodedDataset, encode_split
+from slr_zoo.training.module import reach_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_PROSQA = ROOT.parent / "shared/data/prosqa/valid.json"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prefix_attention_reads_the_question_both_ways_and_the_answer_causally(family):
+    recipe = tiny_recipe(backbone__name=family, backbone__attention="prefix")
+    model = tiny_model(recipe).eval()
+    ids = torch.randint(4, VOCAB, (1, 10), generator=torch.Generator().manual_seed(0))
+    question = torch.arange(10)[None] < 6   # positions 0..5 are the question (its separator included)
+    base = model(ids, query_mask=question).logits
+    later_question = ids.clone()
+    later_question[0, 5] = (ids[0, 5] + 1 - 4) % (VOCAB - 4) + 4
+    changed = model(later_question, query_mask=question).logits
+    assert not torch.allclose(base[0, 0], changed[0, 0])   # an early question position sees a later one
+    later_answer = ids.clone()
+    later_answer[0, 8] = (ids[0, 8] + 1 - 4) % (VOCAB - 4) + 4
+    changed = model(later_answer, query_mask=question).logits
+    torch.testing.assert_close(base[0, :8], changed[0, :8])   # nothing before an answer token sees it
+    causal = tiny_model(tiny_recipe(backbone__name=family)).eval()
+    torch.testing.assert_close(causal(ids).logits[0, 0], causal(later_question).logits[0, 0])
+
+
+def test_prefix_attention_ignores_padding_and_needs_the_question():
+    model = tiny_model(tiny_recipe(backbone__attention="prefix")).eval()
+    ids = torch.randint(4, VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))
+    question = torch.arange(7)[None] < 5
+    alone = model(ids, query_mask=question).logits
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)          # right padding
+    out = model(padded, query_mask=torch.arange(10)[None] < 5, real_mask=torch.arange(10)[None] < 7).logits
+    torch.testing.assert_close(out[:, :7], alone)
+    left = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)             # left padding (generation)
+    mask = (torch.arange(10)[None] >= 3).long()
+    out = model(left, attention_mask=mask, query_mask=(torch.arange(10)[None] >= 3) & (torch.arange(10)[None] < 8)).logits
+    torch.testing.assert_close(out[:, 3:], alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="backbone.attention=prefix needs the question's extent"):
+        model(ids)
+
+
+def test_an_unknown_attention_is_named(tmp_path, capsys):
+    recipe = str(ROOT / "recipes/quickstart.yaml")
+    assert fit.main([recipe, f"output_dir={tmp_path}", "backbone.attention=bidirectional"]) == 2
+    assert "backbone.attention" in capsys.readouterr().err
+
+
+def prosqa_records(n=12):
+    task = ProsQATask(n_train=n, n_val=2)
+    return task, list(task.records("train"))
+
+
+def test_prosqa_reach_steps_are_distances_from_the_root():
+    task, records = prosqa_records()
+    for r in records + list(read_records(str(SHARED_PROSQA)))[:50]:
+        reach = task.reach_steps(r)
+        symbols = r["idx_to_symbol"]
+        assert reach[symbols[r["root"]]] == 0
+        assert 1 <= reach[symbols[r["target"]]] <= len(r["steps"])
+        assert reach[symbols[r["neg_target"]]] == UNREACHED
+        for parent, child in r["edges"]:   # one hop further at most
+            if reach[symbols[parent]] != UNREACHED:
+                assert reach[symbols[child]] <= reach[symbols[parent]] + 1
+
+
+def test_every_mention_of_a_concept_carries_its_reach_step():
+    task, records = prosqa_records()
+    tokenizer = build_word_tokenizer(records)
+    encoded = [encode(r, tokenizer, reach_steps=task.reach_steps(r)) for r in records[:4]]
+    for r, e in zip(records, encoded):
+        reach = task.reach_steps(r)
+        words = token_words(tokenizer, r["question"])
+        assert len(e.reach) == len(e.input_ids)
+        for i, word in enumerate(words):
+            assert e.reach[i] == reach.get(word, IGNORE)
+        assert all(x == IGNORE for x in e.reach[len(words):])          # separator and answer: unlabelled
+        assert sum(x != IGNORE for x in e.reach) >= 2 * len(r["edges"])  # both ends of every fact
+    stored = EncodedDataset(encoded, typecode="h")
+    assert [stored[i][0] for i in range(4)] == encoded
+    batch = collate(encoded, tokenizer.pad_token_id)
+    assert batch["reach"].shape == batch["input_ids"].shape
+    assert (batch["reach"][~batch["real_mask"]] == IGNORE).all()
+
+
+def test_token_words_label_every_piece_of_a_split_word():
+    """A sub-word tokenizer splits names into pieces; each piece carries the word's label."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["Every wumpus is a lempus ."] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["[UNK]"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    text = "Every zorpus is a wumpus."
+    words = token_words(fast, text)
+    pieces = [fast.decode([i]).strip() for i in text_ids(fast, text)]
+    assert len(words) == len(pieces) and words.count("zorpus") >= 2      # an unseen word: several pieces
+    assert "".join(p for p, w in zip(pieces, words) if w == "zorpus") == "zorpus"
+    assert words[-1] is None                                             # the full stop
+
+
+def test_a_task_without_reach_steps_is_named():
+    from slr_zoo.tasks.iterate import IterateTask
+
+    task = IterateTask(n_train=4, n_val=2)
+    tokenizer = build_word_tokenizer(task.records("train"))
+    with pytest.raises(ValueError, match="loop.reach_supervision needs per-word reach steps, which task IterateTask"):
+        encode_split(task, "train", tokenizer, reach=True)
+
+
+def test_reach_loss_is_the_mean_over_iterations_and_trains_probe_and_core():
+    torch.manual_seed(0)
+    model = tiny_model(tiny_recipe(loop__reach_supervision=1.0, backbone__attention="prefix")).train()
+    ids = torch.randint(4, VOCAB, (2, 6))
+    reach = torch.full_like(ids, IGNORE)
+    reach[:, 1], reach[:, 2], reach[0, 4] = 0, 2, UNREACHED
+    out = model(ids, query_mask=torch.ones_like(ids, dtype=torch.bool), probe_steps=True)
+    assert len(out.step_reach) == 3 and out.step_reach[0].shape == ids.shape
+    labelled = reach != IGNORE
+    expected = sum(F.binary_cross_entropy_with_logits(z[labelled], (reach[labelled] <= t).float())
+                   for t, z in enumerate(out.step_reach, start=1)) / 3
+    torch.testing.assert_close(reach_loss(out, reach), expected)
+    reach_loss(out, reach).backward()
+    for name, p in model.named_parameters():
+        if name.startswith(("reach_probe", "backbone.core", "backbone.prelude")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="probe_steps needs a model built with reach_probe"):
+        tiny_model().train()(ids, probe_steps=True)
+
+
+def test_fit_trains_prosqa_with_reach_supervision(tmp_path):
+    out = tmp_path / "runs"
+    args = [str(ROOT / "recipes/prosqa.yaml"), f"output_dir={out}", "task.n_train=64", "trainer.max_steps=3",
+            "trainer.batch_size=8", "trainer.val_every=3", "trainer.progress_bar=false", "name=tiny"]
+    assert fit.main(args) == 0
+    summary = json.loads((out / "tiny/default/summary.json").read_text())
+    assert summary["status"] == "ok" and summary["train_steps"] == 3

@@ -150,10 +150,12 @@ def test_reach_loss_is_the_mean_over_iterations_and_trains_probe_and_core():
         tiny_model().train()(ids, probe_steps=True)
 
 
-def test_fit_trains_prosqa_with_reach_supervision(tmp_path):
+def test_the_shipped_reach_recipe_trains_end_to_end(tmp_path):
+    """recipes/prosqa_reach.yaml as shipped (prefix attention, reach probe, curriculum), shortened."""
     out = tmp_path / "runs"
-    args = [str(ROOT / "recipes/prosqa.yaml"), f"output_dir={out}", "task.n_train=64", "trainer.max_steps=3",
-            "trainer.batch_size=8", "trainer.val_every=3", "trainer.progress_bar=false", "name=tiny"]
+    args = [str(ROOT / "recipes/prosqa_reach.yaml"), f"output_dir={out}", "task.n_train=32", "trainer.max_steps=3",
+            "trainer.batch_size=8", "trainer.val_every=3", "trainer.progress_bar=false", "name=tiny",
+            "task.curriculum=[{until: 2, hops: [1, 2], nodes: [6, 8], n_train: 16}]"]
     assert fit.main(args) == 0
     summary = json.loads((out / "tiny/default/summary.json").read_text())
     assert summary["status"] == "ok" and summary["train_steps"] == 3

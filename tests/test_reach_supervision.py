@@ -151,9 +151,9 @@ def test_reach_loss_is_the_mean_over_iterations_and_trains_probe_and_core():
 
 
 def test_the_shipped_reach_recipe_trains_end_to_end(tmp_path):
-    """recipes/prosqa_reach.yaml as shipped (prefix attention, reach probe, curriculum), shortened."""
+    """recipes/prosqa.yaml as shipped (prefix attention, reach probe, curriculum), shortened."""
     out = tmp_path / "runs"
-    args = [str(ROOT / "recipes/prosqa_reach.yaml"), f"output_dir={out}", "task.n_train=32", "trainer.max_steps=3",
+    args = [str(ROOT / "recipes/prosqa.yaml"), f"output_dir={out}", "task.n_train=32", "trainer.max_steps=3",
             "trainer.batch_size=8", "trainer.val_every=3", "trainer.progress_bar=false", "name=tiny",
             "task.curriculum=[{until: 2, hops: [1, 2], nodes: [6, 8], n_train: 16}]"]
     assert fit.main(args) == 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from slr_zoo.recipe import build_task, load, validate
+from slr_zoo.recipe import build_curriculum, build_task, load, validate
 from slr_zoo.registry import ComponentError
 from slr_zoo.tasks import TASKS, check_record
 from slr_zoo.tasks.encoding import IGNORE, encode
@@ -360,6 +360,8 @@ def test_shipped_prosqa_recipe_trains_on_generated_data_and_validates_on_the_pub
     assert recipe["task"]["name"] == "prosqa" and not recipe["task"].get("train")
     assert Path(recipe["task"]["val_file"]).resolve() == PROSQA_VALID.resolve()
     train_questions = {r["question"] for r in _take(task.records("train"), 200)}
+    for _, stage in build_curriculum(recipe):   # the easier stages are generated too
+        train_questions |= {r["question"] for r in _take(stage.records("train"), 200)}
     if PROSQA_VALID.is_file():
         assert not train_questions & {r["question"] for r in read_records(PROSQA_VALID)}
 

@@ -209,7 +209,7 @@ class Backbone(nn.Module):
         Why prefix: a causal model reading facts in random order cannot let an early mention of a
         concept learn from a later fact about it, so a search over the question's graph can only
         happen at the last positions. With the question visible both ways every mention can be
-        updated in place, one hop per iteration. The answer stays causal, so teacher-forced
+        updated in place, iteration by iteration. The answer stays causal, so teacher-forced
         scoring still equals greedy decoding."""
         if self.attention == "causal":
             return _causal_mask(self.hf_config, embeds, attention_mask, position_ids)

@@ -11,15 +11,19 @@ from slr_zoo.registry import REGISTRIES, ComponentError
 from slr_zoo.tasks.base import TASKS, Task
 
 
+def _task_node(recipe: dict) -> dict:
+    """The task node without its curriculum, which is the recipe's concern, not the task's."""
+    return {k: v for k, v in recipe["task"].items() if k != "curriculum"}
+
+
 def build_task(recipe: dict) -> Task:
-    node = {k: v for k, v in recipe["task"].items() if k != "curriculum"}
-    return TASKS.build(node, "task", seed=recipe["seed"])
+    return TASKS.build(_task_node(recipe), "task", seed=recipe["seed"])
 
 
 def build_curriculum(recipe: dict) -> list[tuple[int, Task]]:
     """``task.curriculum``: (the training step a stage ends before, its task) per stage; a stage
     is the recipe's task with the stage's keys changed (smaller graphs, fewer hops)."""
-    node = {k: v for k, v in recipe["task"].items() if k != "curriculum"}
+    node = _task_node(recipe)
     stages = []
     for i, stage in enumerate(recipe["task"].get("curriculum") or []):
         overrides = {k: v for k, v in stage.items() if k != "until"}

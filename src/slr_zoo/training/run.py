@@ -74,7 +74,7 @@ def run_cell(recipe: dict, directory: Path, keys: dict[str, Any] | None = None) 
         "status": "ok",
         "val_accuracy": round(float(metrics["val/accuracy"]), 4),
         "mean_steps": round(float(metrics["val/mean_steps"]), 3),
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(train_seconds, 3),  # a few tiny steps can take under 0.05 s
         "train_steps": trainer.global_step,
         "params": sum(p.numel() for p in module.model.parameters()),
         "max_steps": recipe["loop"]["max_steps"],

@@ -129,13 +129,18 @@ def shard_batches(size: int, batch_size: int, rank: int = 0, world_size: int = 1
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
+def empty_dataset(tokenizer) -> EncodedDataset:
+    """Stored as int16 when the vocabulary fits."""
+    return EncodedDataset(typecode="h" if len(tokenizer) < 2**15 else "i")
+
+
 def encode_split(task: Task, split: str, tokenizer, step_answers: bool = False, reach: bool = False,
                  into: EncodedDataset | None = None) -> EncodedDataset:
     """Encode records one at a time as the task yields them; no split is ever held as records.
     ``step_answers``: also encode the task's per-hop answers (``loop.step_supervision``);
     ``reach``: the per-token reach steps (``loop.reach_supervision``). ``into``: append to this
     dataset (the stages of a curriculum share one)."""
-    dataset = into if into is not None else EncodedDataset(typecode="h" if len(tokenizer) < 2**15 else "i")
+    dataset = into if into is not None else empty_dataset(tokenizer)
     before = len(dataset)
     for i, record in enumerate(task.records(split)):
         check_record(record, i, f"task {split} split")
@@ -190,7 +195,7 @@ class ReasoningDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
-            self.train_set = EncodedDataset(typecode="h" if len(self.tokenizer) < 2**15 else "i")
+            self.train_set = empty_dataset(self.tokenizer)
             firsts = [0] + [until for until, _ in self.curriculum]
             for first, task in zip(firsts, [*(t for _, t in self.curriculum), self.task]):
                 before = len(self.train_set)

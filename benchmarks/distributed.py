@@ -4,7 +4,7 @@
 
 Runs the same training (a looped Llama-style model on the iterate task, one global batch per step)
 as 1 process, DDP over 2 processes, and FSDP2 over 2 processes, through the real path
-(``build_everything`` + ``make_trainer``; ranks are forked with torchrun's environment by
+(``recipe.build_cell`` + ``make_trainer``; ranks are forked with torchrun's environment by
 ``fork_workers``), and prints:
 
 - throughput: answer+question tokens trained per second (global), timed after ``--warmup`` steps;
@@ -29,13 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from slr_zoo.recipe import set_key, validate
+from slr_zoo.recipe import build_cell, set_key, validate
 from slr_zoo.recipe.schema import defaults
-from slr_zoo.training.run import build_data, build_everything
 from slr_zoo.training.trainer import fork_workers, make_trainer
 
 
@@ -119,13 +117,10 @@ def recipe_for(args, strategy: str, devices: int) -> dict:
 
 def train(recipe: dict, out: Path, warmup: int) -> None:
     rss_before = _rss_kib()
-    L.seed_everything(0, verbose=False)
-    task, tokenizer, module = build_everything(recipe, out)
-    tc = recipe["trainer"]
-    data = build_data(recipe, task, tokenizer)
-    trainer = make_trainer(tc, out, enable_checkpointing=False)
+    parts = build_cell(recipe, out)
+    trainer = make_trainer(parts.trainer, out, enable_checkpointing=False)
     trainer.callbacks.append(Meter(out, warmup, rss_before))
-    trainer.fit(module, datamodule=data)
+    trainer.fit(parts.module, datamodule=parts.data)
 
 
 def run(args, name: str, strategy: str, devices: int, root: Path, threads: int = 1) -> list[dict]:

@@ -31,16 +31,14 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.callbacks import Timer
 
 from slr_zoo.halting import HALTING
-from slr_zoo.recipe import build_task, load, validate
+from slr_zoo.recipe import build_cell, build_task, load, validate
 from slr_zoo.tasks.encoding import answer_correct, collate
 from slr_zoo.training.data import encode_split
 from slr_zoo.training.module import question_mask
-from slr_zoo.training.run import build_data, build_everything
 from slr_zoo.training.trainer import make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,15 +66,13 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------ training
 def train(recipe: dict, directory: Path, minutes: float, threads: int):
     """The library's own training path (as ``slr_zoo.fit``), capped in wall time."""
-    tc = recipe["trainer"]
     torch.set_num_threads(threads)
-    L.seed_everything(recipe["seed"], workers=True, verbose=False)
-    task, tokenizer, module = build_everything(recipe, directory)
-    data = build_data(recipe, task, tokenizer)
-    trainer = make_trainer(tc, directory, grad_clip=recipe["optim"]["grad_clip"], enable_checkpointing=False)
+    parts = build_cell(recipe, directory)
+    task, tokenizer, module = parts.task, parts.tokenizer, parts.module
+    trainer = make_trainer(parts.trainer, directory, grad_clip=parts.grad_clip, enable_checkpointing=False)
     trainer.callbacks.append(Timer(duration=timedelta(minutes=minutes), interval="step"))
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=parts.data)
     print(f"  trained {trainer.global_step} steps in {time.perf_counter() - start:.0f} s", flush=True)
     model = module.model.eval()
     return task, tokenizer, model, trainer.global_step

@@ -22,7 +22,6 @@ class EntropyHalting(HaltingPolicy):
     ``max_entropy``, from step ``min_steps`` on. Per token, so it is causal; no parameters."""
 
     per_token = True
-    needs_logits = True
 
     def __init__(self, max_entropy: float = 0.1, min_steps: int = 1):
         super().__init__()

@@ -21,7 +21,7 @@ from conftest import tiny_recipe
 from slr_zoo.looped import UniformDepth
 from slr_zoo.stabilizers.combine import Combine
 from slr_zoo.training.module import depth_generator
-from slr_zoo.training.run import build_everything, run_cell
+from slr_zoo.recipe import build_cell, set_key, train_cell
 from slr_zoo.training.trainer import fork_workers, read_curve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +33,8 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # ---------------------------------------------------------------------------------------------
 # Harness
 # ---------------------------------------------------------------------------------------------
-def launch(recipe: dict, directory: Path, world: int = 2, target=run_cell) -> list[tuple[int, str]]:
-    """``run_cell(recipe, directory)`` (or ``target``) in ``world`` torchrun-like processes; the ranks' errors."""
+def launch(recipe: dict, directory: Path, world: int = 2, target=train_cell) -> list[tuple[int, str]]:
+    """``train_cell(recipe, directory)`` (or ``target``) in ``world`` torchrun-like processes; the ranks' errors."""
     return fork_workers(target, (recipe, directory), world=world, timeout=120)
 
 
@@ -70,7 +70,7 @@ def single(tmp_path_factory):
     """The reference: one process, global batch 8."""
     tmp = tmp_path_factory.mktemp("single")
     recipe = _recipe(tmp)
-    summary = run_cell(recipe, tmp / "one")
+    summary = train_cell(recipe, tmp / "one")
     return recipe, tmp / "one", summary
 
 
@@ -108,7 +108,7 @@ def test_ddp_is_exact_when_ranks_hold_different_numbers_of_answer_tokens(tmp_pat
         (tmp_path / f"{split}.json").write_text(json.dumps(records))
     task = {"name": "json", "train": str(tmp_path / "train.json"), "val": str(tmp_path / "val.json")}
     common = dict(task=task, loop__halting={"name": "fixed"}, trainer__val_every=None, trainer__max_steps=4)
-    run_cell(_recipe(tmp_path, **common), tmp_path / "one")
+    train_cell(_recipe(tmp_path, **common), tmp_path / "one")
     assert launch(_recipe(tmp_path, trainer__strategy="ddp", trainer__devices=2, trainer__batch_size=4, **common),
                   tmp_path / "two") == []
     assert_same_run(tmp_path / "one", tmp_path / "two")
@@ -117,7 +117,7 @@ def test_ddp_is_exact_when_ranks_hold_different_numbers_of_answer_tokens(tmp_pat
 def test_ddp_fork_from_python_reports_like_a_launched_run(single, tmp_path):
     _, one, summary = single
     two = tmp_path / "fork"
-    forked = run_cell(_recipe(tmp_path, trainer__strategy="ddp_fork", trainer__devices=2, trainer__batch_size=4), two)
+    forked = train_cell(_recipe(tmp_path, trainer__strategy="ddp_fork", trainer__devices=2, trainer__batch_size=4), two)
     assert_same_run(one, two)
     for key in ("val_accuracy", "mean_steps", "train_steps", "hop_accuracy", "skipped_batches"):
         assert forked[key] == summary[key], key
@@ -173,7 +173,7 @@ def test_a_divergence_on_one_rank_is_skipped_by_every_rank(tmp_path, strategy):
     import lightning as L
 
     L.seed_everything(recipe["seed"], verbose=False)
-    _, _, fresh = build_everything(recipe, tmp_path / "cell")
+    fresh = build_cell(recipe, tmp_path / "cell").module
     for key, value in fresh.state_dict().items():  # no rank moved: the skip was agreed
         assert torch.equal(_weights(tmp_path / "cell")[key], value), key
 
@@ -190,10 +190,10 @@ def test_fsdp2_with_activation_checkpointing_reproduces_one_process(single, tmp_
     assert_same_run(one, two)
 
     # the consolidated checkpoint loads into a single-process model and trains on from it
-    _, _, module = build_everything(recipe, two)
+    module = build_cell(recipe, two).module
     module.load_state_dict(_weights(two), strict=True)
     onward = dict(recipe, trainer=dict(recipe["trainer"], max_steps=8))
-    resumed = run_cell(onward, two)
+    resumed = train_cell(onward, two)
     assert resumed["status"] == "ok" and resumed["train_steps"] == 8
     curve = read_curve(two / "train_curve.csv")
     assert [r["step"] for r in curve] == list(range(8))
@@ -250,11 +250,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
     tokens = torch.randint(4, 32, (3, 10), generator=torch.Generator().manual_seed(1))
     grads = []
     for checkpointing in (False, True):
-        model = tiny_model(recipe).train()
+        model = tiny_model(set_key(recipe, "trainer.activation_checkpointing", checkpointing)).train()
+        assert model.checkpoint_core is checkpointing
         with torch.no_grad():  # non-zero LoRA B, so every step's adapter shapes the output
             for p in model.loop_lora.parameters():
                 p.normal_(0, 0.1)
-        model.checkpoint_core = checkpointing
         out = model(tokens, steps=3)
         (out.logits.square().mean() + out.aux_loss).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -271,7 +271,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_bf16_trains_close_to_fp32(single, tmp_path, precision):
     _, one, _ = single
     run = _recipe(tmp_path, trainer__precision=precision, trainer__max_steps=3, trainer__val_every=None)
-    summary = run_cell(run, tmp_path / "bf16")
+    summary = train_cell(run, tmp_path / "bf16")
     assert summary["status"] == "ok"
     reference = read_curve(one / "train_curve.csv")[:3]
     curve = read_curve(tmp_path / "bf16" / "train_curve.csv")
@@ -288,7 +288,7 @@ def test_cuda_bf16_mixed_trains_close_to_fp32(tmp_path):
     for precision in ("32-true", "bf16-mixed"):
         run = _recipe(tmp_path, trainer__precision=precision, trainer__accelerator="gpu", trainer__max_steps=3,
                       trainer__val_every=None)
-        run_cell(run, tmp_path / precision)
+        train_cell(run, tmp_path / precision)
         runs[precision] = read_curve(tmp_path / precision / "train_curve.csv")
     for got, want in zip(runs["bf16-mixed"], runs["32-true"]):
         assert abs(got["loss"] - want["loss"]) < 0.03 * want["loss"]
@@ -299,7 +299,7 @@ def test_cuda_bf16_mixed_trains_close_to_fp32(tmp_path):
 def test_nccl_two_gpus_reproduce_one_gpu(tmp_path, strategy):
     torch.backends.cuda.matmul.allow_tf32 = False
     gpu = dict(trainer__accelerator="gpu", trainer__precision="32-true")
-    run_cell(_recipe(tmp_path, **gpu), tmp_path / "one")
+    train_cell(_recipe(tmp_path, **gpu), tmp_path / "one")
     assert launch(_recipe(tmp_path, trainer__strategy=strategy, trainer__devices=2, trainer__batch_size=4, **gpu),
                   tmp_path / "two") == []
     assert_same_run(tmp_path / "one", tmp_path / "two", tol=1e-4)

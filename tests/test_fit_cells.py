@@ -48,9 +48,12 @@ def test_rerun_trains_from_scratch_and_keeps_the_old_run(tmp_path):
     assert len(kept) == 1 and "lr: 0.001" in (kept[0] / "config.yaml").read_text()
 
 
+PLANT = "loop.combine={_component_: nan_plant.NaNAtStep, at_step: 1}"  # diverges at its first step
+
+
 def test_a_failed_attempt_is_moved_aside_when_the_recipe_is_fixed(tmp_path):
-    # the first attempt fails while building (a bad backbone value only the builder can check)
-    assert run(tmp_path, "backbone.heads=3") == 1
+    # the first attempt fails while training
+    assert run(tmp_path, PLANT) == 1
     assert summary(tmp_path)["status"] == "failed"
     assert run(tmp_path) == 0
     assert summary(tmp_path)["status"] == "ok"
@@ -101,13 +104,16 @@ def test_parallel_cells_train_each_cell_in_its_own_process_and_fill_one_table(tm
     assert sorted(r["loop.max_steps"] for r in rows) == ["1", "2", "3"]
 
 
-def test_a_failing_parallel_cell_is_reported_and_the_grid_exits_1(tmp_path, capsys):
-    # heads=3 does not divide hidden_size 32: the builder fails inside the child
-    grid = ["grid.backbone.heads=[2,3]", "trainer.parallel_cells=2", "trainer.threads=1"]
+def test_a_failing_parallel_cell_is_reported_and_the_grid_exits_1(tmp_path, capsys, monkeypatch):
+    # the second cell diverges while training, inside its child process
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))   # the children import nan_plant
+    grid = ["grid.loop.combine=[{name: none}, {_component_: nan_plant.NaNAtStep, at_step: 1}]",
+            "trainer.parallel_cells=2", "trainer.threads=1"]
     assert run(tmp_path, *grid) == 1
     captured = capsys.readouterr()
-    assert "heads=3: FAILED: ValueError" in captured.err and "heads=2: val_accuracy=" in captured.out
-    assert summary(tmp_path, "heads=2")["status"] == "ok"
+    assert "combine=NaNAtStep-at_step1: FAILED: FloatingPointError" in captured.err
+    assert "combine=none: val_accuracy=" in captured.out
+    assert summary(tmp_path, "combine=none")["status"] == "ok"
 
 
 def test_parallel_cells_refuse_multi_device_cells(tmp_path, capsys):

@@ -10,11 +10,13 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_model, tiny_recipe
+from nan_plant import plant
 
 from slr_zoo import fit
+from slr_zoo import looped
 from slr_zoo.looped import NonFiniteStateError, UniformDepth
 from slr_zoo.training.module import depth_generator
-from slr_zoo.training.run import build_everything, run_cell
+from slr_zoo.recipe import build_cell, train_cell
 from slr_zoo.training.trainer import read_curve
 
 
@@ -25,41 +27,45 @@ def _recipe(tmp_path, **overrides):
     return tiny_recipe(**base)
 
 
-def test_planted_nan_is_caught_at_its_iteration(tokens):
-    model = tiny_model(tiny_recipe(loop__debug_nan_at_step=2)).train()
+def test_planted_nan_is_caught_at_its_iteration(tokens, monkeypatch):
+    model = tiny_model(tiny_recipe(loop__combine=plant(2))).train()
     with pytest.raises(NonFiniteStateError, match="loop iteration 2") as info:
         model(tokens, steps=3)
     assert info.value.step == 2
-    model.finish_on_nonfinite = True  # as under FSDP: run the whole pass, then report the first bad iteration
-    with pytest.raises(NonFiniteStateError) as info:
-        model(tokens, steps=3)
-    assert info.value.step == 2
+    # as under FSDP (every rank makes every all-gather): run the whole pass, then report the first bad iteration
+    calls = []
+    model.backbone.core.register_forward_hook(lambda m, i, o: calls.append(1))
+    with monkeypatch.context() as patch:
+        patch.setattr(looped, "FSDPModule", type(model))
+        with pytest.raises(NonFiniteStateError) as info:
+            model(tokens, steps=3)
+    assert info.value.step == 2 and len(calls) == 3
     model.eval()  # the plant is for training runs only
     assert torch.isfinite(model(tokens, steps=3).logits).all()
 
 
 def test_stop_names_the_iteration_and_the_step(tmp_path):
-    recipe = _recipe(tmp_path, loop__debug_nan_at_step=2)
+    recipe = _recipe(tmp_path, loop__combine=plant(2))
     with pytest.raises(FloatingPointError, match=r"global step 0 \(depth 3\): the hidden state became non-finite "
                                                  r"at loop iteration 2\. Set trainer\.on_nonfinite=skip"):
-        run_cell(recipe, tmp_path / "cell")
+        train_cell(recipe, tmp_path / "cell")
 
 
 def test_nan_in_the_loss_without_the_state_check_is_still_caught(tmp_path):
-    recipe = _recipe(tmp_path, loop__debug_nan_at_step=2, loop__check_finite=False)
+    recipe = _recipe(tmp_path, loop__combine=plant(2), loop__check_finite=False)
     with pytest.raises(FloatingPointError, match="non-finite loss nan"):
-        run_cell(recipe, tmp_path / "cell")
+        train_cell(recipe, tmp_path / "cell")
 
 
 def test_skip_counts_exactly_the_diverging_batches_and_trains_on_the_rest(tmp_path):
     # uniform depth in [1, 3] with a NaN at iteration 3: exactly the batches drawn with depth 3 diverge
-    recipe = _recipe(tmp_path, trainer__max_steps=10, trainer__on_nonfinite="skip", loop__debug_nan_at_step=3,
+    recipe = _recipe(tmp_path, trainer__max_steps=10, trainer__on_nonfinite="skip", loop__combine=plant(3),
                      loop__depth_sampler={"name": "uniform"})
     depths = [UniformDepth(max_steps=3).sample(depth_generator(0, s)) for s in range(10)]
     expected = sum(d == 3 for d in depths)
     assert 0 < expected < 10
 
-    summary = run_cell(recipe, tmp_path / "cell")
+    summary = train_cell(recipe, tmp_path / "cell")
     assert summary["status"] == "ok" and summary["skipped_batches"] == expected
     curve = read_curve(tmp_path / "cell" / "train_curve.csv")
     assert [r["depth"] for r in curve] == depths
@@ -69,10 +75,10 @@ def test_skip_counts_exactly_the_diverging_batches_and_trains_on_the_rest(tmp_pa
 
 def test_skipped_batches_leave_weights_and_optimizer_untouched(tmp_path):
     # every batch diverges at iteration 1: nothing may move, not even through Adam's momentum or weight decay
-    recipe = _recipe(tmp_path, trainer__max_steps=3, trainer__on_nonfinite="skip", loop__debug_nan_at_step=1)
+    recipe = _recipe(tmp_path, trainer__max_steps=3, trainer__on_nonfinite="skip", loop__combine=plant(1))
     L.seed_everything(recipe["seed"], verbose=False)
-    _, _, fresh = build_everything(recipe, tmp_path / "cell")
-    summary = run_cell(recipe, tmp_path / "cell")
+    fresh = build_cell(recipe, tmp_path / "cell").module
+    summary = train_cell(recipe, tmp_path / "cell")
     assert summary["skipped_batches"] == 3
     checkpoint = torch.load(tmp_path / "cell" / "checkpoints" / "last.ckpt", weights_only=False)
     for key, value in fresh.state_dict().items():
@@ -87,7 +93,7 @@ def test_skipped_batches_leave_weights_and_optimizer_untouched(tmp_path):
 def _grid_file(tmp_path):
     recipe = _recipe(tmp_path, trainer__max_steps=2)
     recipe["name"] = "faults"
-    recipe["grid"] = {"loop.debug_nan_at_step": [None, 1], "seed": [0, 1]}
+    recipe["grid"] = {"loop.combine": [{"name": "none"}, plant(1)], "seed": [0, 1]}
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path, tmp_path / "faults"
@@ -104,7 +110,7 @@ def test_a_failing_cell_is_recorded_and_the_others_run(tmp_path, capsys):
     rows = _rows(run_dir)
     assert len(rows) == 4
     failed = {c for c, r in rows.items() if r["status"] == "failed"}
-    assert failed and all("debug_nan_at_step=1" in c for c in failed) and len(failed) == 2
+    assert failed and all("NaNAtStep-at_step1" in c for c in failed) and len(failed) == 2
     for cell in failed:
         assert "loop iteration 1" in rows[cell]["error"]
         assert (run_dir / cell / "error.log").read_text().startswith("Traceback")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import VOCAB, tiny_model, tiny_recipe
+from slr_zoo.registry import ComponentError
 from slr_zoo.halting import HALTING, HaltingPolicy
 from slr_zoo.halting.act import ACTHalting
 from slr_zoo.halting.exit_gate import ExitGateHalting
@@ -18,7 +19,8 @@ from slr_zoo.halting.kl import KLHalting
 from slr_zoo.halting.ponder import PonderHalting
 from slr_zoo.halting.threshold import ThresholdHalting
 from slr_zoo.tasks.encoding import IGNORE
-from slr_zoo.training.module import answer_loss, question_mask
+from slr_zoo.training.module import question_mask
+from slr_zoo.training.objectives.answer import answer_loss
 
 
 def states_with_logits(z: torch.Tensor, scale: float = 10.0) -> torch.Tensor:
@@ -87,7 +89,7 @@ def test_act_output_is_the_weighted_mixture_of_the_states():
     ids = torch.randint(4, VOCAB, (3, 9), generator=torch.Generator().manual_seed(2))
     model.eval()
     with torch.no_grad():
-        out = model(ids, keep_states=True)
+        out = model(ids, record=("states",))
         decisions, _ = drive(model.halting, out.states)
         mixture = sum(d.weight[..., None] * h for d, h in zip(decisions, out.states))
         ctx = model.backbone.context(ids)
@@ -221,7 +223,7 @@ def test_compaction_matches_running_each_sample_alone(member):
     base = tiny_model(tiny_recipe(loop__max_steps=T, loop__combine={"name": "residual_previous", "alpha": 0.5}))
     base.eval()
     with torch.no_grad():
-        ref = base(ids, keep_states=True)
+        ref = base(ids, record=("states",))
     if member == "threshold":
         policy = ThresholdHalting(epsilon=1.0)
         changes = torch.stack([policy.over_query({"query": query}, policy.change(b, a), "max")
@@ -272,7 +274,7 @@ def test_a_policy_that_decodes_each_step_is_not_decoded_again_for_the_output():
     model.decoder.register_forward_hook(lambda m, i, o: decodes.append(o.size(0)))
     ids = torch.randint(4, VOCAB, (3, 8))
     with torch.no_grad():
-        out = model(ids, keep_states=True)
+        out = model(ids, record=("states",))
         assert decodes == [3, 3, 3, 3]                     # one decode per step, none after the loop
         again = model.decoder(out.states[-1], model.backbone, model.backbone.context(ids))
     torch.testing.assert_close(out.logits, again)
@@ -284,7 +286,7 @@ def test_training_runs_every_step_for_every_sample_and_freezes_halted_ones():
     calls = []
     model.backbone.core.register_forward_hook(lambda m, i, o: calls.append(o.size(0)))
     ids = torch.randint(4, VOCAB, (3, 8))
-    out = model(ids, keep_states=True)
+    out = model(ids, record=("states",))
     assert calls == [3, 3, 3, 3]                                  # mask, do not skip
     assert all(torch.equal(s, out.states[0]) for s in out.states)  # halted at step 1, then frozen
     assert out.steps.tolist() == [1, 1, 1]
@@ -353,8 +355,8 @@ def test_every_member_trains_and_evaluates(node):
     for name, p in model.halting.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{node}: {name} got no gradient"
     if model.halting.mixes == "loss":
-        torch.testing.assert_close(sum(w for w in out.step_weights), torch.ones_like(out.step_weights[0]),
-                                   atol=1e-6, rtol=0)
+        weights = [w for _, w in out.loss_terms]
+        torch.testing.assert_close(sum(weights), torch.ones_like(weights[0]), atol=1e-6, rtol=0)
     model.eval()
     with torch.no_grad():
         out = model(ids, query_mask=question_mask(labels))
@@ -397,15 +399,15 @@ def test_decisions_and_accumulators_are_float32_under_bf16_autocast(name):
     assert out.aux_loss is None or out.aux_loss.dtype == torch.float32
 
 
-def test_bad_arguments_fail_with_the_key():
-    with pytest.raises(ValueError, match="granularity"):
-        ACTHalting(hidden_size=4, granularity="batch")
-    with pytest.raises(ValueError, match="prior"):
-        PonderHalting(hidden_size=4, prior=1.5)
-    with pytest.raises(ValueError, match="halting.q"):
-        ExitGateHalting(hidden_size=4, q=0.0)
-    with pytest.raises(ValueError, match="halting.inference"):
-        PonderHalting(hidden_size=4, inference="median")
+@pytest.mark.parametrize("node, key", [
+    ({"name": "act", "granularity": "batch"}, "granularity"),
+    ({"name": "ponder", "prior": 1.5}, "prior"),
+    ({"name": "exit_gate", "q": 0.0}, "q"),
+    ({"name": "ponder", "inference": "median"}, "inference"),
+])
+def test_bad_arguments_fail_with_the_dotted_key(node, key):
+    with pytest.raises(ComponentError, match=rf"^loop\.halting\.{key}: (must be|expected)"):
+        HALTING.build(node, "loop.halting", hidden_size=4, max_steps=3)
 
 
 def test_ponder_sampled_exit_follows_the_exit_distribution():
@@ -491,4 +493,4 @@ def test_loss_mixing_policies_decode_the_last_state_once_in_training(name):
     model.decoder.register_forward_hook(lambda m, i, o: decodes.append(o.size(0)))
     out = model(torch.randint(4, VOCAB, (3, 8)))
     assert len(decodes) == 4                                   # one per step, none extra
-    assert out.logits is out.step_logits[-1] and out.logits.requires_grad
+    assert out.logits is out.loss_terms[-1][0] and out.logits.requires_grad

@@ -16,10 +16,10 @@ from slr_zoo import fit
 from slr_zoo.tasks.base import UNREACHED
 from slr_zoo.tasks.encoding import IGNORE, collate, encode
 from slr_zoo.tasks.json_file import read_records
-from slr_zoo.tasks.prosqa import ProsQATask, distances
+from slr_zoo.tasks.prosqa import ProsQATask
 from slr_zoo.tasks.tokenizer import build_word_tokenizer, text_ids, token_words
 from slr_zoo.training.data import EncodedDataset, encode_split
-from slr_zoo.training.module import reach_loss
+from slr_zoo.training.objectives.reach import ReachProbe
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_PROSQA = ROOT.parent / "shared/data/prosqa/valid.json"
@@ -56,7 +56,7 @@ def test_prefix_attention_ignores_padding_and_needs_the_question():
     mask = (torch.arange(10)[None] >= 3).long()
     out = model(left, attention_mask=mask, query_mask=(torch.arange(10)[None] >= 3) & (torch.arange(10)[None] < 8)).logits
     torch.testing.assert_close(out[:, 3:], alone, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="backbone.attention=prefix needs the question's extent"):
+    with pytest.raises(ValueError, match="attention='prefix' needs the question's extent"):
         model(ids)
 
 
@@ -126,28 +126,47 @@ def test_a_task_without_reach_steps_is_named():
 
     task = IterateTask(n_train=4, n_val=2)
     tokenizer = build_word_tokenizer(task.records("train"))
-    with pytest.raises(ValueError, match="loop.reach_supervision needs per-word reach steps, which task IterateTask"):
+    with pytest.raises(ValueError, match="the reach probe needs per-word reach steps, which task IterateTask"):
         encode_split(task, "train", tokenizer, reach=True)
 
 
 def test_reach_loss_is_the_mean_over_iterations_and_trains_probe_and_core():
     torch.manual_seed(0)
-    model = tiny_model(tiny_recipe(loop__reach_supervision=1.0, backbone__attention="prefix")).train()
+    model = tiny_model(tiny_recipe(backbone__attention="prefix")).train()
+    probe = ReachProbe(weight=1.0, hidden_size=model.backbone.hidden_size).train()
     ids = torch.randint(4, VOCAB, (2, 6))
     reach = torch.full_like(ids, IGNORE)
     reach[:, 1], reach[:, 2], reach[0, 4] = 0, 2, UNREACHED
-    out = model(ids, query_mask=torch.ones_like(ids, dtype=torch.bool), probe_steps=True)
-    assert len(out.step_reach) == 3 and out.step_reach[0].shape == ids.shape
+    out = model(ids, query_mask=torch.ones_like(ids, dtype=torch.bool), record=probe.record)
+    probed = probe.step_logits(out)
+    assert [t for t, _ in probed] == [1, 2, 3] and probed[0][1].shape == ids.shape
     labelled = reach != IGNORE
     expected = sum(F.binary_cross_entropy_with_logits(z[labelled], (reach[labelled] <= t).float())
-                   for t, z in enumerate(out.step_reach, start=1)) / 3
-    torch.testing.assert_close(reach_loss(out, reach), expected)
-    reach_loss(out, reach).backward()
-    for name, p in model.named_parameters():
-        if name.startswith(("reach_probe", "backbone.core", "backbone.prelude")):
+                   for t, z in probed) / 3
+    loss, logs = probe({"reach": reach}, out, detail=True)
+    torch.testing.assert_close(loss, expected)
+    assert set(logs) == {"reach_loss", "reach_accuracy_t1", "reach_accuracy_t2", "reach_accuracy_t3"}
+    loss.backward()
+    for name, p in [*model.named_parameters(), *(("probe." + n, p) for n, p in probe.named_parameters())]:
+        if name.startswith(("probe", "backbone.core", "backbone.prelude")):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
-    with pytest.raises(ValueError, match="probe_steps needs a model built with reach_probe"):
-        tiny_model().train()(ids, probe_steps=True)
+
+
+def test_reach_probe_under_truncated_backprop_reads_each_iteration_at_its_own_hop():
+    """Only the iterations with a graph are probed, each against the hop count of its own
+    iteration: with backprop_steps = 1 of 3, iteration 3 is asked for 'reached within 3 hops'."""
+    torch.manual_seed(0)
+    model = tiny_model(tiny_recipe(backbone__attention="prefix", loop__backprop_steps=1)).train()
+    probe = ReachProbe(hidden_size=model.backbone.hidden_size).train()
+    ids = torch.randint(4, VOCAB, (2, 6))
+    reach = torch.full_like(ids, IGNORE)
+    reach[:, 1], reach[:, 2] = 3, UNREACHED
+    out = model(ids, query_mask=torch.ones_like(ids, dtype=torch.bool), record=probe.record)
+    (t, z), = probe.step_logits(out)
+    assert t == 3
+    labelled = reach != IGNORE
+    expected = F.binary_cross_entropy_with_logits(z[labelled], (reach[labelled] <= 3).float())
+    torch.testing.assert_close(probe({"reach": reach}, out)[0], expected)
 
 
 def test_the_shipped_reach_recipe_trains_end_to_end(tmp_path):

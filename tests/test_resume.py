@@ -15,7 +15,7 @@ from conftest import tiny_recipe
 from slr_zoo.training.checkpoint import AtomicCheckpointIO, CheckpointError, check_resumable, resume_point
 from slr_zoo.training.data import ResumableBatchSampler, shard_batches
 from slr_zoo.training.module import depth_generator
-from slr_zoo.training.run import build_everything, run_cell
+from slr_zoo.recipe import build_cell, train_cell
 from slr_zoo.training.trainer import read_curve
 
 
@@ -94,7 +94,9 @@ def test_atomic_save_leaves_the_previous_checkpoint_when_a_save_fails(tmp_path):
 def test_every_strategy_saves_through_the_atomic_writer(tmp_path, strategy):
     from slr_zoo.training.trainer import make_trainer
 
-    cfg = tiny_recipe(trainer__strategy=strategy, trainer__accelerator="cpu")["trainer"]
+    from slr_zoo.training.settings import TrainerConfig
+
+    cfg = TrainerConfig(**tiny_recipe(trainer__strategy=strategy, trainer__accelerator="cpu")["trainer"])
     assert isinstance(make_trainer(cfg, tmp_path).strategy.checkpoint_io, AtomicCheckpointIO)
 
 
@@ -113,18 +115,18 @@ def _state(directory: Path) -> dict:
 def test_corrupt_checkpoint_stops_with_an_error_naming_the_file(tmp_path):
     recipe = _fit_recipe(tmp_path, trainer__max_steps=2)
     directory = tmp_path / "cell"
-    run_cell(recipe, directory)
+    train_cell(recipe, directory)
     last = directory / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a torn write
     with pytest.raises(CheckpointError, match=f"checkpoint {last} is unreadable"):
-        run_cell(recipe, directory)
+        train_cell(recipe, directory)
 
 
 def test_checkpoint_of_another_model_is_refused_with_the_mismatch(tmp_path):
     directory = tmp_path / "cell"
-    run_cell(_fit_recipe(tmp_path, trainer__max_steps=2), directory)
+    train_cell(_fit_recipe(tmp_path, trainer__max_steps=2), directory)
     wider = _fit_recipe(tmp_path, trainer__max_steps=2, backbone__hidden_size=48)
-    _, _, module = build_everything(wider, directory)
+    module = build_cell(wider, directory).module
     with pytest.raises(CheckpointError, match=r"does not fit this recipe's model \(different shape: .*48"):
         check_resumable(directory / "checkpoints" / "last.ckpt", module)
 
@@ -132,8 +134,8 @@ def test_checkpoint_of_another_model_is_refused_with_the_mismatch(tmp_path):
 def test_resume_takes_the_furthest_checkpoint_including_slurm_preemption_ones(tmp_path):
     directory = tmp_path / "cell"
     recipe = _fit_recipe(tmp_path, trainer__max_steps=4)
-    run_cell(recipe, directory)
-    _, _, module = build_everything(recipe, directory)
+    train_cell(recipe, directory)
+    module = build_cell(recipe, directory).module
     last = directory / "checkpoints" / "last.ckpt"
     assert resume_point(directory, module) == last
     state = torch.load(last, weights_only=False)
@@ -147,7 +149,7 @@ def test_resume_takes_the_furthest_checkpoint_including_slurm_preemption_ones(tm
 
 def _train_in_child(recipe, directory):
     torch.set_num_threads(1)
-    run_cell(recipe, directory)
+    train_cell(recipe, directory)
 
 
 def test_killed_run_resumes_to_exactly_the_weights_of_an_uninterrupted_run(tmp_path):
@@ -155,7 +157,7 @@ def test_killed_run_resumes_to_exactly_the_weights_of_an_uninterrupted_run(tmp_p
     recipe = _fit_recipe(tmp_path, loop__loop_lora={"name": "per_step", "rank": 2},
                          backbone__dropout=0.1)  # dropout: the resumed run must draw the same masks
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_cell(recipe, straight)
+    train_cell(recipe, straight)
 
     child = multiprocessing.get_context("fork").Process(target=_train_in_child, args=(recipe, killed))
     child.start()
@@ -171,7 +173,7 @@ def test_killed_run_resumes_to_exactly_the_weights_of_an_uninterrupted_run(tmp_p
     seconds_before_kill = _state(killed)["train_seconds"]
     assert seconds_before_kill > 0
 
-    summary = run_cell(recipe, killed)
+    summary = train_cell(recipe, killed)
     assert summary["train_steps"] == recipe["trainer"]["max_steps"]
     assert summary["train_seconds"] >= round(seconds_before_kill, 1)   # the whole cost, not the last leg
     a, b = _state(straight), _state(killed)

@@ -17,7 +17,7 @@ from conftest import VOCAB, tiny_model, tiny_recipe
 from slr_zoo.recipe import build_backbone, build_model, expand, load, validate
 from slr_zoo.registry import ComponentError
 from slr_zoo.stabilizers import COMBINES, INJECTIONS, LOOP_LORAS, STEP_EMBEDDINGS
-from slr_zoo.stabilizers.loop_lora import PerStepLoRA, SharedScaledLoRA, weight_matrix
+from slr_zoo.stabilizers.loop_lora import weight_matrix
 
 REGISTRIES = {
     "step_embedding": STEP_EMBEDDINGS,
@@ -192,7 +192,7 @@ def test_concat_mode_keeps_width_and_starts_as_identity(name, dim, tokens):
 
 
 def test_add_mode_rejects_a_dim():
-    with pytest.raises(ValueError, match="dim applies to mode=concat"):
+    with pytest.raises(ValueError, match=r"loop\.step_embedding\.dim: applies to mode=concat"):
         model_with("step_embedding", {"name": "learned", "mode": "add", "dim": 8})
 
 
@@ -398,7 +398,7 @@ def test_svd_init_needs_share_average():
 
 
 def test_share_average_needs_loops():
-    with pytest.raises(ValueError, match="needs backbone.loops"):
+    with pytest.raises(ValueError, match=r"backbone\.loops: share=average needs loops"):
         tiny_model(tiny_recipe(backbone={**LLAMA, "share": "average"}))
 
 
@@ -504,13 +504,16 @@ def test_monitors_of_components():
 
 
 def test_monitors_reach_the_training_module_log_keys(tokens):
+    from slr_zoo.recipe import build_objectives
     from slr_zoo.training.module import LoopedLMModule
+    from slr_zoo.training.settings import OptimConfig
 
     recipe = tiny_recipe(loop__injection={"name": "diagonal"}, loop__combine={"name": "gated"},
                          loop__loop_lora={"name": "shared_scaled"},
                          loop__step_embedding={"name": "learned"})
     torch.manual_seed(0)
-    module = LoopedLMModule(build_model(recipe, build_backbone(recipe, vocab_size=VOCAB)), recipe["optim"])
+    model = build_model(recipe, build_backbone(recipe, vocab_size=VOCAB))
+    module = LoopedLMModule(model, build_objectives(recipe, model.backbone.hidden_size), OptimConfig(**recipe["optim"]))
     module.model(tokens)
     logged = module.model_monitors()
     for key in ("injection/contraction_max", "injection/contraction_mean", "combine/gate_mean",

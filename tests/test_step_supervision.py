@@ -16,7 +16,8 @@ from slr_zoo.tasks.encoding import IGNORE, collate, encode
 from slr_zoo.tasks.iterate import IterateTask
 from slr_zoo.tasks.tokenizer import build_word_tokenizer
 from slr_zoo.training.data import EncodedDataset, encode_split
-from slr_zoo.training.module import answer_loss, step_loss
+from slr_zoo.training.objectives.answer import answer_loss
+from slr_zoo.training.objectives.step_supervision import step_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def test_a_task_without_hop_answers_is_named():
 
     task = WalkTask(n_train=4, n_val=2)
     tokenizer = build_word_tokenizer(task.records("train"))
-    with pytest.raises(ValueError, match="loop.step_supervision needs per-hop answers, which task WalkTask"):
+    with pytest.raises(ValueError, match="step supervision needs per-hop answers, which task WalkTask"):
         encode_split(task, "train", tokenizer, step_answers=True)
 
 
@@ -84,15 +85,15 @@ def hop_batch(*earlier_hops: list[int]):
 
 def test_step_loss_is_the_mean_over_iterations_of_each_hop_target():
     model, ids, labels, step_labels = hop_batch([7, 8])   # hop 1 answer differs; hop 2 is the answer
-    out = model(ids, decode_steps=True)
+    out = model(ids, record=("logits",))
     assert len(out.step_logits) == 3 and all(x.requires_grad for x in out.step_logits)
     expected = sum(F.cross_entropy(out.step_logits[t].flatten(0, 1), step_labels[:, min(t + 1, 2) - 1].flatten(),
                                    ignore_index=IGNORE) for t in range(3)) / 3
-    torch.testing.assert_close(step_loss(out, step_labels, labels), expected)
+    torch.testing.assert_close(step_loss(out.step_logits, step_labels, labels), expected)
     assert out.logits is out.step_logits[-1]                    # the output is not decoded twice
     torch.testing.assert_close(answer_loss(out, labels),
                                F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE))
-    step_loss(out, step_labels, labels).backward()
+    step_loss(out.step_logits, step_labels, labels).backward()
     core = [p for n, p in model.named_parameters() if ".core." in f".{n}" or n.startswith("backbone.core")]
     assert core and all(p.grad is not None and p.grad.abs().sum() > 0 for p in core)
 
@@ -101,10 +102,22 @@ def test_a_loop_shorter_than_the_chain_ends_on_the_final_answer():
     """With fewer iterations than hops (``loop.max_steps=1``: no loop) the last iteration is still
     trained toward the answer, not toward a partial one it has no iteration left to finish."""
     model, ids, labels, step_labels = hop_batch([7, 8], [9, 10])   # three hops; the loop runs two iterations
-    out = model(ids, steps=2, decode_steps=True)
+    out = model(ids, steps=2, record=("logits",))
     first, last = (F.cross_entropy(x.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
                    for x, y in [(out.step_logits[0], step_labels[:, 0]), (out.step_logits[1], labels)])
-    torch.testing.assert_close(step_loss(out, step_labels, labels), (first + last) / 2)
+    torch.testing.assert_close(step_loss(out.step_logits, step_labels, labels), (first + last) / 2)
+
+
+def test_truncated_backprop_supervises_each_iteration_toward_its_own_hop():
+    """With ``backprop_steps`` = 2 of 3 iterations, the two iterations with a graph are iterations
+    2 and 3, trained toward hop 2's answer and the final answer; iteration 1 is left out."""
+    model, ids, labels, step_labels = hop_batch([7, 8], [9, 10])   # three hops
+    model.backprop_steps = 2
+    out = model(ids, record=("logits",))
+    assert out.step_logits[0] is None and all(x.requires_grad for x in out.step_logits[1:])
+    second, last = (F.cross_entropy(x.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+                    for x, y in [(out.step_logits[1], step_labels[:, 1]), (out.step_logits[2], labels)])
+    torch.testing.assert_close(step_loss(out.step_logits, step_labels, labels), (second + last) / 2)
 
 
 def test_fit_trains_with_step_supervision_and_rejects_an_out_of_range_weight(tmp_path, capsys):
@@ -139,12 +152,12 @@ def test_step_supervision_with_a_policy_that_decodes_without_grad():
     torch.manual_seed(0)
     model = tiny_model(tiny_recipe(loop__max_steps=3, loop__halting={"name": "kl"})).train()
     ids = torch.randint(4, 32, (2, 6))
-    out = model(ids, decode_steps=True)
+    out = model(ids, record=("logits",))
     assert len(out.step_logits) == 3 and all(x.requires_grad for x in out.step_logits)
     assert out.logits.requires_grad
     labels = torch.full_like(ids, IGNORE)
     labels[:, 3] = 5
-    step_loss(out, labels[:, None], labels).backward()
+    step_loss(out.step_logits, labels[:, None], labels).backward()
 
 
 @pytest.mark.parametrize("policy", ["act", "exit_gate", "ponder"])

@@ -240,11 +240,11 @@ def _move_aside(directory: Path) -> None:
 
 def _run_guarded(cell, directory: Path) -> dict:
     """Run one cell; any exception becomes a failed summary so the rest of the grid still runs."""
-    from slr_zoo.training.run import run_cell
+    from slr_zoo.recipe import train_cell
 
     start = time.perf_counter()
     try:
-        return run_cell(cell.recipe, directory, cell.keys)
+        return train_cell(cell.recipe, directory, cell.keys)
     except KeyboardInterrupt:
         raise
     except Exception as err:  # noqa: BLE001  (recorded, reported, and the grid goes on)

@@ -3,31 +3,35 @@
     h0 = prelude(x)
     h  = h0
     for t in 1..T while not halted:
-        u  = injection(step_embedding(h, t), h0)
-        h' = core(u)               with loop-wise LoRA L_t active
-        h  = combine(h', h0, h, t)
+        h = step(h, h0, t, ctx)     # injection(step_embedding(h, t), h0) -> core with L_t -> combine
         halting.observe(t, h, ...)
     logits = decoder(output state)
 
-Training draws T from a depth sampler and back-propagates through the last ``backprop_steps``
-iterations only. Inference stops at ``max_steps`` or earlier when the halting policy says so:
-halted samples leave the batch, halted tokens are frozen.
+``step`` is the whole iteration and knows no loop mode: the depth loop below calls it on every
+position's state, and a thoughts loop calls it on one continuous thought. Training draws T from a
+depth sampler and back-propagates through the last ``backprop_steps`` iterations only. Inference
+stops at ``max_steps`` or earlier when the halting policy says so: halted samples leave the batch,
+halted tokens are frozen. With a ``cache`` the pass continues a generation: the prompt's keys are
+written once per iteration, and a decoding step runs the iterations over the new token only.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Iterable
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
+from slr_zoo.backbones.cache import LoopKVCache
 from slr_zoo.backbones.hf import Backbone, SequenceContext
+from slr_zoo.bookkeeping import BatchCompaction, HaltingTracker, OutputMixture, StepTrace, lazy
 from slr_zoo.decoders.base import Decoder
 from slr_zoo.halting.base import HaltingPolicy
-from slr_zoo.registry import Registry
+from slr_zoo.registry import ArgumentError, Registry
 from slr_zoo.stabilizers import Combine, Injection, LoopLoRA, StepEmbedding
 
 
@@ -46,10 +50,10 @@ class DepthSampler(nn.Module):
         raise NotImplementedError
 
 
-def _within(key: str, value: int, max_steps: int) -> None:
+def _within(key: str, value: float, max_steps: int) -> None:
     # deeper training runs would silently reuse the last step embedding and LoRA adapter
     if not 1 <= value <= max_steps:
-        raise ValueError(f"depth_sampler.{key} must be in [1, loop.max_steps = {max_steps}], got {value}")
+        raise ArgumentError(key, f"must be in [1, max_steps = {max_steps}] (the loop's max_steps), got {value}")
 
 
 DEPTH_SAMPLERS = Registry("depth_sampler", DepthSampler, context=("max_steps",))
@@ -76,7 +80,7 @@ class UniformDepth(DepthSampler):
         super().__init__(max_steps)
         self.low, self.high = low, high or max_steps
         if not 1 <= self.low <= self.high:
-            raise ValueError(f"depth_sampler: need 1 <= low <= high, got low={low} high={self.high}")
+            raise ArgumentError("low", f"need 1 <= low <= high, got low={low} high={self.high}")
         _within("high", self.high, max_steps)
 
     def sample(self, generator):
@@ -92,6 +96,10 @@ class LogNormalPoissonDepth(DepthSampler):
         super().__init__(max_steps)
         self.mean, self.sigma, self.cap = mean, sigma, cap or max_steps
         _within("cap", self.cap, max_steps)
+        # a mean past the cap would clip nearly every draw to the cap: a fixed depth in disguise
+        _within("mean", mean, self.cap)
+        if sigma <= 0:
+            raise ArgumentError("sigma", f"must be > 0, got {sigma}")
 
     def sample(self, generator):
         mu = math.log(self.mean) - 0.5 * self.sigma**2
@@ -107,14 +115,17 @@ class LogNormalPoissonDepth(DepthSampler):
 class LoopOutput:
     logits: torch.Tensor                       # [B, S, V] from the output state
     steps: torch.Tensor                        # [B] loop steps each sample used
+    token_steps: torch.Tensor | None = None    # [B, S] per-token policies: each position's steps (pads 0)
     aux_loss: torch.Tensor | None = None       # the halting policy's regulariser
-    step_logits: list[torch.Tensor] = field(default_factory=list)   # per step, when mixes == "loss" or decode_steps
-    step_weights: list[torch.Tensor] = field(default_factory=list)  # per step, when mixes == "loss"
-    step_reach: list[torch.Tensor] = field(default_factory=list)    # per step [B, S] reach-probe logits, with probe_steps
-    token_steps: torch.Tensor | None = None    # [B, S] for per-token policies
-    states: list[torch.Tensor] = field(default_factory=list)       # per step, with keep_states
-    norms: list[torch.Tensor] = field(default_factory=list)        # per step mean ||h_t||
-    deltas: list[torch.Tensor] = field(default_factory=list)       # per step ||h_t - h_{t-1}|| / ||h_{t-1}||
+    first_graph_step: int = 1                  # iterations from this one on ran with autograd
+    # training under a loss-mixing policy: (logits, weight) of every step with a graph
+    loss_terms: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    sample_weights: torch.Tensor | None = None  # [B, T] a per-sample "state" policy's step weights
+    # what `record` asked for, one entry per iteration run
+    states: list[torch.Tensor] = field(default_factory=list)              # "states"
+    step_logits: list[torch.Tensor | None] = field(default_factory=list)  # "logits" (None: no graph)
+    norms: list[torch.Tensor] = field(default_factory=list)               # "stability": mean ||h_t||
+    deltas: list[torch.Tensor] = field(default_factory=list)              # "stability": ||h_t - h_{t-1}|| / ||h_{t-1}||
 
 
 class NonFiniteStateError(FloatingPointError):
@@ -140,10 +151,8 @@ class LoopedLM(nn.Module):
         depth_sampler: DepthSampler,
         backprop_steps: int | None = None,
         check_finite: bool = True,
-        debug_nan_at_step: int | None = None,
         checkpoint_core: bool = False,
         state_noise: float = 0.0,
-        reach_probe: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -157,238 +166,118 @@ class LoopedLM(nn.Module):
         self.depth_sampler = depth_sampler
         self.backprop_steps = backprop_steps
         self.check_finite = check_finite
-        self.debug_nan_at_step = debug_nan_at_step  # plants a NaN in training, to test the guards
-        self.checkpoint_core = checkpoint_core      # recompute each core pass in backward (less memory)
-        self.state_noise = state_noise              # training: perturb the state entering each step
-        # loop.reach_supervision: reads from each iteration's state, per token, whether the
-        # reasoning has reached that token's concept yet (a trained probe, not part of the answer path)
-        d = backbone.hidden_size
-        self.reach_probe = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1)) if reach_probe else None
-        # finish the pass before raising NonFiniteStateError: under FSDP a rank that left the
-        # forward early would skip collectives (all-gathers of later units) the others make
-        self.finish_on_nonfinite = False
+        self.checkpoint_core = checkpoint_core  # recompute each core pass in backward (less memory)
+        self.state_noise = state_noise          # training: perturb the state entering each step
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self, h: torch.Tensor, h0: torch.Tensor, t: int, ctx: SequenceContext,
+             noise_level: torch.Tensor | None = None) -> torch.Tensor:
+        """Iteration t, the same in every loop mode: the step embedding e_t and the input
+        injection make the core's input, the shared core runs with loop LoRA L_t active, and the
+        combine merges its output with h0 and h_{t-1}. ``noise_level`` [B] (training with
+        ``state_noise``): the input state is perturbed by Gaussian noise of that std, and the
+        step embedding is told so; the combine still sees the clean h_{t-1}."""
+        x = h if noise_level is None else h + noise_level[:, None, None].to(h.dtype) * torch.randn_like(h)
+        u = self.injection(self.step_embedding(x, t, noise_level=noise_level), h0)
+        ctx = ctx.at_step(t)
+        if self.checkpoint_core and torch.is_grad_enabled():
+            # the recomputation calls core_at again, which re-enters at_step(t)
+            new = torch.utils.checkpoint.checkpoint(self.core_at, u, ctx, t, use_reentrant=False)
+        else:
+            new = self.core_at(u, ctx, t)
+        return self.combine(new, h0, h, t)
 
     def core_at(self, u: torch.Tensor, ctx: SequenceContext, t: int) -> torch.Tensor:
         """One pass of the shared core with step t's adapters active."""
         with self.loop_lora.at_step(t):
             return self.backbone.core(u, ctx)
 
+    # ------------------------------------------------------------------ the depth loop
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         steps: int | None = None,
-        keep_states: bool = False,
         query_mask: torch.Tensor | None = None,
         real_mask: torch.Tensor | None = None,
-        decode_steps: bool = False,
-        probe_steps: bool = False,
+        record: Iterable[str] = (),
+        cache: LoopKVCache | None = None,
+        halting: HaltingPolicy | None = None,
+        compact: bool | None = None,
     ) -> LoopOutput:
         """``query_mask`` [B, S] bool: the positions a per-sample halting decision may read (the
         question up to its separator, so that teacher-forced validation equals greedy decoding);
-        default: every real position. ``real_mask`` [B, S] bool marks the real (unpadded)
-        positions, default ``attention_mask``: a right-padded batch needs no attention mask under
-        a causal model, but per-token halting must still know its pads, so that padding never
-        changes a sample's steps. ``decode_steps``: keep every step's decoded logits in
-        ``step_logits`` (per-iteration supervision); ``probe_steps``: every step's reach-probe
-        logits in ``step_reach`` (training only: at inference halted samples leave the batch).
-        Under ``backbone.attention: prefix``, ``query_mask`` is also the bidirectional question."""
-        backbone, policy = self.backbone, self.halting
-        T = steps or self.max_steps
-        if probe_steps and self.reach_probe is None:
-            raise ValueError("probe_steps needs a model built with reach_probe=True (loop.reach_supervision > 0)")
-        ctx = full_ctx = backbone.context(input_ids, attention_mask, prefix=query_mask)
-        h0 = backbone.prelude(backbone.embed(input_ids, ctx), ctx)
-        h = h0
-        if real_mask is None:
-            real_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        real = real_mask.bool()
-        # a per-token policy decides for every real position; pads are done before the first step
-        query = real if policy.per_token or query_mask is None else query_mask.bool().expand_as(input_ids) & real
-        track = _Track(policy, h0, T, compact=not self.training, keep_states=keep_states, query=query,
-                       decode_steps=decode_steps)
-        first_grad_step = T - self.backprop_steps + 1 if self.training and self.backprop_steps else 1
-        # robustness to a perturbed state (diffusion-style): sigma per sample, told to the step embedding
-        sigma = h0.new_empty(h0.size(0)).uniform_(0, self.state_noise) if self.training and self.state_noise else None
-        nonfinite_at = None
-        step_reach: list[torch.Tensor] = []
+        default: every real position. Under ``backbone.attention: prefix`` it is also the
+        bidirectional question. ``real_mask`` [B, S] bool marks the real (unpadded) positions,
+        default ``attention_mask``'s last S columns: a right-padded batch needs no attention mask
+        under a causal model, but per-token halting must still know its pads, so that padding
+        never changes a sample's steps.
 
+        ``record``: per-iteration records to keep (``states``, ``logits``, ``stability``; see
+        ``bookkeeping.StepTrace``). ``cache``: continue a generation at ``cache.length`` and write
+        every iteration's keys and values into it; ``attention_mask`` then covers the cached
+        positions too. ``halting`` replaces the model's policy for this pass (a generation replays
+        the depth its prompt decided). ``compact``: let halted samples leave the batch (default:
+        at inference)."""
+        backbone = self.backbone
+        policy = self.halting if halting is None else halting
+        T = steps or self.max_steps
+        ctx = full_ctx = backbone.context(input_ids, attention_mask, prefix=query_mask, cache=cache)
+        h0 = backbone.prelude(backbone.embed(input_ids, ctx), ctx)
+        query = _decision_positions(policy, input_ids, attention_mask, query_mask, real_mask)
+
+        halted = HaltingTracker(policy, h0, query, T)
+        mixture = OutputMixture(policy, h0, T)
+        compaction = BatchCompaction(h0, enabled=not self.training if compact is None else compact)
+        trace = StepTrace(record, compaction, self.training)
+        first_graph_step = T - self.backprop_steps + 1 if self.training and self.backprop_steps else 1
+        # robustness to a perturbed state (diffusion-style): one noise std per sample
+        noise = h0.new_empty(h0.size(0)).uniform_(0, self.state_noise) if self.training and self.state_noise else None
+        # under FSDP every rank must make every all-gather, so a diverged pass still runs to the end
+        finish_first = isinstance(self, FSDPModule)
+        nonfinite_at = None
+
+        h = h0
+        grad = torch.is_grad_enabled()
         for t in range(1, T + 1):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_step):
-                if sigma is None:
-                    u = self.injection(self.step_embedding(h, t), h0)
-                else:
-                    noisy = h + sigma[:, None, None].to(h.dtype) * torch.randn_like(h)
-                    u = self.injection(self.step_embedding(noisy, t, noise_level=sigma), h0)
-                if self.checkpoint_core and torch.is_grad_enabled():
-                    # the recomputation calls core_at again, which re-enters at_step(t)
-                    new = torch.utils.checkpoint.checkpoint(self.core_at, u, ctx, t, use_reentrant=False)
-                else:
-                    new = self.core_at(u, ctx, t)
-                h_next = self.combine(new, h0, h, t)
-                if self.training and t == self.debug_nan_at_step:
-                    h_next = h_next + float("nan")
+            graph = grad and t >= first_graph_step
+            with torch.set_grad_enabled(graph):
+                h_next = self.step(h, h0, t, ctx, noise)
             if self.check_finite and nonfinite_at is None and not torch.isfinite(h_next).all():
-                if not self.finish_on_nonfinite:
+                if not finish_first:
                     raise NonFiniteStateError(t)
                 nonfinite_at = t
-            h_next = track.freeze(h_next, h)
-            if probe_steps and torch.is_grad_enabled():
-                step_reach.append(self.reach_probe(h_next).squeeze(-1))
-            logits_fn = _lazy(lambda s=h_next, c=ctx: self.decoder(s, backbone, c))
-            decision = policy.observe(track.state, t, h_next, h, logits_fn, last=t == T)
-            track.record(t, h_next, h, decision, logits_fn)
-            h, h0, ctx = track.compact(t, h_next, h0, ctx, logits_fn)
+            h_next = halted.freeze(h_next, h)
+            logits = lazy(lambda s=h_next, c=ctx: self.decoder(s, backbone, c))
+            decision = halted.observe(t, h_next, h, logits)
+            mixture.add(t, h_next, decision, logits)
+            trace.add(h_next, h, logits, graph)
+            h, h0, ctx = compaction.step(t, h_next, h0, ctx, halted, mixture, logits)
             if h.size(0) == 0:
                 break
 
-        logits = track.decoded_output()
-        if logits is None:
-            logits = self.decoder(track.output(), backbone, full_ctx)
-        if nonfinite_at is not None:
+        state, used, token_steps, weights, decoded = compaction.results(h, halted, mixture, logits)
+        output = decoded if decoded is not None else self.decoder(state, backbone, full_ctx)
+        if nonfinite_at is not None:  # after the decoder: its coda layers are FSDP units too
             raise NonFiniteStateError(nonfinite_at)
+        if cache is not None:
+            cache.length = full_ctx.offset + input_ids.size(1)
         return LoopOutput(
-            logits=logits,
-            steps=track.steps,
-            aux_loss=policy.aux_loss(track.state),
-            step_logits=track.step_logits,
-            step_weights=track.step_weights,
-            step_reach=step_reach,
-            token_steps=track.token_steps,
-            states=track.states,
-            norms=track.norms,
-            deltas=track.deltas,
+            logits=output, steps=used, token_steps=token_steps, aux_loss=halted.aux_loss(),
+            first_graph_step=first_graph_step if grad else T + 1,
+            loss_terms=mixture.loss_terms, sample_weights=weights,
+            states=trace.states, step_logits=trace.logits, norms=trace.norms, deltas=trace.deltas,
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# Bookkeeping: which samples are still running, frozen tokens, output mixtures
-# ---------------------------------------------------------------------------------------------
-def _lazy(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """Decode at most once per grad mode: a policy that decodes under no_grad (``kl``) must not
-    hand a graph-less tensor to a loss that needs one (step supervision, the output)."""
-    cache: dict[bool, torch.Tensor] = {}
-
-    def call() -> torch.Tensor:
-        mode = torch.is_grad_enabled()
-        if mode not in cache:
-            cache[mode] = fn()
-        return cache[mode]
-
-    call.computed = lambda: torch.is_grad_enabled() in cache  # type: ignore[attr-defined]
-    return call
-
-
-class _Track:
-    """Everything the loop must remember across steps, kept out of the loop body."""
-
-    def __init__(self, policy: HaltingPolicy, h0: torch.Tensor, T: int, compact: bool, keep_states: bool,
-                 query: torch.Tensor, decode_steps: bool = False):
-        B, S, _ = h0.shape
-        self.policy, self.T, self.keep_states, self.decode_steps = policy, T, keep_states, decode_steps
-        self.compact_batch = compact
-        self.state = policy.start(h0, query)
-        self.active = torch.arange(B, device=h0.device)          # original row of each running row
-        self.steps = torch.full((B,), T, dtype=torch.long, device=h0.device)
-        self.final = h0.new_zeros(h0.shape) if compact else None  # output rows of halted samples
-        self.mixture = h0.new_zeros(h0.shape, dtype=torch.float32) if policy.mixes == "state" else None
-        self.frozen = ~query if policy.per_token else None            # pads never run
-        self.token_steps = torch.where(query, T, 0) if policy.per_token else None
-        self.done = torch.zeros(B, dtype=torch.bool, device=h0.device)
-        self.last_h = h0
-        # logits a policy already decoded at each sample's halting step (inference, e.g. `kl`),
-        # so the output is not decoded a second time
-        self.final_logits: torch.Tensor | None = None
-        self.decoded = torch.zeros(B, dtype=torch.bool, device=h0.device)
-        self.last_logits_fn: Callable[[], torch.Tensor] | None = None
-        self.step_logits: list[torch.Tensor] = []
-        self.step_weights: list[torch.Tensor] = []
-        self.states: list[torch.Tensor] = []
-        self.norms: list[torch.Tensor] = []
-        self.deltas: list[torch.Tensor] = []
-
-    def freeze(self, h_next: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Tokens that halted earlier keep their state; so do halted samples in training, where
-        they still run (at inference they have left the batch)."""
-        halted = self.frozen if self.frozen is not None else self.done[:, None]
-        if not halted.any():
-            return h_next
-        return torch.where(halted[..., None], h, h_next)
-
-    def record(self, t, h_next, h, decision, logits_fn) -> None:
-        with torch.no_grad():
-            self.norms.append(h_next.detach().float().norm(dim=-1).mean())
-            change = (h_next - h).float().norm(dim=-1) / h.float().norm(dim=-1).clamp_min(1e-6)
-            self.deltas.append(change.mean())
-        if self.keep_states:
-            self.states.append(self._scatter(h_next.detach()))
-        done = decision.done
-        if self.policy.per_token and done is not None:
-            newly = done & ~self.frozen
-            self.token_steps[self.active] = torch.where(newly, t, self.token_steps[self.active])
-            self.frozen = self.frozen | done
-            done = self.frozen.all(dim=1)
-        if done is not None:
-            newly = done & ~self.done
-            self.steps[self.active[newly]] = t
-            self.done = self.done | done
-        if self.mixes("state"):
-            w = decision.weight if decision.weight.dim() == 2 else decision.weight[:, None]
-            self.mixture = self.mixture.index_add(0, self.active, (w[..., None] * h_next).to(self.mixture.dtype))
-        if (self.mixes("loss") or self.decode_steps) and torch.is_grad_enabled():
-            self.step_logits.append(logits_fn())
-            if self.mixes("loss"):
-                self.step_weights.append(decision.weight)
-        self.last_h = h_next
-        self.last_logits_fn = logits_fn
-
-    def mixes(self, kind: str) -> bool:
-        return self.policy.mixes == kind
-
-    def compact(self, t, h, h0, ctx, logits_fn):
-        """At inference, halted samples leave the batch; their output state is stored, and so are
-        its logits when the policy decoded them this step."""
-        if not self.compact_batch:
-            return h, h0, ctx
-        finished = self.done | (t == self.T)
-        if not finished.any():
-            return h, h0, ctx
-        rows = self.active[finished]
-        self.final[rows] = h[finished].to(self.final.dtype)
-        if self.mixture is None and logits_fn.computed():
-            logits = logits_fn()
-            if self.final_logits is None:
-                self.final_logits = logits.new_zeros((self.final.size(0), *logits.shape[1:]))
-            self.final_logits[rows] = logits[finished]
-            self.decoded[rows] = True
-        keep = (~finished).nonzero().squeeze(1)
-        self.active = self.active[keep]
-        self.done = self.done[keep]
-        if self.frozen is not None:
-            self.frozen = self.frozen[keep]
-        self.state = {k: v.index_select(0, keep) if torch.is_tensor(v) and v.dim() > 0 else v
-                      for k, v in self.state.items()}
-        return h[keep], h0[keep], ctx.select(keep)
-
-    def decoded_output(self) -> torch.Tensor | None:
-        """The output logits, if already decoded in this grad mode: at inference, at each sample's
-        halting step; in training, at the last step (whose state is the output)."""
-        if self.mixture is not None:
-            return None
-        if self.compact_batch:
-            return self.final_logits if self.final_logits is not None and bool(self.decoded.all()) else None
-        fn = self.last_logits_fn
-        return fn() if fn is not None and fn.computed() else None
-
-    def output(self) -> torch.Tensor:
-        if self.mixture is not None:
-            return self.mixture.to(self.last_h.dtype)
-        return self.final if self.final is not None else self.last_h
-
-    def _scatter(self, h: torch.Tensor) -> torch.Tensor:
-        """A full-batch copy of a (possibly compacted) state; halted rows hold their final state."""
-        if not self.compact_batch:
-            return h
-        full = self.final.clone()
-        full[self.active] = h.to(full.dtype)
-        return full
+def _decision_positions(policy: HaltingPolicy, input_ids: torch.Tensor, attention_mask, query_mask,
+                        real_mask) -> torch.Tensor:
+    """[B, S] bool: what the halting policy decides for. A per-token policy decides for every
+    real position (pads are done before the first step); a per-sample one reads the query."""
+    if real_mask is None:
+        length = input_ids.size(1)
+        real_mask = attention_mask[:, -length:] if attention_mask is not None else torch.ones_like(input_ids)
+    real = real_mask.bool()
+    if policy.per_token or query_mask is None:
+        return real
+    return query_mask.bool().expand_as(real) & real

@@ -27,6 +27,17 @@ class ComponentError(ValueError):
         super().__init__(f"{path}: {message}" if path else message)
 
 
+class ArgumentError(ValueError):
+    """A component's constructor argument ``argument`` has a value it cannot work with.
+
+    Components know their own arguments, not where they sit in a recipe: :meth:`Registry.build`
+    turns this into a :class:`ComponentError` at the node's dotted key (``loop.loop_lora.rank``)."""
+
+    def __init__(self, argument: str, message: str):
+        self.argument, self.message = argument, message
+        super().__init__(f"{argument}: {message}")
+
+
 def closest(word: str, choices: typing.Iterable[str], n: int = 3) -> str:
     """A ' (did you mean ...?)' hint, or '' when nothing is close."""
     choices = sorted(set(choices))
@@ -64,7 +75,6 @@ class Registry:
             if not (isinstance(cls, type) and issubclass(cls, self.base)):
                 raise TypeError(f"{cls} must subclass {self.base.__name__} to be a {self.kind}")
             self._classes[name] = cls
-            cls.registered_name = name
             return cls
 
         return decorator
@@ -116,7 +126,7 @@ class Registry:
             if key in RESERVED_KEYS:
                 continue
             if key in self.context:
-                raise ComponentError(f"{path}.{key}", f"is set by the model, not by the recipe")
+                raise ComponentError(f"{path}.{key}", "is set by the model, not by the recipe")
             if key not in settable:
                 if accepts_any:
                     continue
@@ -131,11 +141,19 @@ class Registry:
         return cls
 
     def build(self, node: Mapping[str, Any], path: str = "", **context: Any) -> Any:
+        """The component; a bad argument value becomes a ComponentError naming its dotted key."""
         cls = self.validate(node, path)
         params = _init_parameters(cls)
         kwargs = {k: v for k, v in node.items() if k not in RESERVED_KEYS}
         kwargs.update({k: v for k, v in context.items() if k in params})
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ComponentError:
+            raise
+        except ArgumentError as err:
+            raise ComponentError(f"{path}.{err.argument}" if path else err.argument, err.message) from None
+        except ValueError as err:
+            raise ComponentError(path, str(err)) from None
 
 
 REGISTRIES: dict[str, Registry] = {}

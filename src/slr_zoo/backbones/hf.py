@@ -20,16 +20,28 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from slr_zoo.registry import Registry
+from slr_zoo.backbones.cache import CacheView, LoopKVCache
+from slr_zoo.registry import ArgumentError, Registry
 
 
 @dataclass
 class SequenceContext:
-    """Per-batch inputs shared by every layer call: positions, causal mask, rotary tables."""
+    """Per-batch inputs shared by every layer call: positions, attention mask, rotary tables, and
+    the key/value cache view when the batch continues cached positions (generation).
+
+    ``offset`` is the first position this forward pass covers: 0 for a full sequence or a prefill,
+    the cached length for a decoding step. ``cache`` routes each layer's keys to the slot of the
+    iteration the context is :meth:`at_step` (0 for the prelude and coda)."""
 
     position_ids: torch.Tensor
     attention_mask: Any = None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    cache: CacheView | None = None
+    offset: int = 0
+
+    def at_step(self, t: int) -> "SequenceContext":
+        """The context of loop iteration t: the core's layers read and write iteration t's slots."""
+        return self if self.cache is None else replace(self, cache=self.cache.at_iteration(t))
 
     def select(self, rows: torch.Tensor) -> "SequenceContext":
         """The context of a subset of the batch (for batch compaction)."""
@@ -45,6 +57,7 @@ class SequenceContext:
             position_ids=take(self.position_ids),
             attention_mask=take(self.attention_mask),
             position_embeddings=None if pe is None else (take(pe[0]), take(pe[1])),
+            cache=None if self.cache is None else self.cache.select(rows),
         )
 
 
@@ -65,11 +78,22 @@ class LayerStack(nn.Module):
         return len(self.layers)
 
 
+@functools.cache
+def _cache_keyword(layer_class: type) -> str:
+    """The name under which this transformers release's decoder layers take a cache
+    (``cache`` from 5.x, ``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
+
+
 class LayerCall:
     """How one family's decoder layer is called (the only per-family difference in the loop)."""
 
     def __call__(self, layer: nn.Module, h: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         raise NotImplementedError
+
+    @staticmethod
+    def cache_argument(layer: nn.Module, ctx: SequenceContext) -> dict[str, Any]:
+        return {} if ctx.cache is None else {_cache_keyword(type(layer)): ctx.cache}
 
 
 class _LlamaCall(LayerCall):
@@ -79,12 +103,14 @@ class _LlamaCall(LayerCall):
             attention_mask=ctx.attention_mask,
             position_ids=ctx.position_ids,
             position_embeddings=ctx.position_embeddings,
+            **self.cache_argument(layer, ctx),
         )
 
 
 class _GPT2Call(LayerCall):
     def __call__(self, layer, h, ctx):
-        return layer(h, attention_mask=ctx.attention_mask, position_ids=ctx.position_ids)
+        return layer(h, attention_mask=ctx.attention_mask, position_ids=ctx.position_ids,
+                     **self.cache_argument(layer, ctx))
 
 
 class Backbone(nn.Module):
@@ -94,7 +120,6 @@ class Backbone(nn.Module):
     layer is called. ``hf_config`` stays available for saving and for the decoders.
     """
 
-    family: str = ""
     path_args = ("pretrained",)
     layer_call: LayerCall
     core: LayerStack
@@ -121,28 +146,32 @@ class Backbone(nn.Module):
     ):
         super().__init__()
         if attention not in ("causal", "prefix"):
-            raise ValueError(f"backbone.attention must be 'causal' or 'prefix', got {attention!r}")
+            raise ArgumentError("attention", f"must be 'causal' or 'prefix', got {attention!r}")
         self.attention = attention
         self.pretrained = pretrained
         self.tokenizer = None
         counts = (prelude_layers, core_layers, coda_layers)
         if min(counts) < 0 or core_layers < 1:
-            raise ValueError(f"layer counts must be >= 0 with core_layers >= 1, got {counts}")
+            raise ArgumentError("core_layers", f"layer counts must be >= 0 with core_layers >= 1, got "
+                                f"prelude/core/coda = {counts}")
         if share == "average" and not loops:
-            raise ValueError("backbone.share=average needs backbone.loops: how many pretrained blocks the loop replaces")
+            raise ArgumentError("loops", "share=average needs loops: how many pretrained blocks the loop replaces")
         # share=average stands for a deeper model: core_layers * loops layers between prelude and coda
         n_shared = core_layers * (loops if share == "average" else 1)
         if init not in ("normal", "torch"):
-            raise ValueError(f"backbone.init must be 'normal' or 'torch', got {init!r}")
+            raise ArgumentError("init", f"must be 'normal' or 'torch', got {init!r}")
         if pretrained is not None:
             if init != "normal" or not tie_embeddings:
-                raise ValueError("backbone.init and backbone.tie_embeddings apply to a model built from scratch, "
-                                 "not to backbone.pretrained")
+                raise ArgumentError("init" if init != "normal" else "tie_embeddings",
+                                    "init and tie_embeddings apply to a model built from scratch, not to a "
+                                    "pretrained one")
             hf = self._load_pretrained(pretrained)
         else:
             if hidden_size < 1 or heads < 1 or hidden_size % heads:
-                raise ValueError(f"backbone.hidden_size must be a positive multiple of backbone.heads, "
-                                 f"got hidden_size={hidden_size}, heads={heads}")
+                raise ArgumentError("heads", f"hidden_size must be a positive multiple of heads, "
+                                    f"got hidden_size={hidden_size}, heads={heads}")
+            if kv_heads is not None and (kv_heads < 1 or heads % kv_heads):
+                raise ArgumentError("kv_heads", f"must divide heads, got kv_heads={kv_heads}, heads={heads}")
             if vocab_size <= 0:
                 raise ValueError("a backbone built from scratch needs the tokenizer's vocab_size")
             config = self.make_config(
@@ -165,9 +194,9 @@ class Backbone(nn.Module):
         layers = list(self.layers_of(hf))
         if prelude_layers + n_shared + coda_layers != len(layers):
             need = "prelude + core*loops + coda" if share == "average" else "prelude + core + coda"
-            raise ValueError(
-                f"backbone has {len(layers)} layers but {need} = "
-                f"{prelude_layers} + {n_shared} + {coda_layers}; adjust backbone.*_layers"
+            raise ArgumentError(
+                "core_layers", f"the model has {len(layers)} layers but {need} = "
+                f"{prelude_layers} + {n_shared} + {coda_layers}; adjust prelude_layers, core_layers, coda_layers"
             )
         p, c = prelude_layers, prelude_layers + n_shared
         self.replaced_layers = layers[p:c] if share == "average" else []
@@ -197,11 +226,28 @@ class Backbone(nn.Module):
     def embed(self, input_ids: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         raise NotImplementedError
 
+    def position_embeddings(self, probe: torch.Tensor, position_ids: torch.Tensor):
+        """What each layer needs from the positions besides the mask (Llama: rotary tables)."""
+        return None
+
     def context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                prefix: torch.Tensor | None = None) -> SequenceContext:
-        """``prefix`` [B, S] bool marks each row's question (up to its separator); with
-        ``attention: prefix`` the question attends to itself in both directions."""
-        raise NotImplementedError
+                prefix: torch.Tensor | None = None, cache: LoopKVCache | None = None) -> SequenceContext:
+        """The per-batch context of ``input_ids`` [B, S] (only its shape and device are read).
+
+        ``attention_mask`` [B, offset + S] marks real (1) and padded (0) positions, including the
+        cached ones, as in Hugging Face; left padding counts each row's positions from its first
+        real token. ``prefix`` [B, S] bool marks each row's question (up to its separator); with
+        ``attention: prefix`` the question attends to itself in both directions. ``cache``: the
+        pass continues a generation at position ``cache.length`` and writes its keys there."""
+        offset = cache.length if cache is not None else 0
+        position_ids = _positions(input_ids, attention_mask, offset)
+        probe = self.embed_tokens.weight.new_empty(input_ids.shape[:2] + (1,))
+        if offset:
+            mask = _continuation_mask(attention_mask, input_ids.size(1), offset)
+        else:
+            mask = self.mask(probe, attention_mask, position_ids, prefix)
+        return SequenceContext(position_ids, mask, self.position_embeddings(probe, position_ids),
+                               cache=None if cache is None else cache.view(0, offset), offset=offset)
 
     def mask(self, embeds: torch.Tensor, attention_mask, position_ids, prefix) -> Any:
         """The attention mask every layer gets: HF's causal mask, or a prefix-LM mask.
@@ -214,7 +260,7 @@ class Backbone(nn.Module):
         if self.attention == "causal":
             return _causal_mask(self.hf_config, embeds, attention_mask, position_ids)
         if prefix is None:
-            raise ValueError("backbone.attention=prefix needs the question's extent (query_mask) in every forward call")
+            raise ValueError("attention='prefix' needs the question's extent (query_mask) in every forward call")
         return _prefix_mask(prefix.bool().expand(embeds.shape[:2]), attention_mask)
 
     # ------------------------------------------------------------------ shared
@@ -288,11 +334,24 @@ def _prefix_mask(prefix: torch.Tensor, attention_mask: torch.Tensor | None) -> t
     return allowed[:, None]
 
 
-def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, offset: int = 0) -> torch.Tensor:
     if attention_mask is None:
-        return torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)
+        return torch.arange(offset, offset + input_ids.size(1), device=input_ids.device).unsqueeze(0)
     # left padding: real tokens count from 0
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, offset:]
+
+
+def _continuation_mask(attention_mask: torch.Tensor | None, length: int, offset: int) -> torch.Tensor | None:
+    """[B, 1, S, offset + S] bool for S new positions after ``offset`` cached ones: causal, padded
+    keys never; None when nothing needs masking (one new position, no padding)."""
+    if length == 1:
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        return attention_mask.bool()[:, None, None, :]
+    keys = torch.arange(offset + length, device=attention_mask.device if attention_mask is not None else None)
+    allowed = keys[None, :] <= keys[offset:, None]
+    allowed = allowed[None] if attention_mask is None else allowed[None] & attention_mask.bool()[:, None, :]
+    return allowed[:, None]
 
 
 def _torch_init(model: nn.Module) -> None:
@@ -362,7 +421,6 @@ def _causal_mask(config, embeds: torch.Tensor, attention_mask, position_ids):
 class LlamaBackbone(Backbone):
     """Llama-family decoders (Llama, Qwen2, Mistral, SmolLM): rotary positions, RMSNorm."""
 
-    family = "llama"
     layer_call = _LlamaCall()
     model_types = frozenset({"llama"})
 
@@ -405,12 +463,8 @@ class LlamaBackbone(Backbone):
     def embed(self, input_ids, ctx):
         return self.embed_tokens(input_ids)
 
-    def context(self, input_ids, attention_mask=None, prefix=None):
-        position_ids = _positions(input_ids, attention_mask)
-        probe = self.embed_tokens.weight.new_empty(input_ids.shape + (1,))
-        mask = self.mask(probe, attention_mask, position_ids, prefix)
-        cos, sin = self.rotary(probe, position_ids)
-        return SequenceContext(position_ids, mask, (cos, sin))
+    def position_embeddings(self, probe, position_ids):
+        return self.rotary(probe, position_ids)
 
 
 @BACKBONES.register("qwen2")
@@ -447,7 +501,6 @@ class MistralBackbone(LlamaBackbone):
 class GPT2Backbone(Backbone):
     """GPT-2: learned absolute positions, LayerNorm, tied head."""
 
-    family = "gpt2"
     layer_call = _GPT2Call()
     model_types = frozenset({"gpt2"})
 
@@ -487,8 +540,3 @@ class GPT2Backbone(Backbone):
 
     def embed(self, input_ids, ctx):
         return self.embed_dropout(self.embed_tokens(input_ids) + self.pos_embed(ctx.position_ids))
-
-    def context(self, input_ids, attention_mask=None, prefix=None):
-        position_ids = _positions(input_ids, attention_mask)
-        probe = self.embed_tokens.weight.new_empty(input_ids.shape + (1,))
-        return SequenceContext(position_ids, self.mask(probe, attention_mask, position_ids, prefix))

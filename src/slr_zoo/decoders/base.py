@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 from torch import nn
 
-from slr_zoo.backbones.hf import Backbone, SequenceContext
 from slr_zoo.registry import Registry
 
 
+class Trunk(Protocol):
+    """What a decoder reads from the backbone: its remaining layers and its final norm + head."""
+
+    coda: nn.Module
+
+    def head(self, h: torch.Tensor) -> torch.Tensor: ...
+
+
 class Decoder(nn.Module):
-    """``(h, backbone, ctx) -> logits``.
+    """``(h, backbone, ctx) -> logits``; ``ctx`` is the backbone's per-batch context.
 
     The backbone is passed in rather than held, so its head and coda are registered once (in the
     backbone) and appear once in state dicts and optimisers.
@@ -18,7 +27,7 @@ class Decoder(nn.Module):
 
     uses_coda: bool = False
 
-    def forward(self, h: torch.Tensor, backbone: Backbone, ctx: SequenceContext) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, backbone: Trunk, ctx: Any) -> torch.Tensor:
         raise NotImplementedError
 
 

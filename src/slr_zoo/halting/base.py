@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slr_zoo.registry import Registry
+from slr_zoo.registry import ArgumentError, Registry
 
 Granularity = Literal["token", "sample"]
 
@@ -66,7 +66,6 @@ class HaltingPolicy(nn.Module):
     """Decides, step by step, which samples or tokens have finished thinking."""
 
     per_token: bool = False
-    needs_logits: bool = False  # informational: observe() calls logits()
     mixes: Literal["last", "state", "loss"] = "last"
 
     def start(self, h0: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -139,7 +138,7 @@ class LearnedHalting(HaltingPolicy):
     def __init__(self, hidden_size: int, granularity: Granularity, init_bias: float):
         super().__init__()
         if granularity not in ("token", "sample"):
-            raise ValueError(f"halting.granularity must be 'token' or 'sample', got {granularity!r}")
+            raise ArgumentError("granularity", f"must be 'token' or 'sample', got {granularity!r}")
         self.per_token = granularity == "token"
         self.unit = HaltingUnit(hidden_size, init_bias)
 

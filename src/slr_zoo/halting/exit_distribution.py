@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from slr_zoo.halting.base import Decision, Granularity, LearnedHalting
+from slr_zoo.registry import ArgumentError
 
 
 class ExitDistributionHalting(LearnedHalting):
@@ -27,9 +28,9 @@ class ExitDistributionHalting(LearnedHalting):
                  inference: Literal["cdf", "sample"]):
         super().__init__(hidden_size, granularity, init_bias)
         if not 0 < q <= 1:
-            raise ValueError(f"halting.q must be in (0, 1], got {q}")
+            raise ArgumentError("q", f"must be in (0, 1], got {q}")
         if inference not in ("cdf", "sample"):
-            raise ValueError(f"halting.inference must be 'cdf' or 'sample', got {inference!r}")
+            raise ArgumentError("inference", f"must be 'cdf' or 'sample', got {inference!r}")
         self.q, self.inference = q, inference
 
     def start(self, h0, query):

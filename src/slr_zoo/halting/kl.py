@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from slr_zoo.halting.base import HALTING, Decision, Granularity, HaltingPolicy, fp32
+from slr_zoo.registry import ArgumentError
 
 
 @HALTING.register("kl")
@@ -21,8 +22,6 @@ class KLHalting(HaltingPolicy):
     a decoder pass on top of the core.
     """
 
-    needs_logits = True
-
     def __init__(
         self,
         threshold: float = 5e-4,
@@ -31,7 +30,7 @@ class KLHalting(HaltingPolicy):
     ):
         super().__init__()
         if granularity not in ("token", "sample"):
-            raise ValueError(f"halting.granularity must be 'token' or 'sample', got {granularity!r}")
+            raise ArgumentError("granularity", f"must be 'token' or 'sample', got {granularity!r}")
         self.threshold, self.reduce = threshold, reduce
         self.per_token = granularity == "token"
 

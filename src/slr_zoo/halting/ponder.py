@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
 
 from slr_zoo.halting.base import HALTING, Granularity
 from slr_zoo.halting.exit_distribution import ExitDistributionHalting
+from slr_zoo.registry import ArgumentError
 
 
 @HALTING.register("ponder")
@@ -32,7 +32,7 @@ class PonderHalting(ExitDistributionHalting):
         init_bias: float = -1.0,
     ):
         if not 0 < prior < 1:
-            raise ValueError(f"halting.prior must be in (0, 1), got {prior}")
+            raise ArgumentError("prior", f"must be in (0, 1), got {prior}")
         super().__init__(hidden_size, granularity, init_bias, q, inference)
         self.beta, self.prior = beta, prior
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from slr_zoo.halting.base import HALTING, Decision, Granularity, HaltingPolicy, fp32
+from slr_zoo.registry import ArgumentError
 
 
 @HALTING.register("threshold")
@@ -30,7 +31,7 @@ class ThresholdHalting(HaltingPolicy):
     ):
         super().__init__()
         if granularity not in ("token", "sample"):
-            raise ValueError(f"halting.granularity must be 'token' or 'sample', got {granularity!r}")
+            raise ArgumentError("granularity", f"must be 'token' or 'sample', got {granularity!r}")
         self.epsilon, self.metric, self.reduce, self.min_steps = epsilon, metric, reduce, min_steps
         self.per_token = granularity == "token"
 

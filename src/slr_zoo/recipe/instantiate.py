@@ -1,6 +1,13 @@
-"""Turn a validated recipe into a task and a LoopedLM."""
+"""Turn a validated recipe into built objects: a task, a LoopedLM, objectives, a whole cell.
+
+Everything below this layer receives objects and typed settings, never the recipe itself, and the
+errors that name a recipe key are raised here (or by ``Registry.build``, which prefixes a
+component's argument with its node's dotted key).
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 # importing the component packages registers every shipped member
 from slr_zoo import decoders, halting, stabilizers, tasks  # noqa: F401
@@ -75,7 +82,97 @@ def build_model(recipe: dict, backbone: Backbone) -> LoopedLM:
         depth_sampler=DEPTH_SAMPLERS.build(loop["depth_sampler"], "loop.depth_sampler", **context),
         backprop_steps=loop["backprop_steps"],
         check_finite=loop["check_finite"],
-        debug_nan_at_step=loop.get("debug_nan_at_step"),
+        checkpoint_core=recipe["trainer"]["activation_checkpointing"],
         state_noise=loop["state_noise"],
-        reach_probe=loop["reach_supervision"] > 0,
     )
+
+
+def objective_nodes(recipe: dict) -> dict[str, dict]:
+    """The training objectives and their weights: the answer loss, shared with per-iteration
+    supervision by ``loop.step_supervision`` = w as (1 - w) and w, plus the reach probe at
+    ``loop.reach_supervision``."""
+    loop = recipe["loop"]
+    w = loop["step_supervision"]
+    nodes = {"answer": {"name": "answer", "weight": 1.0 - w}}
+    if w > 0:
+        nodes["step_supervision"] = {"name": "step_supervision", "weight": w}
+    if loop["reach_supervision"] > 0:
+        nodes["reach"] = {"name": "reach", "weight": loop["reach_supervision"]}
+    return nodes
+
+
+def build_objectives(recipe: dict, hidden_size: int) -> dict:
+    from slr_zoo.training.objectives import OBJECTIVES
+
+    return {key: OBJECTIVES.build(node, f"objectives.{key}", hidden_size=hidden_size)
+            for key, node in objective_nodes(recipe).items()}
+
+
+def build_cell(recipe: dict, directory: Path):
+    """Every part of one cell, built from its recipe; seeds torch first, so the same recipe builds
+    the same initial weights. The word-level tokenizer (from-scratch models) is built from the
+    training records once and kept in ``directory/tokenizer``."""
+    import lightning as L
+
+    from slr_zoo.training.data import ReasoningDataModule, load_or_build_tokenizer
+    from slr_zoo.training.module import LoopedLMModule
+    from slr_zoo.training.run import CellParts
+    from slr_zoo.training.settings import OptimConfig, TrainerConfig
+
+    trainer = TrainerConfig(**recipe["trainer"])
+    optim = OptimConfig(**recipe["optim"])
+    L.seed_everything(recipe["seed"], workers=True, verbose=False)
+    task = build_task(recipe)
+    curriculum = build_curriculum(recipe)
+    if recipe["backbone"].get("pretrained"):
+        backbone = build_backbone(recipe)
+        tokenizer = load_or_build_tokenizer(task, directory / "tokenizer", backbone.tokenizer)
+    else:
+        stages = [stage for _, stage in curriculum]
+        tokenizer = load_or_build_tokenizer(task, directory / "tokenizer", stages=stages)
+        backbone = build_backbone(recipe, vocab_size=len(tokenizer))
+    model = build_model(recipe, backbone)
+    objectives = build_objectives(recipe, backbone.hidden_size)
+    module = LoopedLMModule(model, objectives, optim, seed=recipe["seed"], on_nonfinite=trainer.on_nonfinite,
+                            log_every=trainer.log_every)
+    needs = frozenset().union(*(o.data for o in objectives.values()))
+    data = ReasoningDataModule(task, tokenizer, trainer.batch_size, trainer.eval_batch_size, seed=recipe["seed"],
+                               num_workers=trainer.num_workers, needs=needs, curriculum=curriculum)
+    return CellParts(name=recipe["name"], seed=recipe["seed"], task=task, tokenizer=tokenizer, module=module,
+                     data=data, trainer=trainer, grad_clip=optim.grad_clip, config=recipe)
+
+
+
+def train_cell(recipe: dict, directory: Path, keys: dict | None = None) -> dict:
+    """Build a cell from its recipe and train it (``training.run.run_cell``); ``keys`` are its
+    grid keys, stored in the summary with printable values."""
+    from slr_zoo.recipe.grid import value_label
+    from slr_zoo.training.run import run_cell
+
+    plain = {k: value_label(v) if isinstance(v, (dict, list)) else v for k, v in (keys or {}).items()}
+    return run_cell(build_cell(recipe, directory), directory, plain)
+
+
+def load_cell(run_dir: Path):
+    """A trained cell (``runs/<name>/<cell>``): its stored recipe built again, read onto today's
+    defaults so that older runs still load, with the weights of its furthest checkpoint, in eval
+    mode. Raises FileNotFoundError for a folder that is not a trained cell, CheckpointError
+    naming a checkpoint that cannot be read."""
+    import torch
+    import yaml
+
+    from slr_zoo.recipe.load import resolve_stored
+    from slr_zoo.training.checkpoint import resume_point
+
+    run_dir = Path(run_dir)
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a cell directory (no config.yaml); pass runs/<name>/<cell>")
+    recipe = resolve_stored(yaml.safe_load(config.read_text()) or {})
+    parts = build_cell(recipe, run_dir)
+    checkpoint = resume_point(run_dir, parts.module)  # checked: a corrupt file stops with its name
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints/last.ckpt not found: the cell has not been trained")
+    parts.module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    parts.module.eval()
+    return parts

@@ -53,7 +53,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def set_key(recipe: dict, dotted: str, value: Any, prefix: str = "") -> dict:
+def set_key(recipe: dict, dotted: str, value: Any) -> dict:
     """A copy of ``recipe`` with ``dotted`` set: component nodes replaced, groups merged."""
     recipe = copy.deepcopy(recipe)
     parts = dotted.split(".")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from slr_zoo.registry import REGISTRIES, ComponentError, check_type, closest
+from slr_zoo.training.settings import OptimConfig, TrainerConfig
 
 Node = dict  # a component node: {name: ..., **kwargs} or {_component_: ..., **kwargs}
 
@@ -38,38 +39,6 @@ class LoopConfig:
     step_supervision: float = 0.0  # weight of the per-iteration loss toward the task's per-hop answers
     reach_supervision: float = 0.0  # weight of a per-token loss: has iteration t reached this word (task's reach_steps)
     state_noise: float = 0.0  # training only: Gaussian noise of std sigma ~ U(0, state_noise) per sample on the state entering each step
-    debug_nan_at_step: Optional[int] = None  # plant a NaN in the state at this training iteration (tests the guards)
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    grad_clip: Optional[float] = 1.0
-
-
-@dataclass
-class TrainerConfig:
-    max_steps: int = 1000
-    batch_size: int = 32
-    eval_batch_size: Optional[int] = None
-    precision: Literal["32-true", "32", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
-    accelerator: str = "auto"
-    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_fork", "fsdp", "single"] = "auto"
-    devices: Union[int, str] = 1
-    num_nodes: int = 1
-    val_every: Optional[int] = None
-    log_every: int = 25
-    num_workers: int = 0
-    threads: Optional[int] = None
-    parallel_cells: int = 1  # grid cells trained at once, each in its own process (CPU grids of small models)
-    progress_bar: bool = True
-    on_nonfinite: Literal["stop", "skip"] = "stop"
-    activation_checkpointing: bool = False  # recompute each core pass in backward instead of storing it
-    checkpoint_every: Optional[int] = None  # steps between checkpoints (default: val_every, else max_steps // 4)
 
 
 @dataclass

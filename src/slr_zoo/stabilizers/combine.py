@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from slr_zoo.registry import Registry
+from slr_zoo.registry import ArgumentError, Registry
 
 
 class Combine(nn.Module):
@@ -47,9 +47,9 @@ def logit(p: float) -> float:
 
 def check_alpha(alpha: float, learnable: bool, name: str = "alpha") -> None:
     if learnable and not 0.0 < alpha < 1.0:
-        raise ValueError(f"combine.{name} must be in (0, 1) when learned (alpha = sigmoid(theta)), got {alpha}")
+        raise ArgumentError(name, f"must be in (0, 1) when learned (alpha = sigmoid(theta)), got {alpha}")
     if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"combine.{name} must be in (0, 1], got {alpha}")
+        raise ArgumentError(name, f"must be in (0, 1], got {alpha}")
 
 
 @COMBINES.register("none")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slr_zoo.registry import Registry
+from slr_zoo.registry import ArgumentError, Registry
 
 
 class Injection(nn.Module):
@@ -53,7 +53,7 @@ class ConcatInjection(Injection):
     def __init__(self, init: Literal["add", "identity", "random"] = "add", bias: bool = False, hidden_size: int = 0):
         super().__init__()
         if init not in ("add", "identity", "random"):
-            raise ValueError(f"injection.init must be 'add', 'identity' or 'random', got {init!r}")
+            raise ArgumentError("init", f"must be 'add', 'identity' or 'random', got {init!r}")
         self.adapter = nn.Linear(2 * hidden_size, hidden_size, bias=bias)
         if init != "random":
             with torch.no_grad():
@@ -87,7 +87,7 @@ class DiagonalInjection(Injection):
     def __init__(self, a_init: float = 1.0, dt_init: float = 0.5, hidden_size: int = 0):
         super().__init__()
         if a_init <= 0 or dt_init <= 0:
-            raise ValueError(f"injection: a_init and dt_init must be > 0, got {a_init}, {dt_init}")
+            raise ArgumentError("a_init" if a_init <= 0 else "dt_init", f"a_init and dt_init must be > 0, got {a_init}, {dt_init}")
         self.log_A = nn.Parameter(torch.full((hidden_size,), math.log(a_init)))
         self.dt_raw = nn.Parameter(torch.full((hidden_size,), inverse_softplus(dt_init)))
         self.B = nn.Linear(hidden_size, hidden_size, bias=False)

@@ -20,9 +20,7 @@ from typing import Iterator, Literal, Optional
 import torch
 from torch import nn
 
-from slr_zoo.registry import ComponentError, Registry
-
-TARGETS_PATH = "loop.loop_lora.targets"
+from slr_zoo.registry import ArgumentError, Registry
 
 
 class LoopLoRA(nn.Module):
@@ -82,7 +80,7 @@ def find_targets(core: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
     takes every one. An unknown target raises, listing what exists."""
     linears = {name: m for name, m in core.named_modules() if is_linear(m)}
     if not targets:
-        raise ComponentError(TARGETS_PATH, "needs at least one linear name")
+        raise ArgumentError("targets", "needs at least one linear name")
     chosen: dict[str, nn.Module] = {}
     for target in targets:
         if target == "all-linear":
@@ -91,8 +89,8 @@ def find_targets(core: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
         hits = {n: m for n, m in linears.items() if n == target or n.endswith("." + target)}
         if not hits:
             short = sorted({n.split(".", 2)[-1] for n in linears} | {n.rsplit(".", 1)[-1] for n in linears})
-            raise ComponentError(
-                TARGETS_PATH,
+            raise ArgumentError(
+                "targets",
                 f"{target!r} matches no linear layer of the core; available: {', '.join(short)} "
                 f"(or 'all-linear'); full names: {', '.join(sorted(linears))}",
             )
@@ -124,9 +122,9 @@ class _HookedLoRA(LoopLoRA):
     def __init__(self, core: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, steps: int):
         super().__init__()
         if rank < 1:
-            raise ValueError(f"loop_lora.rank must be >= 1, got {rank}")
+            raise ArgumentError("rank", f"must be >= 1, got {rank}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"loop_lora.dropout must be in [0, 1), got {dropout}")
+            raise ArgumentError("dropout", f"must be in [0, 1), got {dropout}")
         if core is None:
             raise ValueError("loop_lora needs the backbone's core (supplied by build_model)")
         self.rank, self.scale, self.steps = rank, alpha / rank, max(1, steps)
@@ -202,7 +200,7 @@ class PerStepLoRA(_HookedLoRA):
         if init == "svd":
             self._init_svd(core, replaced_layers or [])
         elif init != "zero":
-            raise ValueError(f"loop_lora.init must be 'zero' or 'svd', got {init!r}")
+            raise ArgumentError("init", f"must be 'zero' or 'svd', got {init!r}")
 
     def delta(self, key, x, t):
         stack = self.adapters[key]
@@ -215,10 +213,10 @@ class PerStepLoRA(_HookedLoRA):
     @torch.no_grad()
     def _init_svd(self, core: nn.Module, replaced: list) -> None:
         if not replaced:
-            raise ComponentError(
-                "loop.loop_lora.init",
-                "svd initialises each step from the pretrained layer it replaces; set "
-                "backbone.share: average and backbone.loops: N",
+            raise ArgumentError(
+                "init",
+                "svd initialises each step from the pretrained layer it replaces, and this backbone "
+                "replaces none (the backbone needs share: average and loops: N)",
             )
         per_loop = len(core.layers)
         loops = len(replaced) // per_loop

@@ -24,7 +24,7 @@ from typing import Literal, Optional, Union
 import torch
 from torch import nn
 
-from slr_zoo.registry import Registry
+from slr_zoo.registry import ArgumentError, Registry
 
 NoiseLevel = Union[float, torch.Tensor, None]
 
@@ -66,9 +66,9 @@ class _ConditionedStep(StepEmbedding):
     def __init__(self, mode: str, dim: Optional[int], noise_level: bool, hidden_size: int):
         super().__init__()
         if mode not in ("add", "concat"):
-            raise ValueError(f"step_embedding.mode must be 'add' or 'concat', got {mode!r}")
+            raise ArgumentError("mode", f"must be 'add' or 'concat', got {mode!r}")
         if mode == "add" and dim not in (None, hidden_size):
-            raise ValueError(f"step_embedding.dim applies to mode=concat only (add needs dim = hidden_size = {hidden_size})")
+            raise ArgumentError("dim", f"applies to mode=concat only (add needs dim = hidden_size = {hidden_size})")
         self.mode = mode
         self.uses_noise = noise_level
         self.dim = hidden_size if mode == "add" else (dim or hidden_size)
@@ -153,7 +153,7 @@ class SinusoidalStepEmbedding(_ConditionedStep):
     ):
         super().__init__(mode, dim, noise_level, hidden_size)
         if features < 2 or features % 2:
-            raise ValueError(f"step_embedding.features must be an even number >= 2, got {features}")
+            raise ArgumentError("features", f"must be an even number >= 2, got {features}")
         self.features, self.max_period = features, max_period
         width = mlp_hidden or self.dim
         self.mlp = nn.Sequential(nn.Linear(features + int(noise_level), width), nn.SiLU(), nn.Linear(width, self.dim))

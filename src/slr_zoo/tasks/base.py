@@ -6,7 +6,7 @@ A record is a dict with ``question`` (str), ``steps`` (list of str: the chain of
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from slr_zoo.registry import Registry
 from slr_zoo.tasks.scoring import EXTRACTORS
@@ -91,10 +91,3 @@ def _check_graph(record: Record, where: str) -> None:
         if key in record and not (_is_int(record[key]) and 0 <= record[key] < len(symbols)):
             raise ValueError(f"{where}: field {key!r} must be a node index in [0, {len(symbols)}), "
                              f"got {record[key]!r}")
-
-
-def take(records: Iterable[Record], n: int) -> Iterator[Record]:
-    for i, record in enumerate(records):
-        if i >= n:
-            return
-        yield record

@@ -24,9 +24,9 @@ class EncodedDataset(Dataset):
     def __init__(self, examples: Iterable[Encoded] = (), hops: Iterable[int] | None = None, typecode: str = "i"):
         self.ids, self.labels = array(typecode), array(typecode)
         self.offsets, self.hops = array("q", [0]), array("i")
-        # per-hop answer tokens (loop.step_supervision), flat, with the number of hops per example
+        # per-hop answer tokens (step supervision), flat, with the number of hops per example
         self.step_tokens, self.step_offsets, self.step_counts = array(typecode), array("q", [0]), array("i")
-        # per-token reach steps (loop.reach_supervision), parallel to ids when every example has them
+        # per-token reach steps (the reach probe), parallel to ids when every example has them
         self.reach, self.has_reach = array(typecode), None
         for example, hop in zip(examples, hops if hops is not None else itertools.repeat(0)):
             self.append(example, hop)
@@ -137,20 +137,20 @@ def empty_dataset(tokenizer) -> EncodedDataset:
 def encode_split(task: Task, split: str, tokenizer, step_answers: bool = False, reach: bool = False,
                  into: EncodedDataset | None = None) -> EncodedDataset:
     """Encode records one at a time as the task yields them; no split is ever held as records.
-    ``step_answers``: also encode the task's per-hop answers (``loop.step_supervision``);
-    ``reach``: the per-token reach steps (``loop.reach_supervision``). ``into``: append to this
-    dataset (the stages of a curriculum share one)."""
+    ``step_answers``: also encode the task's per-hop answers (for step supervision); ``reach``: the
+    per-token reach steps (for the reach probe). ``into``: append to this dataset (the stages of
+    a curriculum share one)."""
     dataset = into if into is not None else empty_dataset(tokenizer)
     before = len(dataset)
     for i, record in enumerate(task.records(split)):
         check_record(record, i, f"task {split} split")
         steps = task.step_answers(record) if step_answers else None
         if step_answers and steps is None:
-            raise ValueError(f"loop.step_supervision needs per-hop answers, which task "
+            raise ValueError(f"step supervision needs per-hop answers, which task "
                              f"{type(task).__name__} does not give (record {i} of the {split} split)")
         reach_steps = task.reach_steps(record) if reach else None
         if reach and reach_steps is None:
-            raise ValueError(f"loop.reach_supervision needs per-word reach steps, which task "
+            raise ValueError(f"the reach probe needs per-word reach steps, which task "
                              f"{type(task).__name__} does not give (record {i} of the {split} split)")
         try:
             encoded = encode(record, tokenizer, steps, reach_steps)
@@ -179,15 +179,20 @@ def load_or_build_tokenizer(task: Task, directory: Path, pretrained_tokenizer=No
 
 class ReasoningDataModule(L.LightningDataModule):
     def __init__(self, task: Task, tokenizer, batch_size: int, eval_batch_size: int | None = None,
-                 seed: int = 0, num_workers: int = 0, step_answers: bool = False, reach: bool = False,
+                 seed: int = 0, num_workers: int = 0, needs: frozenset[str] = frozenset(),
                  curriculum: list[tuple[int, Task]] = ()):
-        """``curriculum``: (the training batch it ends before, task) of each stage before ``task``'s
-        own distribution, which takes over where the last stage ends (``task.curriculum``)."""
+        """``needs``: what the objectives read beyond ids and labels (``step_answers``, ``reach``;
+        ``Objective.data``). ``curriculum``: (the training batch it ends before, task) of each
+        stage before ``task``'s own distribution, which takes over where the last stage ends
+        (``task.curriculum``)."""
         super().__init__()
+        unknown = set(needs) - {"step_answers", "reach"}
+        if unknown:
+            raise ValueError(f"the data cannot provide {sorted(unknown)}; it knows 'step_answers' and 'reach'")
         self.task, self.tokenizer = task, tokenizer
         self.curriculum = list(curriculum)
         self.stages: list[tuple[int, int, int]] = []  # (first batch, first example, count), for the sampler
-        self.step_answers, self.reach = step_answers, reach
+        self.step_answers, self.reach = "step_answers" in needs, "reach" in needs
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.seed, self.num_workers = seed, num_workers
         self.train_set: EncodedDataset | None = None

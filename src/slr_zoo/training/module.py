@@ -1,4 +1,4 @@
-"""The LightningModule around a LoopedLM: depth sampling, loss on the answer, metrics, optimiser."""
+"""The LightningModule around a LoopedLM: depth sampling, the objectives' losses, metrics, optimiser."""
 
 from __future__ import annotations
 
@@ -8,71 +8,19 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from torch import nn
 from torchmetrics import MeanMetric
 
 from slr_zoo.looped import LoopedLM, LoopOutput, NonFiniteStateError
 from slr_zoo.metrics.depth import DepthHistogram
 from slr_zoo.tasks.encoding import IGNORE, answer_correct
+from slr_zoo.training.objectives import Objective
+from slr_zoo.training.settings import OptimConfig
 
 
 def depth_generator(seed: int, step: int) -> torch.Generator:
     """The same generator on every rank for a given global step, and again after a resume."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-def answer_loss(out: LoopOutput, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on the answer tokens; the halting-weighted expected loss over steps when the
-    policy mixes losses (PonderNet, Ouro) and step logits were kept."""
-    mask = labels != IGNORE
-    n = mask.sum().clamp_min(1)
-    if not out.step_weights:
-        return F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
-    total = out.logits.new_zeros((), dtype=torch.float32)
-    for logits, weight in zip(out.step_logits, out.step_weights):
-        ce = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORE, reduction="none")
-        w = weight if weight.dim() == 2 else weight[:, None]
-        total = total + (w.float() * ce * mask).sum() / n
-    return total
-
-
-def step_loss(out: LoopOutput, step_labels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-iteration supervision: iteration t's decoded state is trained toward the answer after
-    min(t, hops) hops (``step_labels`` [B, H, S], see ``tasks.encoding.step_labels``), and the last
-    iteration toward the final answer (``labels``) even when it comes before the last hop, so a loop
-    shorter than the chain (``loop.max_steps=1``) is still trained to answer. The mean over
-    iterations; iterations run without a graph (``loop.backprop_steps``) are left out."""
-    last = len(out.step_logits)
-    terms = [
-        F.cross_entropy(logits.flatten(0, 1).float(),
-                        (labels if t == last else step_labels[:, min(t, step_labels.size(1)) - 1]).flatten(),
-                        ignore_index=IGNORE)
-        for t, logits in enumerate(out.step_logits, start=1) if logits.requires_grad
-    ]
-    return torch.stack(terms).mean()
-
-
-def reach_loss(out: LoopOutput, reach: torch.Tensor) -> torch.Tensor:
-    """Per-token supervision of the search itself: iteration t's probe says, for every labelled
-    question token, whether its word has been reached within t hops (``reach`` [B, S], the hop
-    that reaches it, IGNORE where unlabelled). Binary cross-entropy, mean over labelled tokens,
-    then over iterations. Dense where the answer gives one bit per question: every mention of a
-    concept tells the loop how far its search should have got."""
-    labelled = reach != IGNORE
-    terms = [
-        F.binary_cross_entropy_with_logits(logits[labelled].float(), (reach[labelled] <= t).float())
-        for t, logits in enumerate(out.step_reach, start=1)
-    ]
-    return torch.stack(terms).mean()
-
-
-@torch.no_grad()
-def reach_accuracy(out: LoopOutput, reach: torch.Tensor) -> list[float]:
-    """Per iteration, the share of labelled tokens whose reached / not-yet-reached the probe gets
-    right: shows how many hops the loop has learnt to take, iteration by iteration."""
-    labelled = reach != IGNORE
-    return [float(((logits[labelled] > 0) == (reach[labelled] <= t)).float().mean())
-            for t, logits in enumerate(out.step_reach, start=1)]
 
 
 def question_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -85,16 +33,20 @@ def question_mask(labels: torch.Tensor) -> torch.Tensor:
 
 
 class LoopedLMModule(L.LightningModule):
-    def __init__(self, model: LoopedLM, optim: dict, seed: int = 0, on_nonfinite: str = "stop", log_every: int = 25,
-                 step_supervision: float = 0.0, reach_supervision: float = 0.0):
+    """Trains a LoopedLM on the weighted sum of its ``objectives`` (name -> Objective)."""
+
+    def __init__(self, model: LoopedLM, objectives: dict[str, Objective], optim: OptimConfig, seed: int = 0,
+                 on_nonfinite: str = "stop", log_every: int = 25):
         super().__init__()
+        if not any(o.per_answer_token for o in objectives.values()):
+            raise ValueError("training needs an objective on the answer tokens (e.g. 'answer')")
         self.model = model
+        self.objectives = nn.ModuleDict(objectives)
+        self.record = frozenset().union(*(o.record for o in objectives.values()))
         self.optim = optim
         self.seed = seed
         self.on_nonfinite = on_nonfinite
         self.log_every = log_every
-        self.step_supervision = step_supervision
-        self.reach_supervision = reach_supervision
         self.val_accuracy = MeanMetric()
         self.val_steps = MeanMetric()
         self.val_depth = DepthHistogram(model.max_steps)
@@ -104,36 +56,37 @@ class LoopedLMModule(L.LightningModule):
         self.hop_correct: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------------ training
+    def losses(self, batch: dict[str, torch.Tensor], out: LoopOutput, detail: bool = False):
+        """(loss on the answer tokens, everything else or None, scalars to log). The first is
+        what DDP weights by each rank's share of answer tokens; the halting policy's regulariser
+        and probe losses are added as they are."""
+        task, aux, logs = [], [], {}
+        for objective in self.objectives.values():
+            loss, extra = objective(batch, out, detail)
+            (task if objective.per_answer_token else aux).append(objective.weight * loss)
+            logs.update(extra)
+        if out.aux_loss is not None:
+            aux.append(out.aux_loss)
+        return sum(task[1:], task[0]), (sum(aux[1:], aux[0]) if aux else None), logs
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         steps = self.model.depth_sampler.sample(depth_generator(self.seed, self.global_step))
         labels = batch["labels"]
         tokens = (labels != IGNORE).sum()
-        task = aux = None
-        failure, detail = 0, ""  # 0: finite; 1: the loss; t + 1: the state at loop iteration t
+        detail = self.global_step % self.log_every == 0
+        task = aux = out = None
+        logs: dict[str, float] = {}
+        failure, detail_text = 0, ""  # 0: finite; 1: the loss; t + 1: the state at loop iteration t
         try:
-            supervise = self.step_supervision > 0
-            out = self.model(batch["input_ids"], steps=steps, query_mask=question_mask(batch["labels"]),
-                             real_mask=batch.get("real_mask"), decode_steps=supervise,
-                             probe_steps=self.reach_supervision > 0)
-            task = answer_loss(out, labels)
-            if supervise:  # the same answer tokens: the DDP token weighting below still holds
-                w = self.step_supervision
-                task = (1 - w) * task + w * step_loss(out, batch["step_labels"], labels)
-            aux = out.aux_loss
-            if self.reach_supervision > 0:  # like the halting regulariser: not weighted by answer tokens
-                reach = reach_loss(out, batch["reach"])
-                self.log("train/reach_loss", reach.detach())
-                if self.global_step % self.log_every == 0:
-                    for t, hit in enumerate(reach_accuracy(out, batch["reach"]), start=1):
-                        self.log(f"train/reach_accuracy_t{t}", hit)
-                reach = self.reach_supervision * reach
-                aux = reach if aux is None else aux + reach
+            out = self.model(batch["input_ids"], steps=steps, query_mask=question_mask(labels),
+                             real_mask=batch.get("real_mask"), record=self.record | ({"stability"} if detail else set()))
+            task, aux, logs = self.losses(batch, out, detail)
             total = task if aux is None else task + aux
             if not torch.isfinite(total):
-                failure, detail = 1, f"non-finite loss {total.item()}"
+                failure, detail_text = 1, f"non-finite loss {total.item()}"
         except FloatingPointError as err:
             failure = err.step + 1 if isinstance(err, NonFiniteStateError) else 1
-            detail = str(err)
+            detail_text = str(err)
         everyone = self._share_step(steps, tokens, failure, task, aux)
         failure = int(everyone[:, 2].max())
         if failure:
@@ -145,7 +98,7 @@ class LoopedLMModule(L.LightningModule):
                 return self._null_loss()
             ranks = "" if len(everyone) == 1 else f" (on {int((everyone[:, 2] > 0).sum())} of {len(everyone)} ranks)"
             what = (f"the hidden state became non-finite at loop iteration {failure - 1}" if failure > 1
-                    else detail or "the loss became non-finite")
+                    else detail_text or "the loss became non-finite")
             raise FloatingPointError(
                 f"training diverged at global step {self.global_step} (depth {steps}): {what}{ranks}. "
                 "Set trainer.on_nonfinite=skip to skip such batches instead"
@@ -160,7 +113,9 @@ class LoopedLMModule(L.LightningModule):
         self.last_train = {"step": self.global_step, "loss": global_loss, "depth": steps, "skipped": False}
         self.log("train/loss", global_loss, prog_bar=True)
         self.log("train/depth", float(steps))
-        if self.global_step % self.log_every == 0:
+        for name, value in logs.items():
+            self.log(f"train/{name}", value)
+        if detail:
             for t, (norm, delta) in enumerate(zip(out.norms, out.deltas), start=1):
                 self.log(f"stability/norm_t{t}", norm)
                 self.log(f"stability/delta_t{t}", delta)
@@ -193,7 +148,7 @@ class LoopedLMModule(L.LightningModule):
         parameter, so all ranks run the same all-reduce; the update itself is skipped in optimizer_step."""
         from torch.distributed.tensor import DTensor
 
-        params = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters() if p.requires_grad]
+        params = [p.to_local() if isinstance(p, DTensor) else p for p in self.parameters() if p.requires_grad]
         return torch.stack([p.sum() * 0.0 for p in params]).sum() if params else torch.zeros((), requires_grad=True)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
@@ -209,11 +164,12 @@ class LoopedLMModule(L.LightningModule):
         return optimizer.step(closure=lambda: loss)
 
     def configure_model(self) -> None:
-        """FSDP2 under ``strategy: fsdp`` (Lightning's ModelParallelStrategy sets the device mesh)."""
+        """FSDP2 under ``strategy: fsdp`` (Lightning's ModelParallelStrategy sets the device mesh);
+        an objective with parameters of its own (a probe) is a unit of its own."""
         if self.device_mesh is not None:
             from slr_zoo.training.trainer import shard_fsdp2
 
-            shard_fsdp2(self.model, self.device_mesh["data_parallel"])
+            shard_fsdp2(self.model, self.device_mesh["data_parallel"], extra=list(self.objectives.values()))
 
     def on_validation_model_eval(self) -> None:
         super().on_validation_model_eval()
@@ -276,17 +232,17 @@ class LoopedLMModule(L.LightningModule):
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        for name, p in self.named_parameters():
             if p.requires_grad:
                 (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
         o = self.optim
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o["lr"],
-            betas=tuple(o["betas"]),
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr,
+            betas=tuple(o.betas),
         )
         total = max(1, self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1)
-        warmup, floor = o["warmup_steps"], o["min_lr_ratio"]
+        warmup, floor = o.warmup_steps, o.min_lr_ratio
 
         def schedule(step: int) -> float:
             if step < warmup:

@@ -26,6 +26,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from torch import nn
 
 from slr_zoo.training.checkpoint import AtomicCheckpointIO
+from slr_zoo.training.settings import TrainerConfig
 
 
 def quiet_lightning() -> None:
@@ -103,11 +104,12 @@ def make_strategy(name: str, accelerator: str):
     return name
 
 
-def shard_fsdp2(model: nn.Module, mesh) -> None:
+def shard_fsdp2(model: nn.Module, mesh, extra: list[nn.Module] = ()) -> None:
     """FSDP2 units: each prelude and coda layer; the looped core as ONE unit that stays gathered
     from its first forward call to the end of backward (it runs T times each way, so resharding
     after every call would all-gather it 2T times); the root (embeddings, head, step embedding,
-    injection, loop LoRA, combine, halting, decoder) last. Called again by a later
+    injection, loop LoRA, combine, halting, decoder) last. ``extra``: modules outside the model
+    that hold parameters (an objective's probe), each a unit of its own. Called again by a later
     ``trainer.validate``: a model already sharded is left alone."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -118,7 +120,9 @@ def shard_fsdp2(model: nn.Module, mesh) -> None:
         fully_shard(layer, mesh=mesh)
     fully_shard(backbone.core, mesh=mesh, reshard_after_forward=False)
     fully_shard(model, mesh=mesh)
-    model.finish_on_nonfinite = True  # every rank makes every all-gather, diverged or not
+    for module in extra:
+        if any(True for _ in module.parameters()):
+            fully_shard(module, mesh=mesh)
 
 
 def gather_fsdp2(model: nn.Module, gathered: bool) -> None:
@@ -199,27 +203,27 @@ def read_curve(path: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # The Trainer
 # ---------------------------------------------------------------------------------------------
-def make_trainer(cfg: dict, directory: Path, grad_clip: float | None = None,
+def make_trainer(cfg: TrainerConfig, directory: Path, grad_clip: float | None = None,
                  enable_checkpointing: bool = True, seed: int = 0) -> L.Trainer:
     quiet_lightning()
     directory = Path(directory)
     callbacks: list[Callback] = [StepSeed(seed), TrainCurve(directory / "train_curve.csv")]
     if enable_checkpointing:
-        every = cfg.get("checkpoint_every") or cfg["val_every"] or max(1, cfg["max_steps"] // 4)
+        every = cfg.checkpoint_every or cfg.val_every or max(1, cfg.max_steps // 4)
         callbacks.append(ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=0,
                                          every_n_train_steps=every))
-    if cfg["progress_bar"]:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg["log_every"] // 5)))
-    accelerator = cfg["accelerator"]
+    if cfg.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.log_every // 5)))
+    accelerator = cfg.accelerator
     if accelerator == "auto" and not torch.cuda.is_available():
         accelerator = "cpu"
     return L.Trainer(
-        max_steps=cfg["max_steps"],
+        max_steps=cfg.max_steps,
         accelerator=accelerator,
-        devices=cfg["devices"],
-        num_nodes=cfg["num_nodes"],
-        strategy=make_strategy(cfg["strategy"], accelerator),
-        precision=cfg["precision"],
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=make_strategy(cfg.strategy, accelerator),
+        precision=cfg.precision,
         plugins=[AtomicCheckpointIO()],
         # data.ResumableBatchSampler shards the batches itself (the same global batches for any
         # number of processes); Lightning's DistributedSampler would reorder them
@@ -228,11 +232,11 @@ def make_trainer(cfg: dict, directory: Path, grad_clip: float | None = None,
         default_root_dir=str(directory),  # where SLURM preemption checkpoints (hpc_ckpt_N.ckpt) go
         callbacks=callbacks,
         enable_checkpointing=enable_checkpointing,
-        enable_progress_bar=cfg["progress_bar"],
+        enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
-        log_every_n_steps=cfg["log_every"],
-        val_check_interval=cfg["val_every"] or None,
-        check_val_every_n_epoch=None if cfg["val_every"] else 10**6,
+        log_every_n_steps=cfg.log_every,
+        val_check_interval=cfg.val_every or None,
+        check_val_every_n_epoch=None if cfg.val_every else 10**6,
         num_sanity_val_steps=0,
         gradient_clip_val=grad_clip,
         max_epochs=-1,

@@ -1,0 +1,218 @@
+"""Generation speed: the per-iteration KV cache against re-running the loop, against Hugging Face's
+``generate`` of a plain model with the same FLOPs per token, and per-token adaptive depth against
+fixed depth.
+
+    python benchmarks/generation.py [--hidden 256 --core 2 --steps 8 --batch 8 --prompt 128 --new 64]
+                                    [--run RUN_DIR] [--json PATH]
+
+Part 1 (random weights, every stabiliser ``none``, fixed depth): one batch of left-padded prompts,
+``--new`` tokens each, no EOS, greedy.
+- ``cached_speedup``: uncached / cached wall time (the same model, prompts and tokens), and
+  ``tokens_identical``: whether both gave the same ids.
+- ``ratio_to_plain_hf``: cached looped generation / HF ``generate`` of a plain Llama with
+  prelude + core x T + coda layers of the same dims (the same FLOPs per token).
+Timings are medians of ``--rounds`` alternating rounds.
+
+Part 2 (a trained cell): generation on its validation questions at fixed depth against the
+per-token ``kl`` policy (Huginn's zero-shot adaptive compute, cache strategy ``latest``), each
+``--threshold``. Reported: accuracy, mean iterations per generated token, wall time per
+generated token, and the same for the decoding steps alone (the tokens after the first, where a
+token's exit saves its remaining iterations; the prefill runs the whole prompt together). Without
+``--run`` it trains ``recipes/quickstart.yaml`` into a temporary directory first (~2 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--core", type=int, default=2, help="layers in the looped core (k)")
+    p.add_argument("--steps", type=int, default=8, help="loop iterations (T)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=128, help="prompt length (the shortest row is a quarter shorter)")
+    p.add_argument("--new", type=int, default=64, help="new tokens per prompt")
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--run", type=Path, default=None, help="a trained cell for part 2 (default: train the quickstart)")
+    p.add_argument("--threshold", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4], help="kl thresholds of part 2")
+    p.add_argument("--limit", type=int, default=500, help="validation questions of part 2")
+    p.add_argument("--skip", choices=["plain", "adaptive"], action="append", default=[])
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    return p.parse_args(argv)
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+# ------------------------------------------------------------------ part 1
+def build(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slr_zoo.recipe import build_backbone, build_model, validate
+    from slr_zoo.recipe.schema import defaults
+
+    recipe = defaults()
+    recipe["backbone"] = {"name": "llama", "hidden_size": args.hidden, "heads": args.heads,
+                          "prelude_layers": 1, "core_layers": args.core, "coda_layers": 1}
+    recipe["loop"]["max_steps"] = args.steps
+    validate(recipe)
+    torch.manual_seed(0)
+    looped = build_model(recipe, build_backbone(recipe, vocab_size=args.vocab)).eval()
+    cfg = looped.backbone.hf_config.to_dict()
+    cfg["num_hidden_layers"] = 2 + args.core * args.steps
+    plain = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "layer_types"})).eval()
+    plain.config._attn_implementation = "sdpa"
+    plain.generation_config.eos_token_id = None
+    plain.generation_config.pad_token_id = 0
+    return looped, plain
+
+
+def prompts(args):
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.linspace(args.prompt * 3 // 4, args.prompt, args.batch).long()
+    ids = torch.zeros(args.batch, args.prompt, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths.tolist()):  # left padding
+        ids[row, args.prompt - n:] = torch.randint(1, args.vocab, (n,), generator=g)
+        mask[row, args.prompt - n:] = 1
+    return ids, mask
+
+
+def part_one(args) -> dict:
+    from slr_zoo.inference import generate_ids
+
+    looped, plain = build(args)
+    ids, mask = prompts(args)
+    run = {
+        "cached": lambda: generate_ids(looped, ids, mask, max_new_tokens=args.new),
+        "uncached": lambda: generate_ids(looped, ids, mask, max_new_tokens=args.new, use_cache=False),
+    }
+    if "plain" not in args.skip:
+        run["plain_hf"] = lambda: plain.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new,
+                                                 min_new_tokens=args.new, do_sample=False)
+    with torch.no_grad():
+        for fn in run.values():  # warm-up
+            fn() if fn is not run["uncached"] else None
+        times = {name: [] for name in run}
+        outputs = {}
+        for r in range(args.rounds):
+            for name in (list(run) if r % 2 == 0 else list(run)[::-1]):
+                seconds, outputs[name] = timed(run[name])
+                times[name].append(seconds)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    figures = {
+        "setting": {"hidden": args.hidden, "core_layers": args.core, "steps": args.steps, "batch": args.batch,
+                    "prompt": args.prompt, "new_tokens": args.new, "threads": torch.get_num_threads()},
+        "seconds": {k: round(v, 4) for k, v in med.items()},
+        "cached_speedup": round(med["uncached"] / med["cached"], 2),
+        "tokens_identical": bool(torch.equal(outputs["cached"].sequences, outputs["uncached"].sequences)),
+    }
+    if "plain_hf" in med:
+        figures["ratio_to_plain_hf"] = round(med["cached"] / med["plain_hf"], 3)
+    print(f"part 1: d={args.hidden}, 1 + {args.core}x{args.steps} + 1 layer applications, batch {args.batch} x "
+          f"{args.prompt}-token prompts, {args.new} new tokens, {torch.get_num_threads()} threads")
+    for name, value in med.items():
+        print(f"  {name:9s} {value:8.3f} s")
+    print(f"  cached speedup over uncached: {figures['cached_speedup']:.1f}x (target >= 10), "
+          f"identical tokens: {figures['tokens_identical']}")
+    if "ratio_to_plain_hf" in figures:
+        print(f"  cached / plain HF generate at the same FLOPs: {figures['ratio_to_plain_hf']:.3f} (target <= 1.15)")
+    return figures
+
+
+# ------------------------------------------------------------------ part 2
+def trained_cell(args) -> Path:
+    if args.run is not None:
+        return args.run
+    from slr_zoo import fit
+
+    out = Path(tempfile.mkdtemp(prefix="slr_generation_"))
+    print(f"part 2: training recipes/quickstart.yaml into {out} ...", flush=True)
+    code = fit.main([str(REPO / "recipes" / "quickstart.yaml"), f"output_dir={out}", "trainer.progress_bar=false"])
+    if code:
+        sys.exit(f"training the quickstart failed (exit {code})")
+    return out / "quickstart" / "default"
+
+
+def part_two(args) -> dict:
+    from slr_zoo import generate
+    from slr_zoo.halting.kl import KLHalting
+    from slr_zoo.recipe import load_cell
+
+    parts = load_cell(trained_cell(args))
+    task, tokenizer, model = parts.task, parts.tokenizer, parts.module.model
+    records = list(task.records("val"))[: args.limit]
+    questions = [r["question"] for r in records]
+    T = model.max_steps
+    policies = {"fixed": None, **{f"kl {t:g}": KLHalting(threshold=t) for t in args.threshold}}
+    rows = {}
+    for name, policy in policies.items():
+        runs = []
+        for _ in range(args.rounds):
+            seconds, result = timed(lambda: generate(model, tokenizer, questions, max_new_tokens=8, halting=policy,
+                                                     steps=T))
+            # the prefill alone: one token per question
+            first, _ = timed(lambda: generate(model, tokenizer, questions, max_new_tokens=1, halting=policy, steps=T))
+            runs.append((seconds, first, result))
+        seconds = statistics.median(r[0] for r in runs)
+        first = statistics.median(r[1] for r in runs)
+        result = runs[0][2]
+        tokens = sum(len(s) for s in result.steps)
+        later = [s for row in result.steps for s in row[1:]]
+        correct = sum(task.score(text, record) for text, record in zip(result.texts, records))
+        rows[name] = {
+            "accuracy": round(correct / len(records), 4),
+            "mean_iterations": round(result.mean_steps, 3),
+            "seconds_per_token": seconds / tokens,
+            "decode_iterations": round(sum(later) / len(later), 3) if later else None,
+            "decode_seconds_per_token": (seconds - first) / len(later) if later else None,
+        }
+    fixed = rows["fixed"]
+    print(f"part 2: {len(records)} validation questions, T = {T}, cache strategy latest")
+    print("| policy | accuracy | iterations / token | time / token vs fixed | decode iterations | decode time vs fixed |")
+    print("|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        row["time_ratio"] = round(row["seconds_per_token"] / fixed["seconds_per_token"], 3)
+        row["iteration_ratio"] = round(row["mean_iterations"] / T, 3)
+        if row["decode_seconds_per_token"] is not None and fixed["decode_seconds_per_token"]:
+            row["decode_time_ratio"] = round(row["decode_seconds_per_token"] / fixed["decode_seconds_per_token"], 3)
+            row["decode_iteration_ratio"] = round(row["decode_iterations"] / T, 3)
+        print(f"| {name} | {row['accuracy']:.3f} | {row['mean_iterations']:.2f} | {row['time_ratio']:.3f} "
+              f"(iterations {row['iteration_ratio']:.3f}) | {row.get('decode_iterations')} | "
+              f"{row.get('decode_time_ratio')} (iterations {row.get('decode_iteration_ratio')}) |")
+    return {"records": len(records), "max_steps": T, "policies": rows}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    figures = part_one(args)
+    if "adaptive" not in args.skip:
+        figures["adaptive"] = part_two(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""``python -m slr_zoo.generate RUN_DIR --prompt TEXT [--steps N] [--halting NAME key=value ...]``
+
+Answers questions with a trained cell: cached, batched generation (greedy, or sampled with
+``--temperature`` / ``--top-k`` / ``--top-p``), on ``--device`` (default: CUDA when present) and
+under the run's precision. ``--halting`` picks the policy that decides each token's depth at
+inference, e.g. ``--halting kl threshold=1e-3`` for Huginn's per-token exit on a model trained at
+a fixed depth. Prints each answer with the loop iterations of every generated token.
+
+From Python, the module itself is the function:
+
+    import slr_zoo
+    result = slr_zoo.generate(model, tokenizer, ["3 7 1 0 9 2 8 5 4 6 ? 4 3"], max_new_tokens=8)
+    result.texts, result.ids, result.steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]           # each answer, decoded without its EOS and special tokens
+    ids: list[list[int]]       # each answer's token ids, its EOS included when it stopped there
+    steps: list[list[int]]     # loop iterations that computed each of those tokens
+    sequences: list[list[int]]  # prompt ids followed by the answer ids
+
+    @property
+    def mean_steps(self) -> float:
+        """Mean loop iterations per generated token."""
+        counts = [s for row in self.steps for s in row]
+        return sum(counts) / len(counts) if counts else 0.0
+
+
+def precision_context(precision: str | None, device: torch.device):
+    """Autocast for a Lightning ``*-mixed`` precision; nothing otherwise (``*-true`` runs keep
+    their weights in that dtype)."""
+    if precision in ("bf16-mixed", "16-mixed"):
+        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def generate(model, tokenizer, prompts, *, max_new_tokens: int = 32, steps: int | None = None, halting=None,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, cache_strategy: str = "latest",
+             use_cache: bool = True, as_question: bool = True, batch_size: int = 64,
+             precision: str | None = None, eos_token_id: int | list[int] | None = None) -> GenerationResult:
+    """Generate an answer to each prompt (a string or a list of strings) with a LoopedLM.
+
+    ``as_question``: a prompt is a question, encoded as the tasks encode it (its tokens, then the
+    separator the model answers after); otherwise its tokens alone. ``eos_token_id`` defaults to
+    the tokenizer's. Runs on the model's device, in eval mode (restored afterwards), batch by
+    batch; see ``inference.generate_ids`` for the other arguments."""
+    from slr_zoo.inference import generate_ids
+    from slr_zoo.tasks.tokenizer import special_ids, text_ids
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    sep, eos = special_ids(tokenizer)
+    encoded = [text_ids(tokenizer, p) + ([sep] if as_question else []) for p in prompts]
+    if any(not ids for ids in encoded):
+        raise ValueError("every prompt needs at least one token")
+    eos_token_id = eos if eos_token_id is None else eos_token_id
+    stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    texts, ids, used = [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start:start + batch_size]
+            width = max(len(p) for p in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for row, p in enumerate(chunk):  # left padding: every row's next token is at the end
+                input_ids[row, width - len(p):] = torch.tensor(p)
+                mask[row, width - len(p):] = 1
+            with precision_context(precision, device):
+                out = generate_ids(model, input_ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                                   steps=steps, halting=halting, eos_token_id=eos_token_id, pad_token_id=pad,
+                                   do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   generator=generator, cache_strategy=cache_strategy, use_cache=use_cache)
+            chunk_ids, chunk_steps = out.per_sample()
+            ids += chunk_ids
+            used += chunk_steps
+            texts += [tokenizer.decode([t for t in row if t not in stops], skip_special_tokens=True)
+                      for row in chunk_ids]
+    finally:
+        model.train(was_training)
+    return GenerationResult(texts, ids, used, [p + a for p, a in zip(encoded, ids)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m slr_zoo.generate", description=__doc__.split("\n\n")[1])
+    parser.add_argument("run_dir", type=Path, help="a trained cell directory: runs/<name>/<cell>")
+    parser.add_argument("--prompt", action="append", required=True, help="a question (repeat for a batch)")
+    parser.add_argument("--steps", type=int, default=None, help="loop depth (default: the trained max_steps)")
+    parser.add_argument("--halting", nargs="+", default=None, metavar=("NAME", "KEY=VALUE"),
+                        help="halting policy at inference and its arguments, e.g. kl threshold=1e-3")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampler")
+    parser.add_argument("--cache-strategy", default="latest", help="what later tokens read where a token exited "
+                        "early: latest (Huginn's default) or frozen (exactly the uncached loop)")
+    parser.add_argument("--no-cache", action="store_true", help="re-run the loop on the whole sequence per token")
+    parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    return parser.parse_args(argv)
+
+
+def halting_from_args(words: list[str], model):
+    """A policy named on the command line. One with learned parameters must be the run's own
+    (its trained parameters are kept, the given keys change its settings)."""
+    from slr_zoo.halting import HALTING
+    from slr_zoo.recipe.load import parse_override
+
+    name, settings = words[0], dict(parse_override(item) for item in words[1:])
+    policy = HALTING.build({"name": name, **settings}, "--halting", hidden_size=model.backbone.hidden_size,
+                           max_steps=model.max_steps)
+    learned = dict(policy.named_parameters())
+    if learned:
+        if type(policy) is not type(model.halting):
+            raise ValueError(f"--halting {name} has learned parameters ({', '.join(learned)}) that this run did not "
+                             f"train (it was trained with {type(model.halting).__name__}); choose one without "
+                             "(kl, threshold, fixed) or the run's own")
+        policy.load_state_dict(model.halting.state_dict())
+    return policy
+
+
+def main(argv=None) -> int:
+    from slr_zoo.recipe import load_cell
+    from slr_zoo.registry import ComponentError
+    from slr_zoo.training.checkpoint import CheckpointError
+
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        if args.steps is not None and args.steps < 1:
+            raise ValueError(f"--steps must be a loop depth >= 1, got {args.steps}")
+        parts = load_cell(args.run_dir)
+        model = parts.module.model.to(device)
+        precision = parts.trainer.precision
+        if precision in ("bf16-true", "16-true"):
+            model = model.to(torch.bfloat16 if precision.startswith("bf16") else torch.float16)
+        policy = halting_from_args(args.halting, model) if args.halting else None
+        result = generate(model, parts.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, steps=args.steps,
+                          halting=policy, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, cache_strategy=args.cache_strategy,
+                          use_cache=not args.no_cache, precision=precision)
+    except (FileNotFoundError, ValueError, CheckpointError, ComponentError) as err:
+        print(f"generate: {err}", file=sys.stderr)
+        return 2
+    for prompt, text, steps in zip(args.prompt, result.texts, result.steps):
+        print(f"{prompt}\n  -> {text}")
+        print(f"     iterations per token: {' '.join(map(str, steps))}")
+    print(f"mean iterations per generated token: {result.mean_steps:.2f}")
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """``slr_zoo.generate`` is this module (``python -m slr_zoo.generate``) and also the function."""
+
+    def __call__(self, *args, **kwargs) -> GenerationResult:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    sys.exit(main())

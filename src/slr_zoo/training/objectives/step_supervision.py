@@ -1,0 +1,37 @@
+"""Per-iteration supervision: iteration t's decoded state is trained toward the answer after
+min(t, hops) hops (``Task.step_answers``), and the last iteration toward the final answer even
+when it comes before the last hop, so a loop shorter than the chain (``loop.max_steps=1``) is
+still trained to answer. The mean over the iterations that have a graph (``loop.backprop_steps``
+leaves the earlier ones out)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slr_zoo.tasks.encoding import IGNORE
+from slr_zoo.training.objectives.base import OBJECTIVES, Objective
+
+
+def step_loss(step_logits: list[torch.Tensor | None], step_labels: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """``step_logits``: one entry per iteration run, None where it ran without a graph;
+    ``step_labels`` [B, H, S]: the labels with the answer after each hop (``encoding.step_labels``)."""
+    last = len(step_logits)
+    terms = [
+        F.cross_entropy(logits.flatten(0, 1).float(),
+                        (labels if t == last else step_labels[:, min(t, step_labels.size(1)) - 1]).flatten(),
+                        ignore_index=IGNORE)
+        for t, logits in enumerate(step_logits, start=1) if logits is not None
+    ]
+    return torch.stack(terms).mean()
+
+
+@OBJECTIVES.register("step_supervision")
+class StepSupervision(Objective):
+    record = frozenset({"logits"})
+    data = frozenset({"step_answers"})
+    per_answer_token = True  # the same answer tokens as the answer loss
+
+    def forward(self, batch, out, detail=False):
+        return step_loss(out.step_logits, batch["step_labels"], batch["labels"]), {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 
+from slr_zoo.registry import ArgumentError
 from slr_zoo.tasks.base import TASKS, Task
 
 
@@ -28,9 +29,9 @@ class IterateTask(Task):
         seed: int = 0,
     ):
         if not 2 <= symbols <= 100:
-            raise ValueError(f"task.symbols must be in [2, 100], got {symbols}")
+            raise ArgumentError("symbols", f"must be in [2, 100], got {symbols}")
         if len(hops) != 2 or not 1 <= hops[0] <= hops[1]:
-            raise ValueError(f"task.hops must be [min, max] with 1 <= min <= max, got {hops}")
+            raise ArgumentError("hops", f"must be [min, max] with 1 <= min <= max, got {hops}")
         self.n = {"train": n_train, "val": n_val}
         self.symbols, self.hops, self.seed = symbols, tuple(hops), seed
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 from typing import Literal
 
+from slr_zoo.registry import ArgumentError
 from slr_zoo.tasks.base import TASKS, Record, Task
 
 
@@ -63,7 +64,7 @@ class MultiplicationTask(Task):
         seed: int = 0,
     ):
         if len(digits) != 2 or not 1 <= digits[0] <= digits[1] <= 20:
-            raise ValueError(f"task.digits must be [min, max] with 1 <= min <= max <= 20, got {digits}")
+            raise ArgumentError("digits", f"must be [min, max] with 1 <= min <= max <= 20, got {digits}")
         self.n = {"train": n_train, "val": n_val}
         self.sizes, self.order, self.seed = tuple(digits), order, seed
 

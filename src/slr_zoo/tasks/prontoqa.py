@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import random
 
+from slr_zoo.registry import ArgumentError
 from slr_zoo.tasks.base import TASKS, Record, Task
 
 CONCEPTS = (
@@ -118,7 +119,7 @@ class ProntoQATask(Task):
         seed: int = 0,
     ):
         if len(hops) != 2 or not 1 <= hops[0] <= hops[1] <= len(CONCEPTS) - 2 - EXTRA_CHAIN:
-            raise ValueError(f"task.hops must be [min, max] with 1 <= min <= max <= "
+            raise ArgumentError("hops", f"must be [min, max] with 1 <= min <= max <= "
                              f"{len(CONCEPTS) - 2 - EXTRA_CHAIN}, got {hops}")
         self.n = {"train": n_train, "val": n_val}
         self.hops, self.seed = tuple(hops), seed

@@ -26,6 +26,7 @@ import random
 from collections import deque
 from typing import Optional
 
+from slr_zoo.registry import ArgumentError
 from slr_zoo.tasks.base import TASKS, UNREACHED, Record, Task
 
 # The made-up names of the published data, so a word-level vocabulary built from generated
@@ -201,9 +202,9 @@ class ProsQATask(Task):
         seed: int = 0,
     ):
         if len(hops) != 2 or not 1 <= hops[0] <= hops[1]:
-            raise ValueError(f"task.hops must be [min, max] with 1 <= min <= max, got {hops}")
+            raise ArgumentError("hops", f"must be [min, max] with 1 <= min <= max, got {hops}")
         if len(nodes) != 2 or not hops[1] + 2 <= nodes[0] <= nodes[1]:
-            raise ValueError(f"task.nodes must be [min, max] with max hops + 2 <= min <= max, got {nodes}")
+            raise ArgumentError("nodes", f"must be [min, max] with max hops + 2 <= min <= max, got {nodes}")
         self.n = {"train": n_train, "val": n_val}
         self.hops, self.nodes, self.val_file, self.seed = tuple(hops), tuple(nodes), val_file, seed
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 from typing import Literal
 
+from slr_zoo.registry import ArgumentError
 from slr_zoo.tasks.base import TASKS, Task
 
 
@@ -41,9 +42,9 @@ class WalkTask(Task):
         seed: int = 0,
     ):
         if not 2 <= symbols <= len(LETTERS):
-            raise ValueError(f"task.symbols must be in [2, {len(LETTERS)}], got {symbols}")
+            raise ArgumentError("symbols", f"must be in [2, {len(LETTERS)}], got {symbols}")
         if len(hops) != 2 or not 1 <= hops[0] <= hops[1]:
-            raise ValueError(f"task.hops must be [min, max] with 1 <= min <= max, got {hops}")
+            raise ArgumentError("hops", f"must be [min, max] with 1 <= min <= max, got {hops}")
         if chains < 1 or chains * (hops[1] + 1) > symbols:
             raise ValueError(
                 f"task.chains * (max hops + 1) must fit in task.symbols, "

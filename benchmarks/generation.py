@@ -66,25 +66,12 @@ def timed(fn) -> tuple[float, object]:
 
 # ------------------------------------------------------------------ part 1
 def build(args):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from same_flops import looped_and_plain
 
-    from slr_zoo.recipe import build_backbone, build_model, validate
-    from slr_zoo.recipe.schema import defaults
-
-    recipe = defaults()
-    recipe["backbone"] = {"name": "llama", "hidden_size": args.hidden, "heads": args.heads,
-                          "prelude_layers": 1, "core_layers": args.core, "coda_layers": 1}
-    recipe["loop"]["max_steps"] = args.steps
-    validate(recipe)
-    torch.manual_seed(0)
-    looped = build_model(recipe, build_backbone(recipe, vocab_size=args.vocab)).eval()
-    cfg = looped.backbone.hf_config.to_dict()
-    cfg["num_hidden_layers"] = 2 + args.core * args.steps
-    plain = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "layer_types"})).eval()
-    plain.config._attn_implementation = "sdpa"
-    plain.generation_config.eos_token_id = None
+    looped, plain = looped_and_plain(args.hidden, args.heads, args.core, args.steps, args.vocab)
+    plain.generation_config.eos_token_id = None  # both generate exactly --new tokens
     plain.generation_config.pad_token_id = 0
-    return looped, plain
+    return looped.eval(), plain.eval()
 
 
 def prompts(args):

@@ -47,3 +47,33 @@ def tokens():
 def _few_threads():
     torch.set_num_threads(1)
     yield
+
+
+def stand_ins(recipe_path, directory) -> list[str]:
+    """Overrides that stand a tiny model in for a pretrained checkpoint this machine does not have
+    (a .gguf path gets a GGUF file; a ``${package_file:...}`` of a package that is not installed
+    counts as missing), with as many layers as the recipe's split needs."""
+    from pathlib import Path
+
+    import yaml
+
+    from slr_zoo.testing import save_tiny_pretrained, write_gguf
+
+    node = {"name": "llama", **(yaml.safe_load(Path(recipe_path).read_text()) or {}).get("backbone", {})}
+    path = node.get("pretrained")
+    if path and "${package_file:" in str(path):
+        from slr_zoo.recipe import load
+
+        try:
+            path = load(recipe_path)["backbone"]["pretrained"]
+        except ValueError:
+            path = "/not/installed"
+    if not path or Path(path).expanduser().exists():
+        return []
+    core = node.get("core_layers", 1) * (node.get("loops") or 1 if node.get("share") == "average" else 1)
+    layers = node.get("prelude_layers", 1) + core + node.get("coda_layers", 1) + (2 if node.get("truncate") else 0)
+    target = Path(directory) / f"stand-in-{node['name']}-{layers}"
+    model, tokenizer = save_tiny_pretrained(target, node["name"], layers=layers)
+    if str(path).endswith(".gguf"):
+        target = write_gguf(model, tokenizer, target / "model.gguf")
+    return [f"backbone.pretrained={target}"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_model, tiny_recipe
+from conftest import VOCAB, stand_ins, tiny_model, tiny_recipe
 from slr_zoo import fit
 from slr_zoo.looped import DEPTH_SAMPLERS
 from slr_zoo.recipe import build_backbone, build_model, expand, load, validate
@@ -25,8 +25,8 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 # ---------------------------------------------------------------------------------- recipes
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_every_shipped_recipe_and_grid_cell_validates(path):
-    recipe = load(path)
+def test_every_shipped_recipe_and_grid_cell_validates(path, tmp_path):
+    recipe = load(path, stand_ins(path, tmp_path))  # a pretrained checkpoint not on this machine
     validate(recipe)
     for cell in expand(recipe):
         validate(cell.recipe)
@@ -146,10 +146,9 @@ def test_t_iterations_equal_an_hf_model_with_the_core_layer_repeated(tmp_path, t
 
 
 def test_pretrained_directory_must_hold_a_model(tmp_path):
-    recipe = tiny_recipe()
-    recipe["backbone"]["pretrained"] = str(tmp_path)
-    with pytest.raises(FileNotFoundError, match="save_pretrained"):
-        build_backbone(recipe, vocab_size=VOCAB)
+    with pytest.raises(ComponentError, match=r"^backbone\.pretrained: .* is not a local model directory \(no "
+                                             r"config\.json\) or \.gguf file; save one with save_pretrained\(\)"):
+        tiny_recipe(backbone__pretrained=str(tmp_path))
 
 
 # ------------------------------------------------------------------------- gradients, depth

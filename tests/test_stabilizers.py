@@ -33,7 +33,7 @@ EXTRA = {
     ("injection", "concat"): [{"init": "identity"}, {"init": "random", "bias": True}],
     ("injection", "diagonal"): [{"a_init": 2.0, "dt_init": 0.1}],
     ("loop_lora", "per_step"): [{"targets": ["all-linear"], "rank": 2, "dropout": 0.1}],
-    ("loop_lora", "shared_scaled"): [{"targets": ["o_proj", "mlp.up_proj"], "rank": 2}],
+    ("loop_lora", "shared_scaled"): [{"targets": ["attention_output", "mlp"], "rank": 2}],
     ("combine", "none"): [{"norm": True}],
     ("combine", "residual_initial"): [{"alpha": 0.7, "learn_alpha": True}],
     ("combine", "residual_previous"): [{"alpha": 0.3, "learn_alpha": True, "norm": True}],
@@ -72,10 +72,11 @@ def loss_of(model, tokens, steps=None):
 # ---------------------------------------------------------------------------------------------
 # Every member: built from a recipe, forward + backward, fp32 and bf16, past max_steps
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("family, precision", [("llama", "fp32"), ("llama", "bf16-autocast"), ("qwen2", "fp32"),
+                                               ("mistral", "fp32"), ("gpt2", "fp32")])
 @pytest.mark.parametrize("kind,node", CASES)
-def test_member_runs_forward_backward_beyond_trained_steps(kind, node, precision, tokens):
-    model = model_with(kind, node)
+def test_member_runs_forward_backward_beyond_trained_steps(kind, node, family, precision, tokens):
+    model = model_with(kind, node, backbone__name=family)
     part = getattr(model, kind)
     perturb(part)
     steps = model.max_steps + 2  # two iterations past the trained count

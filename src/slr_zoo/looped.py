@@ -90,14 +90,15 @@ class UniformDepth(DepthSampler):
 @DEPTH_SAMPLERS.register("lognormal_poisson")
 class LogNormalPoissonDepth(DepthSampler):
     """Huginn's heavy-tailed depth: tau ~ N(log(mean) - sigma^2/2, sigma), T = Poisson(e^tau) + 1,
-    capped at ``cap`` (default: ``max_steps``)."""
+    capped at ``cap`` (default: ``max_steps``). ``mean`` defaults to half the cap."""
 
-    def __init__(self, mean: float = 4.0, sigma: float = 0.5, cap: int | None = None, max_steps: int = 1):
+    def __init__(self, mean: float | None = None, sigma: float = 0.5, cap: int | None = None, max_steps: int = 1):
         super().__init__(max_steps)
-        self.mean, self.sigma, self.cap = mean, sigma, cap or max_steps
+        self.sigma, self.cap = sigma, cap or max_steps
+        self.mean = mean if mean is not None else max(1.0, self.cap / 2)
         _within("cap", self.cap, max_steps)
         # a mean past the cap would clip nearly every draw to the cap: a fixed depth in disguise
-        _within("mean", mean, self.cap)
+        _within("mean", self.mean, self.cap)
         if sigma <= 0:
             raise ArgumentError("sigma", f"must be > 0, got {sigma}")
 

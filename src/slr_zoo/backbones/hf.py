@@ -12,16 +12,15 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from slr_zoo.backbones.cache import CacheView, LoopKVCache
-from slr_zoo.registry import ArgumentError, Registry
+from slr_zoo.backbones.pretrained import DTYPES, fingerprint, load_causal_lm, model_type
+from slr_zoo.registry import ArgumentError, Registry, closest
 
 
 @dataclass
@@ -113,16 +112,29 @@ class _GPT2Call(LayerCall):
                      **self.cache_argument(layer, ctx))
 
 
+LORA_KEYS = {"rank": int, "alpha": (int, float), "dropout": (int, float), "targets": list}
+
+
 class Backbone(nn.Module):
     """A causal LM split into ``prelude``, looped ``core`` and ``coda`` layer stacks.
 
-    Subclasses say how to make the HF config, where the parts live in the HF model, and how a
-    layer is called. ``hf_config`` stays available for saving and for the decoders.
+    Subclasses say how to make the HF config, where the parts live in the HF model, how a layer is
+    called, and which linears play which role (``roles``: the names recipes use for LoRA targets,
+    so that one recipe ports across families). ``hf_config`` stays available for the decoders.
+
+    A pretrained model (``pretrained``: a local Hugging Face directory or a ``.gguf`` file) is read
+    in ``dtype`` with ``attn_implementation``; ``lora`` ({rank, alpha, dropout, targets}) injects
+    peft LoRA into its own weights before the split, so loop-wise LoRA later wraps the same linears
+    under peft's wrappers. ``truncate``: keep only the prelude, core and coda layers (the first
+    prelude + core layers and the last coda layers), dropping those in between.
     """
 
     path_args = ("pretrained",)
     layer_call: LayerCall
     core: LayerStack
+    model_types: frozenset[str] = frozenset()
+    roles: dict[str, tuple[str, ...]] = {}
+    lora_fan_in_fan_out = False  # GPT-2's Conv1D stores its weight as [in, out]
 
     def __init__(
         self,
@@ -139,6 +151,10 @@ class Backbone(nn.Module):
         init: Literal["normal", "torch"] = "normal",
         tie_embeddings: bool = True,
         pretrained: str | None = None,
+        dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
+        attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
+        lora: dict | None = None,
+        truncate: bool = False,
         share: Literal["none", "average"] = "none",
         loops: int | None = None,
         attention: Literal["causal", "prefix"] = "causal",
@@ -150,6 +166,8 @@ class Backbone(nn.Module):
         self.attention = attention
         self.pretrained = pretrained
         self.tokenizer = None
+        self.base_fingerprint: str | None = None
+        self.added_tokens: list[str] = []
         counts = (prelude_layers, core_layers, coda_layers)
         if min(counts) < 0 or core_layers < 1:
             raise ArgumentError("core_layers", f"layer counts must be >= 0 with core_layers >= 1, got "
@@ -160,12 +178,21 @@ class Backbone(nn.Module):
         n_shared = core_layers * (loops if share == "average" else 1)
         if init not in ("normal", "torch"):
             raise ArgumentError("init", f"must be 'normal' or 'torch', got {init!r}")
+        if dtype not in DTYPES:
+            raise ArgumentError("dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
+        lora = self._check_lora(lora)
         if pretrained is not None:
             if init != "normal" or not tie_embeddings:
                 raise ArgumentError("init" if init != "normal" else "tie_embeddings",
                                     "init and tie_embeddings apply to a model built from scratch, not to a "
                                     "pretrained one")
-            hf = self._load_pretrained(pretrained)
+            self.check_pretrained(pretrained)
+            hf, self.tokenizer = load_causal_lm(pretrained, dtype, attn_implementation)
+            rows = hf.get_input_embeddings().num_embeddings
+            if len(self.tokenizer) > rows:
+                raise ArgumentError("pretrained", f"the tokenizer has {len(self.tokenizer)} tokens but the model's "
+                                    f"embedding only {rows} rows: they do not belong together")
+            self.base_fingerprint = fingerprint(pretrained)
         else:
             if hidden_size < 1 or heads < 1 or hidden_size % heads:
                 raise ArgumentError("heads", f"hidden_size must be a positive multiple of heads, "
@@ -185,19 +212,26 @@ class Backbone(nn.Module):
                 dropout=dropout,
                 init_std=init_std if init_std is not None else hidden_size**-0.5,
             )
-            config._attn_implementation = "sdpa"
+            config._attn_implementation = attn_implementation
             config.tie_word_embeddings = tie_embeddings
             hf = self.model_class()(config)
             if init == "torch":
                 _torch_init(hf)
+            hf = hf.to(DTYPES[dtype])
         self.hf_config = hf.config
+        if lora is not None:
+            self._inject_lora(hf, lora)
         layers = list(self.layers_of(hf))
-        if prelude_layers + n_shared + coda_layers != len(layers):
+        used = prelude_layers + n_shared + coda_layers
+        if used > len(layers) or (used < len(layers) and not truncate):
             need = "prelude + core*loops + coda" if share == "average" else "prelude + core + coda"
             raise ArgumentError(
                 "core_layers", f"the model has {len(layers)} layers but {need} = "
-                f"{prelude_layers} + {n_shared} + {coda_layers}; adjust prelude_layers, core_layers, coda_layers"
+                f"{prelude_layers} + {n_shared} + {coda_layers} = {used}; adjust prelude_layers, core_layers, "
+                "coda_layers" + ("" if used > len(layers) else ", or set truncate: true to drop the layers between")
             )
+        if used < len(layers):  # truncate: the first prelude + core layers, the last coda layers
+            layers = layers[:prelude_layers + n_shared] + (layers[-coda_layers:] if coda_layers else [])
         p, c = prelude_layers, prelude_layers + n_shared
         self.replaced_layers = layers[p:c] if share == "average" else []
         core = layers[p : p + core_layers]
@@ -208,6 +242,93 @@ class Backbone(nn.Module):
         self.prelude = LayerStack(layers[:p], self.layer_call)
         self.core = LayerStack(core, self.layer_call)
         self.coda = LayerStack(layers[c:], self.layer_call)
+        self.train()  # a pretrained model arrives in eval mode; fine-tuning must see its dropout
+
+    @classmethod
+    def check_pretrained(cls, path: str) -> None:
+        """Refuse a checkpoint this family cannot split, reading only its model type."""
+        kind = model_type(path)
+        if kind not in cls.model_types:
+            family = _family_for(kind)
+            hint = (f"set name: {family}" if family else
+                    f"the supported causal LM model types are {', '.join(_supported_types())}")
+            raise ArgumentError("pretrained", f"{path} holds a {kind or 'unknown'!r} model, which backbone "
+                                f"{_family_for(next(iter(cls.model_types)))!r} cannot split; {hint}")
+
+    # ------------------------------------------------------------------ LoRA targets by role
+    def target_names(self, targets: list[str]) -> list[str]:
+        """Module names for ``targets``: a role (``query``, ``key``, ``value``, ``attention``,
+        ``attention_output``, ``mlp``) becomes this family's linears; other names pass through."""
+        names: list[str] = []
+        for target in targets:
+            for name in self.roles.get(target, (target,)):
+                if name not in names:
+                    names.append(name)
+        return names
+
+    @staticmethod
+    def _check_lora(lora: dict | None) -> dict | None:
+        if lora is None:
+            return None
+        settings = {"rank": 8, "alpha": 16, "dropout": 0.0, "targets": ["query", "value"], **lora}
+        for key, value in settings.items():
+            if key not in LORA_KEYS:
+                raise ArgumentError(f"lora.{key}", f"unknown key{closest(key, LORA_KEYS)}")
+            if not isinstance(value, LORA_KEYS[key]) or isinstance(value, bool):
+                raise ArgumentError(f"lora.{key}", f"expected {LORA_KEYS[key]}, got {value!r}")
+        if settings["rank"] < 1:
+            raise ArgumentError("lora.rank", f"must be >= 1, got {settings['rank']}")
+        if not 0 <= settings["dropout"] < 1:
+            raise ArgumentError("lora.dropout", f"must be in [0, 1), got {settings['dropout']}")
+        if not settings["targets"]:
+            raise ArgumentError("lora.targets", "needs at least one role or linear name")
+        return settings
+
+    def _inject_lora(self, hf: nn.Module, lora: dict) -> None:
+        """peft LoRA on the model's own linears, in place (module paths stay those of the model)."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        names = self.target_names(lora["targets"])
+        config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                            target_modules=names, fan_in_fan_out=self.lora_fan_in_fan_out)
+        try:
+            inject_adapter_in_model(config, hf)
+        except ValueError as err:
+            raise ArgumentError("lora.targets", f"{lora['targets']} ({', '.join(names)}) match no linear layer "
+                                f"of the model: {err}; roles: {', '.join(sorted(self.roles))}") from None
+
+    # ------------------------------------------------------------------ fine-tuning
+    def freeze_base(self) -> None:
+        """Freeze the pretrained weights; peft's LoRA matrices and added-token rows stay trainable."""
+        for name, param in self.named_parameters():
+            param.requires_grad = "lora_" in name or name.endswith(".added") or name.endswith(".rows")
+
+    def add_tokens(self, tokens: dict[str, str]) -> list[int]:
+        """Add special tokens to a pretrained model's tokenizer (``{"sep_token": "[SEP]"}``, or
+        ``additional_special_tokens`` entries as ``{"<bot>": "<bot>"}``), with trainable rows of their
+        own in the embedding and the head (``backbones/vocab.py``). Returns their ids."""
+        from slr_zoo.backbones.vocab import AddedEmbedding, AddedHead
+
+        if self.tokenizer is None:
+            raise ValueError("add_tokens is for a pretrained model's tokenizer; a word-level tokenizer "
+                             "built from the data holds its special tokens already")
+        first = len(self.tokenizer)
+        roles = {k: v for k, v in tokens.items() if k.endswith("_token")}
+        extra = [v for k, v in tokens.items() if not k.endswith("_token")]
+        self.tokenizer.add_special_tokens({**roles, **({"additional_special_tokens": extra} if extra else {})})
+        count = len(self.tokenizer) - first
+        if count:
+            tied = self.lm_head.weight is self.embed_tokens.weight
+            self.embed_tokens = AddedEmbedding(self.embed_tokens, first, count)
+            if tied:
+                rows = self.embed_tokens.added
+            else:
+                with torch.no_grad():
+                    mean = self.lm_head.weight.float().mean(dim=0).to(self.lm_head.weight.dtype)
+                rows = nn.Parameter(mean.expand(count, -1).clone())
+            self.lm_head = AddedHead(self.lm_head, rows, first)
+            self.added_tokens += list(tokens.values())
+        return [self.tokenizer.convert_tokens_to_ids(t) for t in tokens.values()]
 
     # ------------------------------------------------------------------ per-family hooks
     def make_config(self, **dims: Any):
@@ -276,37 +397,17 @@ class Backbone(nn.Module):
     def vocab_size(self) -> int:
         return self.lm_head.out_features
 
-    def _load_pretrained(self, path: str) -> nn.Module:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        directory = Path(path).expanduser()
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(
-                f"backbone.pretrained: {str(directory)!r} is not a local model directory "
-                "(no config.json); save one with save_pretrained(), nothing is downloaded"
-            )
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        hf = AutoModelForCausalLM.from_pretrained(
-            directory, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32
-        )
-        if not isinstance(hf, self.model_class()) and hf.config.model_type not in self.model_types:
-            raise ValueError(
-                f"backbone.pretrained: {directory} holds a {hf.config.model_type!r} model, "
-                f"not one of {sorted(self.model_types)}; use backbone.name={_family_for(hf.config.model_type)!r}"
-            )
-        self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        return hf
-
-    model_types: frozenset[str] = frozenset()
-
-
-def _family_for(model_type: str) -> str:
+def _family_for(model_type: str) -> str | None:
+    """The registered backbone that splits a model type, if any."""
     for name in BACKBONES.names():
         if model_type in BACKBONES.get(name).model_types:
             return name
-    return model_type
+    return None
+
+
+def _supported_types() -> list[str]:
+    return sorted({t for name in BACKBONES.names() for t in BACKBONES.get(name).model_types})
 
 
 @torch.no_grad()
@@ -423,6 +524,12 @@ class LlamaBackbone(Backbone):
 
     layer_call = _LlamaCall()
     model_types = frozenset({"llama"})
+    roles = {
+        "query": ("self_attn.q_proj",), "key": ("self_attn.k_proj",), "value": ("self_attn.v_proj",),
+        "attention_output": ("self_attn.o_proj",),
+        "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+        "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    }
 
     def model_class(self):
         from transformers import LlamaForCausalLM
@@ -503,6 +610,13 @@ class GPT2Backbone(Backbone):
 
     layer_call = _GPT2Call()
     model_types = frozenset({"gpt2"})
+    # one fused projection makes the queries, keys and values
+    roles = {
+        "query": ("attn.c_attn",), "key": ("attn.c_attn",), "value": ("attn.c_attn",),
+        "attention_output": ("attn.c_proj",), "attention": ("attn.c_attn", "attn.c_proj"),
+        "mlp": ("mlp.c_fc", "mlp.c_proj"),
+    }
+    lora_fan_in_fan_out = True
 
     def model_class(self):
         from transformers import GPT2LMHeadModel

@@ -16,6 +16,7 @@ from slr_zoo.looped import DEPTH_SAMPLERS, LoopedLM
 from slr_zoo.recipe.schema import check_value
 from slr_zoo.registry import REGISTRIES, ComponentError
 from slr_zoo.tasks.base import TASKS, Task
+from slr_zoo.tasks.tokenizer import SEP as SEPARATOR
 
 
 def _task_node(recipe: dict) -> dict:
@@ -50,6 +51,7 @@ def build_model(recipe: dict, backbone: Backbone) -> LoopedLM:
         "max_steps": loop["max_steps"],
         "core": backbone.core,
         "replaced_layers": backbone.replaced_layers,  # share: average (loop_lora init: svd)
+        "roles": backbone.roles,  # loop_lora targets by role: query, value, mlp, ...
     }
 
     def part(key: str):
@@ -124,17 +126,23 @@ def build_cell(recipe: dict, directory: Path):
     L.seed_everything(recipe["seed"], workers=True, verbose=False)
     task = build_task(recipe)
     curriculum = build_curriculum(recipe)
+    finetune = recipe["training"]["mode"] == "finetune"
     if recipe["backbone"].get("pretrained"):
         backbone = build_backbone(recipe)
+        if backbone.tokenizer.sep_token is None:  # the separator the model answers after
+            backbone.add_tokens({"sep_token": SEPARATOR})
         tokenizer = load_or_build_tokenizer(task, directory / "tokenizer", backbone.tokenizer)
     else:
         stages = [stage for _, stage in curriculum]
         tokenizer = load_or_build_tokenizer(task, directory / "tokenizer", stages=stages)
         backbone = build_backbone(recipe, vocab_size=len(tokenizer))
     model = build_model(recipe, backbone)
+    if finetune:
+        backbone.freeze_base()
     objectives = build_objectives(recipe, backbone.hidden_size)
     module = LoopedLMModule(model, objectives, optim, seed=recipe["seed"], on_nonfinite=trainer.on_nonfinite,
-                            log_every=trainer.log_every)
+                            log_every=trainer.log_every, save_trainable_only=finetune,
+                            base_fingerprint=backbone.base_fingerprint)
     needs = frozenset().union(*(o.data for o in objectives.values()))
     data = ReasoningDataModule(task, tokenizer, trainer.batch_size, trainer.eval_batch_size, seed=recipe["seed"],
                                num_workers=trainer.num_workers, needs=needs, curriculum=curriculum)
@@ -173,6 +181,7 @@ def load_cell(run_dir: Path):
     checkpoint = resume_point(run_dir, parts.module)  # checked: a corrupt file stops with its name
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints/last.ckpt not found: the cell has not been trained")
-    parts.module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    parts.module.load_state_dict(state, strict=parts.module.strict_loading)
     parts.module.eval()
     return parts

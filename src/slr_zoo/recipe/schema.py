@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from slr_zoo.registry import REGISTRIES, ComponentError, check_type, closest
+from slr_zoo.registry import REGISTRIES, ArgumentError, ComponentError, check_type, closest
 from slr_zoo.training.settings import OptimConfig, TrainerConfig
 
 Node = dict  # a component node: {name: ..., **kwargs} or {_component_: ..., **kwargs}
@@ -42,6 +42,13 @@ class LoopConfig:
 
 
 @dataclass
+class TrainingConfig:
+    # scratch: every weight trains; finetune: a pretrained base is frozen, and the loop's components,
+    # any backbone.lora and added-token rows train
+    mode: Literal["scratch", "finetune"] = "scratch"
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     seed: int = 0
@@ -51,6 +58,7 @@ class Recipe:
     backbone: Node = node("llama")
     loop: LoopConfig = field(default_factory=LoopConfig)
     decoder: Node = node("coda")
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     grid: Union[dict, list, None] = None
@@ -154,6 +162,13 @@ def _check_across_keys(recipe: dict) -> None:
         raise ComponentError(f"task.curriculum[{len(stages) - 1}].until",
                              f"{stages[-1]['until']} leaves no step of trainer.max_steps ({max_steps}) for "
                              "the task's own distribution")
+    backbone = recipe.get("backbone") or {}
+    if (recipe.get("training") or {}).get("mode") == "finetune" and not backbone.get("pretrained"):
+        raise ComponentError("training.mode", "finetune freezes a pretrained base; set backbone.pretrained "
+                             "(a local Hugging Face directory or a .gguf file), or use mode: scratch")
+    if backbone.get("lora") is not None and not backbone.get("pretrained"):
+        raise ComponentError("backbone.lora", "peft LoRA adapts a pretrained model's weights; a model built "
+                             "from scratch trains all of them (use loop.loop_lora for per-iteration adapters)")
     loop = recipe.get("loop") or {}
     if loop.get("step_supervision", 0) >= 1 and "halting" in loop:
         cls = REGISTRIES["halting"].resolve(loop["halting"], "loop.halting")
@@ -171,3 +186,8 @@ def _check_paths(cls: type, value: dict, path: str) -> None:
         target = value.get(key)
         if target is not None and not Path(str(target)).expanduser().exists():
             raise ComponentError(f"{path}.{key}", f"no such file or directory: {target!r}")
+    if path == "backbone" and value.get("pretrained") is not None:
+        try:
+            cls.check_pretrained(str(value["pretrained"]))
+        except ArgumentError as err:
+            raise ComponentError(f"{path}.{err.argument}", err.message) from None

@@ -44,7 +44,7 @@ class LoopLoRA(nn.Module):
             self.step = previous
 
 
-LOOP_LORAS = Registry("loop_lora", LoopLoRA, context=("core", "max_steps", "hidden_size", "replaced_layers"))
+LOOP_LORAS = Registry("loop_lora", LoopLoRA, context=("core", "max_steps", "hidden_size", "replaced_layers", "roles"))
 
 
 @LOOP_LORAS.register("none")
@@ -75,24 +75,43 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
 
 
-def find_targets(core: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
-    """Linears of ``core`` whose qualified name equals or ends with ``.<target>``; 'all-linear'
-    takes every one. An unknown target raises, listing what exists."""
-    linears = {name: m for name, m in core.named_modules() if is_linear(m)}
+def core_linears(core: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """name -> (module path, linear) of the core's linears. Under peft's LoRA a target such as
+    ``q_proj`` is a wrapper around ``q_proj.base_layer``: that linear is found under the wrapper's
+    name, and peft's own matrices (``lora_A``, ``lora_B``) are not targets."""
+    found = {}
+    for path, module in core.named_modules():
+        parts = path.split(".")
+        if not is_linear(module) or any(part.startswith("lora_") for part in parts):
+            continue
+        name = ".".join(parts[:-1]) if parts[-1] == "base_layer" else path
+        found[name] = (path, module)
+    return found
+
+
+def find_targets(core: nn.Module, targets: list[str],
+                 roles: dict[str, tuple[str, ...]] | None = None) -> dict[str, tuple[str, nn.Module]]:
+    """The core's linears whose name equals or ends with ``.<target>``, as name -> (module path,
+    linear). A role of the backbone (``query``, ``value``, ``attention``, ``mlp``, ...; ``roles``)
+    stands for its linears, so one recipe ports across families; ``all-linear`` takes every one.
+    An unknown target raises, listing what exists."""
+    linears = core_linears(core)
+    roles = roles or {}
     if not targets:
-        raise ArgumentError("targets", "needs at least one linear name")
-    chosen: dict[str, nn.Module] = {}
+        raise ArgumentError("targets", "needs at least one role or linear name")
+    chosen: dict[str, tuple[str, nn.Module]] = {}
     for target in targets:
         if target == "all-linear":
             chosen.update(linears)
             continue
-        hits = {n: m for n, m in linears.items() if n == target or n.endswith("." + target)}
+        hits = {n: m for suffix in roles.get(target, (target,)) for n, m in linears.items()
+                if n == suffix or n.endswith("." + suffix)}
         if not hits:
             short = sorted({n.split(".", 2)[-1] for n in linears} | {n.rsplit(".", 1)[-1] for n in linears})
             raise ArgumentError(
                 "targets",
-                f"{target!r} matches no linear layer of the core; available: {', '.join(short)} "
-                f"(or 'all-linear'); full names: {', '.join(sorted(linears))}",
+                f"{target!r} matches no linear layer of the core; roles: {', '.join(sorted(roles)) or 'none'}; "
+                f"linears: {', '.join(short)} (or 'all-linear'); full names: {', '.join(sorted(linears))}",
             )
         chosen.update(hits)
     return dict(sorted(chosen.items()))
@@ -119,7 +138,8 @@ class _Hook:
 class _HookedLoRA(LoopLoRA):
     """Shared plumbing: target lookup, scale, dropout, hooks; subclasses say what delta(x, t) is."""
 
-    def __init__(self, core: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, steps: int):
+    def __init__(self, core: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, steps: int,
+                 roles: dict[str, tuple[str, ...]] | None = None):
         super().__init__()
         if rank < 1:
             raise ArgumentError("rank", f"must be >= 1, got {rank}")
@@ -129,7 +149,9 @@ class _HookedLoRA(LoopLoRA):
             raise ValueError("loop_lora needs the backbone's core (supplied by build_model)")
         self.rank, self.scale, self.steps = rank, alpha / rank, max(1, steps)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.target_modules = find_targets(core, targets)  # plain dict: not registered as children
+        found = find_targets(core, targets, roles)
+        self.target_paths = {n: path for n, (path, _) in found.items()}
+        self.target_modules = {n: m for n, (_, m) in found.items()}  # plain dict: not registered as children
         self.shapes = {_key(n): linear_shape(m) for n, m in self.target_modules.items()}
         self._handles = [m.register_forward_hook(_Hook(self, _key(n))) for n, m in self.target_modules.items()]
 
@@ -187,13 +209,14 @@ class PerStepLoRA(_HookedLoRA):
         rank: int = 8,
         alpha: float = 16.0,
         dropout: float = 0.0,
-        targets: list[str] = ["q_proj", "v_proj"],  # noqa: B006  (never mutated)
+        targets: list[str] = ["query", "value"],  # noqa: B006  (never mutated)
         init: Literal["zero", "svd"] = "zero",
         core: Optional[nn.Module] = None,
         max_steps: int = 1,
         replaced_layers: Optional[list] = None,
+        roles: Optional[dict] = None,
     ):
-        super().__init__(core, targets, rank, alpha, dropout, max_steps)
+        super().__init__(core, targets, rank, alpha, dropout, max_steps, roles)
         self.adapters = nn.ModuleDict(
             {key: _Stack(self.steps, rank, out_f, in_f) for key, (out_f, in_f) in self.shapes.items()}
         )
@@ -221,7 +244,7 @@ class PerStepLoRA(_HookedLoRA):
         per_loop = len(core.layers)
         loops = len(replaced) // per_loop
         for name, module in self.target_modules.items():
-            prefix, index, rest = name.split(".", 2)  # "layers.<j>.<path inside the layer>"
+            prefix, index, rest = self.target_paths[name].split(".", 2)  # "layers.<j>.<path inside the layer>"
             stack = self.adapters[_key(name)]
             shared = weight_matrix(module).double()
             for t in range(1, min(loops, self.steps) + 1):
@@ -254,11 +277,12 @@ class SharedScaledLoRA(_HookedLoRA):
         rank: int = 8,
         alpha: float = 16.0,
         dropout: float = 0.0,
-        targets: list[str] = ["q_proj", "v_proj"],  # noqa: B006
+        targets: list[str] = ["query", "value"],  # noqa: B006
         core: Optional[nn.Module] = None,
         max_steps: int = 1,
+        roles: Optional[dict] = None,
     ):
-        super().__init__(core, targets, rank, alpha, dropout, max_steps)
+        super().__init__(core, targets, rank, alpha, dropout, max_steps, roles)
         self.adapters = nn.ModuleDict(
             {key: _Stack(1, rank, out_f, in_f) for key, (out_f, in_f) in self.shapes.items()}
         )

@@ -93,7 +93,14 @@ def check_resumable(path: Path, module: nn.Module) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict'); {advice}")
     saved = checkpoint["state_dict"]
-    expected = {k: v for k, v in module.state_dict().items()}
+    wanted = module.checkpoint_keys() if hasattr(module, "checkpoint_keys") else None
+    expected = {k: v for k, v in module.state_dict().items() if wanted is None or k in wanted}
+    base = getattr(module, "base_fingerprint", None)
+    if checkpoint.get("base_fingerprint", base) != base:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on another base model (fingerprint {checkpoint['base_fingerprint']}; "
+            f"backbone.pretrained now has {base}); point backbone.pretrained at the checkpoint it was trained on, "
+            "or train this cell from scratch with --rerun")
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
     reshaped = [f"{k}: {tuple(saved[k].shape)} in the file, {tuple(v.shape)} in the model"

@@ -36,7 +36,11 @@ class LoopedLMModule(L.LightningModule):
     """Trains a LoopedLM on the weighted sum of its ``objectives`` (name -> Objective)."""
 
     def __init__(self, model: LoopedLM, objectives: dict[str, Objective], optim: OptimConfig, seed: int = 0,
-                 on_nonfinite: str = "stop", log_every: int = 25):
+                 on_nonfinite: str = "stop", log_every: int = 25, save_trainable_only: bool = False,
+                 base_fingerprint: str | None = None):
+        """``save_trainable_only``: checkpoints leave out the frozen parameters (a fine-tuned
+        pretrained base, read again from ``base_fingerprint``'s checkpoint) and say which base
+        they belong to."""
         super().__init__()
         if not any(o.per_answer_token for o in objectives.values()):
             raise ValueError("training needs an objective on the answer tokens (e.g. 'answer')")
@@ -54,6 +58,22 @@ class LoopedLMModule(L.LightningModule):
         self._skip_update = False
         self.last_train: dict[str, Any] = {}
         self.hop_correct: dict[int, list[int]] = {}
+        self.save_trainable_only = save_trainable_only
+        self.base_fingerprint = base_fingerprint
+        self.strict_loading = not save_trainable_only
+
+    def checkpoint_keys(self) -> set[str]:
+        """The state-dict entries a checkpoint of this module holds."""
+        state = self.state_dict(keep_vars=True)
+        if not self.save_trainable_only:
+            return set(state)
+        frozen = {id(p) for p in self.parameters() if not p.requires_grad}  # tied weights too
+        return {k for k, v in state.items() if id(v) not in frozen}
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(all parameters, trainable ones)."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
     # ------------------------------------------------------------------ training
     def losses(self, batch: dict[str, torch.Tensor], out: LoopOutput, detail: bool = False):
@@ -264,6 +284,10 @@ class LoopedLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_batches"] = self.skipped_batches
         checkpoint["train_seconds"] = self.train_seconds()
+        checkpoint["base_fingerprint"] = self.base_fingerprint
+        if self.save_trainable_only:
+            keep = self.checkpoint_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_batches = checkpoint.get("skipped_batches", 0)

@@ -45,7 +45,10 @@ def run_cell(parts: CellParts, directory: Path, keys: dict[str, Any] | None = No
     if parts.trainer.threads:
         torch.set_num_threads(parts.trainer.threads)
     module, data = parts.module, parts.data
+    params, trainable = module.parameter_counts()
     trainer = make_trainer(parts.trainer, directory, grad_clip=parts.grad_clip, seed=parts.seed)
+    if trainer.is_global_zero:
+        print(f"    parameters: {params:,}, trainable: {trainable:,}", flush=True)
     if trainer.is_global_zero:
         remove_stale_temporaries(directory / "checkpoints")
         remove_stale_temporaries(directory)
@@ -63,7 +66,8 @@ def run_cell(parts: CellParts, directory: Path, keys: dict[str, Any] | None = No
         "mean_steps": round(float(metrics["val/mean_steps"]), 3),
         "train_seconds": round(train_seconds, 3),  # a few tiny steps can take under 0.05 s
         "train_steps": trainer.global_step,
-        "params": sum(p.numel() for p in module.model.parameters()),
+        "params": params,
+        "trainable_params": trainable,
         "max_steps": module.model.max_steps,
         "hop_accuracy": hop_accuracy,
         "skipped_batches": module.skipped_batches,

@@ -49,17 +49,20 @@ def _few_threads():
     yield
 
 
-def stand_ins(recipe_path, directory) -> list[str]:
+def stand_ins(recipe_path, directory, always: bool = False) -> list[str]:
     """Overrides that stand a tiny model in for a pretrained checkpoint this machine does not have
     (a .gguf path gets a GGUF file; a ``${package_file:...}`` of a package that is not installed
-    counts as missing), with as many layers as the recipe's split needs."""
+    counts as missing), with as many layers as the recipe's split needs. ``always``: stand in even
+    for a checkpoint that is there (a quick run of a recipe meant for a GPU)."""
     from pathlib import Path
 
     import yaml
 
     from slr_zoo.testing import save_tiny_pretrained, write_gguf
 
-    node = {"name": "llama", **(yaml.safe_load(Path(recipe_path).read_text()) or {}).get("backbone", {})}
+    raw = yaml.safe_load(Path(recipe_path).read_text()) or {}
+    overrides = _record_stand_ins(raw.get("task") or {}, Path(directory))
+    node = {"name": "llama", **raw.get("backbone", {})}
     path = node.get("pretrained")
     if path and "${package_file:" in str(path):
         from slr_zoo.recipe import load
@@ -68,12 +71,30 @@ def stand_ins(recipe_path, directory) -> list[str]:
             path = load(recipe_path)["backbone"]["pretrained"]
         except ValueError:
             path = "/not/installed"
-    if not path or Path(path).expanduser().exists():
-        return []
+    if not path or (Path(path).expanduser().exists() and not always):
+        return overrides
     core = node.get("core_layers", 1) * (node.get("loops") or 1 if node.get("share") == "average" else 1)
     layers = node.get("prelude_layers", 1) + core + node.get("coda_layers", 1) + (2 if node.get("truncate") else 0)
     target = Path(directory) / f"stand-in-{node['name']}-{layers}"
     model, tokenizer = save_tiny_pretrained(target, node["name"], layers=layers)
-    if str(path).endswith(".gguf"):
-        target = write_gguf(model, tokenizer, target / "model.gguf")
-    return [f"backbone.pretrained={target}"]
+    if str(path).endswith(".gguf"):  # beside the directory: transformers would mix in its tokenizer files
+        target = write_gguf(model, tokenizer, target.with_suffix(".gguf"))
+    return [*overrides, f"backbone.pretrained={target}"]
+
+
+def _record_stand_ins(task: dict, directory) -> list[str]:
+    """Tiny Coconut-format files (GSM8k-like arithmetic) for a json task whose files are absent."""
+    import json
+    from pathlib import Path
+
+    if task.get("name") != "json":
+        return []
+    out = []
+    for split in ("train", "val"):
+        if task.get(split) and not Path(task[split]).exists():
+            records = [{"question": f"Tom has {a} apples and buys {b} more. How many has he?",
+                        "steps": [f"<<{a}+{b}={a + b}>>"], "answer": str(a + b)} for a in range(1, 9) for b in (2, 3)]
+            path = Path(directory) / f"{split}.json"
+            path.write_text(json.dumps(records))
+            out.append(f"task.{split}={path}")
+    return out

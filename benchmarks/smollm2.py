@@ -10,7 +10,8 @@ conversion, and the cost of a fine-tuning step.
   Hugging Face's ``generate``) gives the same text.
 - ``retrofit``: the full model converted as in Relaxed Recursive Transformers (prelude 2 + core 2
   x 13 loops + coda 2; ``backbone.share: average``, loop-wise LoRA initialised from the SVD of each
-  replaced layer's difference from the average, on every linear). Next-token loss on a fixed text
+  replaced layer's difference from the average, on every linear, and per-step norm gains set to
+  the replaced layers' own). Next-token loss on a fixed text
   (ProsQA and ProntoQA validation questions) against the original model's, for each LoRA rank
   (0 = the averaged core alone), and at rank 64 for each number of iterations at inference.
 - ``overhead``: one fine-tuning step (forward and backward, frozen base with peft LoRA) of the
@@ -139,7 +140,7 @@ def part_retrofit(args) -> dict:
     model = None
     for rank in args.ranks:
         lora = {"name": "none"} if rank == 0 else {"name": "per_step", "rank": rank, "alpha": rank, "init": "svd",
-                                                    "targets": ["all-linear"]}
+                                                    "targets": ["all-linear"], "norms": True}
         start = time.perf_counter()
         model = looped(node, {"max_steps": 13, "loop_lora": lora}).eval()
         loss = next_token_loss(lambda x: model(x).logits, ids, mask)
@@ -148,7 +149,7 @@ def part_retrofit(args) -> dict:
               flush=True)
     rank = 64 if 64 in args.ranks else args.ranks[-1]
     model = looped(node, {"max_steps": 13, "loop_lora": {"name": "per_step", "rank": rank, "alpha": rank,
-                                                         "init": "svd", "targets": ["all-linear"]}}).eval()
+                                                         "init": "svd", "targets": ["all-linear"], "norms": True}}).eval()
     by_iterations = {}
     for T in args.iterations:
         loss = next_token_loss(lambda x: model(x, steps=T).logits, ids, mask)

@@ -279,21 +279,20 @@ def test_slr_zoo_generate_answers_text_questions(trained_cell):
 
 
 def test_evaluate_reports_the_iterations_of_every_generated_token(trained_cell):
-    import slr_zoo
     from slr_zoo import evaluate
+    from slr_zoo.inference.answers import score_answers
     from slr_zoo.recipe import load_cell
 
     assert evaluate.main([str(trained_cell), "--steps", "6", "--show", "0"]) == 0
-    report = json.loads((trained_cell / "eval.json").read_text())
-    row = report["by_depth"][0]
+    row = json.loads((trained_cell / "eval.json").read_text())["by_depth"][0]
     parts = load_cell(trained_cell)
     records = list(parts.task.records("val"))
-    result = slr_zoo.generate(parts.module.model, parts.tokenizer, [r["question"] for r in records],
-                              max_new_tokens=report["max_new_tokens"], steps=6)
-    every = [s for steps in result.steps for s in steps]
+    scored = score_answers(parts.module.model, parts.tokenizer, parts.task, records, steps=6)
+    every = [s for steps in scored.steps for s in steps]
     assert row["generated_tokens"] == len(every) > len(records)      # answer and EOS tokens both counted
     assert row["mean_steps"] == pytest.approx(sum(every) / len(every), abs=1e-3)
     assert row["mean_steps"] != row["mean_steps_first_token"]        # a first-token-only count differs
+    assert row["accuracy"] == pytest.approx(sum(scored.correct) / len(records), abs=1e-4)
 
 
 def test_the_generate_command_prints_answers_and_iterations(trained_cell):

@@ -190,10 +190,6 @@ def test_per_sample_kl_at_the_separator_reads_only_the_decision_position():
     assert not any(d.done.any() for d in decisions)         # max over the question: the noisy ones count
 
 
-def test_kl_default_threshold_is_hugins():
-    assert KLHalting().threshold == 5e-4
-
-
 def test_threshold_policy_reads_only_the_query_positions():
     policy = ThresholdHalting(epsilon=0.1)          # per sample, max over the question
     h0 = torch.ones(2, 4, 3)

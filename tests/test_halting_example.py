@@ -39,7 +39,6 @@ def test_entropy_halting_example_runs_through_fit(tmp_path):
     cell = tmp_path / "runs" / "entropy_example" / "default"
     summary = json.loads((cell / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["train_steps"] == 3
-    assert 0.0 <= summary["val_accuracy"] <= 1.0
     # every token is below an entropy of 100 nats, so the policy's own min_steps decides: 2 of 4
     assert summary["mean_steps"] == 2.0
     config = yaml.safe_load((cell / "config.yaml").read_text())

@@ -32,7 +32,7 @@ EXTRA = {
                                        {"noise_level": True, "mlp_hidden": 16}],
     ("injection", "concat"): [{"init": "identity"}, {"init": "random", "bias": True}],
     ("injection", "diagonal"): [{"a_init": 2.0, "dt_init": 0.1}],
-    ("loop_lora", "per_step"): [{"targets": ["all-linear"], "rank": 2, "dropout": 0.1}],
+    ("loop_lora", "per_step"): [{"targets": ["all-linear"], "rank": 2, "dropout": 0.1}, {"rank": 2, "norms": True}],
     ("loop_lora", "shared_scaled"): [{"targets": ["attention_output", "mlp"], "rank": 2}],
     ("combine", "none"): [{"norm": True}],
     ("combine", "residual_initial"): [{"alpha": 0.7, "learn_alpha": True}],
@@ -94,10 +94,24 @@ def test_member_runs_forward_backward_beyond_trained_steps(kind, node, family, p
 
 @pytest.mark.parametrize("kind,node", CASES)
 def test_member_rejects_unknown_and_mistyped_keys(kind, node):
+    import inspect
+    import typing
+
     with pytest.raises(ComponentError, match=rf"loop\.{kind}\.bogus_key: unknown key"):
         tiny_recipe(**{f"loop__{kind}": {**node, "bogus_key": 1}})
     with pytest.raises(ComponentError, match=rf"loop\.{kind}\.hidden_size: is set by the model"):
         tiny_recipe(**{f"loop__{kind}": {**node, "hidden_size": 8}})
+    # every typed argument refuses a value of another type, naming the key and the type it wanted
+    cls = REGISTRIES[kind].get(node["name"])
+    hints = typing.get_type_hints(cls.__init__)
+    for key in inspect.signature(cls.__init__).parameters:
+        if key in REGISTRIES[kind].context or key not in hints:
+            continue
+        wrong = 2.5 if hints[key] in (str, bool) or typing.get_origin(hints[key]) is typing.Literal else "text"
+        if hints[key] is float or hints[key] == typing.Optional[float]:
+            wrong = "text"
+        with pytest.raises(ComponentError, match=rf"loop\.{kind}\.{key}: expected"):
+            tiny_recipe(**{f"loop__{kind}": {**node, key: wrong}})
 
 
 @pytest.mark.parametrize(
@@ -428,13 +442,15 @@ def _save_deep_llama(directory, layers: int, perturb_norms: bool):
 @pytest.mark.parametrize("perturb_norms", [False, True])
 def test_relaxed_recursive_conversion_of_a_pretrained_model(tmp_path, perturb_norms, capsys):
     """A 5-layer model looped as prelude 1 + core 1 (x3) + coda 1: with full-rank SVD LoRA on every
-    linear, the only difference from the original is that the norm gains are averaged."""
+    linear, the only difference from the original is that the norm gains are averaged; per-step
+    norm gains (``norms: true``) remove that too."""
     hf = _save_deep_llama(tmp_path, layers=5, perturb_norms=perturb_norms)
     tokens = torch.randint(5, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = hf(tokens).logits
     diffs = {}
-    for lora in ({"name": "none"}, {"name": "per_step", "rank": 32, "targets": ["all-linear"], "init": "svd"}):
+    full = {"name": "per_step", "rank": 32, "targets": ["all-linear"], "init": "svd"}
+    for key, lora in (("none", {"name": "none"}), ("per_step", full), ("norms", {**full, "norms": True})):
         recipe = tiny_recipe(
             backbone={"name": "llama", "pretrained": str(tmp_path), "prelude_layers": 1, "core_layers": 1,
                       "coda_layers": 1, "share": "average", "loops": 3},
@@ -442,14 +458,16 @@ def test_relaxed_recursive_conversion_of_a_pretrained_model(tmp_path, perturb_no
         )
         model = build_model(recipe, build_backbone(recipe)).eval()
         with torch.no_grad():
-            diffs[lora["name"]] = (model(tokens).logits - reference).abs().max().item()
+            diffs[key] = (model(tokens).logits - reference).abs().max().item()
     with capsys.disabled():
         print(f"\n[relaxed recursive, norms {'perturbed' if perturb_norms else 'equal'}] max |logit - original|: "
-              f"averaged core {diffs['none']:.3g}, + full-rank SVD LoRA {diffs['per_step']:.3g}")
+              f"averaged core {diffs['none']:.3g}, + full-rank SVD LoRA {diffs['per_step']:.3g}, "
+              f"+ per-step norms {diffs['norms']:.3g}")
+    assert diffs["norms"] < 1e-4 < diffs["none"]
     if perturb_norms:
-        assert diffs["per_step"] < 0.5 * diffs["none"]
+        assert diffs["per_step"] < 0.5 * diffs["none"] and diffs["norms"] < 0.01 * diffs["per_step"]
     else:
-        assert diffs["per_step"] < 1e-4 < diffs["none"]
+        assert diffs["per_step"] < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_step_labels_put_each_hop_answer_on_the_answer_positions():
         answers = task.step_answers(r)
         for h in range(H):
             want = answers[min(h, len(answers) - 1)]
-            assert tokenizer.convert_ids_to_tokens(int(batch["step_labels"][row, h, start])) == want
+            assert tokenizer.convert_ids_to_tokens(int(batch["step_labels"][row, h, start])) == "▁" + want
             other = torch.ones_like(batch["labels"][row], dtype=torch.bool)
             other[start] = False
             assert torch.equal(batch["step_labels"][row, h][other], batch["labels"][row][other])  # EOS, ignores

@@ -20,7 +20,8 @@ import torch
 
 from slr_zoo.files import atomic_write
 from slr_zoo.recipe import load_cell
-from slr_zoo.tasks.tokenizer import special_ids, text_ids
+from slr_zoo.generate import precision_context
+from slr_zoo.tasks.encoding import prompt_ids
 from slr_zoo.training.checkpoint import CheckpointError
 
 
@@ -53,44 +54,47 @@ def logit_lens(model, tokenizer, prompt: list[int], steps: int, top: int = 3) ->
 
 
 def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_size=64) -> dict:
-    from slr_zoo import generate
+    from slr_zoo.inference.answers import score_answers
 
     parts = load_cell(run_dir)
     task, tokenizer, model = parts.task, parts.tokenizer, parts.module.model
     records = list(task.records(split))[:limit]
     if not records:
         raise ValueError(f"task has no {split!r} records")
-    questions = [r["question"] for r in records]
-    max_new = 2 + max(len(text_ids(tokenizer, " " + str(r["answer"]).strip())) for r in records)
     trained = model.max_steps
     depths = depths or sorted({1, *range(1, 2 * trained + 1)})
     rows = []
     from tqdm import tqdm
 
-    for steps in tqdm(depths, desc="depths", file=sys.stderr):
-        result = generate(model, tokenizer, questions, max_new_tokens=max_new, steps=steps, batch_size=batch_size,
-                          precision=parts.trainer.precision)
-        correct = [task.score(text, record) for text, record in zip(result.texts, records)]
-        by_hops: dict[str, list[bool]] = {}
-        for record, ok in zip(records, correct):
-            by_hops.setdefault(str(record.get("hops", "?")), []).append(ok)
-        first = [row[0] for row in result.steps if row]
-        rows.append({
-            "steps": steps,
-            "accuracy": round(sum(correct) / len(correct), 4),
-            # the iterations of every generated token, its EOS included
-            "mean_steps": round(result.mean_steps, 3),
-            "mean_steps_first_token": round(sum(first) / len(first), 3),
-            "generated_tokens": sum(len(row) for row in result.steps),
-            "accuracy_by_hops": {h: round(sum(v) / len(v), 4) for h, v in sorted(by_hops.items())},
-        })
-    prompts = [text_ids(tokenizer, q) + [special_ids(tokenizer)[0]] for q in questions]
+    with precision_context(parts.trainer.precision, next(model.parameters()).device):
+        for steps in tqdm(depths, desc="depths", file=sys.stderr):
+            correct, token_steps = [], []
+            for start in range(0, len(records), batch_size):
+                scored = score_answers(model, tokenizer, task, records[start:start + batch_size], steps=steps,
+                                       first_index=start)
+                correct += scored.correct
+                token_steps += scored.steps
+            by_hops: dict[str, list[bool]] = {}
+            for record, ok in zip(records, correct):
+                by_hops.setdefault(str(record.get("hops", "?")), []).append(ok)
+            every = [s for row in token_steps for s in row]
+            first = [row[0] for row in token_steps if row]
+            rows.append({
+                "steps": steps,
+                "accuracy": round(sum(correct) / len(correct), 4),
+                # the iterations of every generated token, its EOS included
+                "mean_steps": round(sum(every) / max(1, len(every)), 3),
+                "mean_steps_first_token": round(sum(first) / max(1, len(first)), 3),
+                "generated_tokens": len(every),
+                "accuracy_by_hops": {h: round(sum(v) / len(v), 4) for h, v in sorted(by_hops.items())},
+            })
     lens = {}
-    for record, prompt in list(zip(records, prompts))[:show]:
+    for record in records[:show]:
         lens[record["question"]] = {"answer": str(record["answer"]),
-                                    "states": logit_lens(model, tokenizer, prompt, trained)}
+                                    "states": logit_lens(model, tokenizer, prompt_ids(tokenizer, record["question"]),
+                                                         trained)}
     report = {"run_dir": str(run_dir), "split": split, "records": len(records), "trained_max_steps": trained,
-              "max_new_tokens": max_new, "by_depth": rows, "logit_lens": lens}
+              "by_depth": rows, "logit_lens": lens}
     atomic_write(run_dir / "eval.json", json.dumps(report, indent=2))
     _plot(rows, trained, run_dir / "accuracy_vs_steps.png")
     return report

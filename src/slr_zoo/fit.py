@@ -22,12 +22,13 @@ from pathlib import Path
 import yaml
 
 from slr_zoo.files import atomic_write
-from slr_zoo.recipe import differences, expand, load, resolve_stored, validate
+from slr_zoo.recipe import check_cell, differences, expand, load, resolve_stored, validate
 from slr_zoo.registry import ComponentError
+from slr_zoo.training.checkpoint import CheckpointError, check_finished
 
 # keys that change how a run is watched, not what it computes: a cell may resume under new values
 PRESENTATION_KEYS = (
-    "description", "trainer.threads", "trainer.progress_bar", "trainer.num_workers", "trainer.log_every",
+    "description", "output_dir", "trainer.threads", "trainer.progress_bar", "trainer.num_workers", "trainer.log_every",
     "trainer.eval_batch_size", "trainer.val_every", "trainer.checkpoint_every", "trainer.parallel_cells",
 )
 
@@ -55,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         for cell in cells:
             try:
                 validate(cell.recipe)
+                check_cell(cell.recipe)
             except ComponentError as err:
-                raise ComponentError(err.path, f"{err.message} (in grid cell {cell.index}: {cell.label})") from None
+                where = f" (in grid cell {cell.index}: {cell.label})" if len(cells) > 1 else ""
+                raise ComponentError(err.path, f"{err.message}{where}") from None
         if args.cell is not None and not 0 <= args.cell < len(cells):
             raise ComponentError("--cell", f"{args.cell} is out of range: the grid has {len(cells)} cells (0..{len(cells) - 1})")
         run_dir = Path(recipe["output_dir"]) / recipe["name"]
@@ -210,6 +213,10 @@ def _plan(cell, directory: Path, args) -> str:
     if changed:   # a failed attempt, or a folder with nothing trained: retry the new recipe cleanly
         return "replace"
     if status == "ok":
+        try:
+            check_finished(directory)
+        except CheckpointError as err:
+            raise ComponentError(str(directory), str(err)) from None
         return "skip"
     if args.resume and not has_checkpoint:
         raise ComponentError(str(directory), "--resume: there is no checkpoint to resume from")

@@ -60,11 +60,13 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 32, steps: int 
     the tokenizer's. Runs on the model's device, in eval mode (restored afterwards), batch by
     batch; see ``inference.generate_ids`` for the other arguments."""
     from slr_zoo.inference import generate_ids
+    from slr_zoo.inference.answers import left_padded
+    from slr_zoo.tasks.encoding import prompt_ids
     from slr_zoo.tasks.tokenizer import special_ids, text_ids
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    sep, eos = special_ids(tokenizer)
-    encoded = [text_ids(tokenizer, p) + ([sep] if as_question else []) for p in prompts]
+    eos = special_ids(tokenizer)[1]
+    encoded = [prompt_ids(tokenizer, p) if as_question else text_ids(tokenizer, p) for p in prompts]
     if any(not ids for ids in encoded):
         raise ValueError("every prompt needs at least one token")
     eos_token_id = eos if eos_token_id is None else eos_token_id
@@ -77,15 +79,9 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 32, steps: int 
     model.eval()
     try:
         for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
-            width = max(len(p) for p in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for row, p in enumerate(chunk):  # left padding: every row's next token is at the end
-                input_ids[row, width - len(p):] = torch.tensor(p)
-                mask[row, width - len(p):] = 1
+            input_ids, mask = left_padded(encoded[start:start + batch_size], pad, device)
             with precision_context(precision, device):
-                out = generate_ids(model, input_ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                out = generate_ids(model, input_ids, mask, max_new_tokens=max_new_tokens,
                                    steps=steps, halting=halting, eos_token_id=eos_token_id, pad_token_id=pad,
                                    do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                    generator=generator, cache_strategy=cache_strategy, use_cache=use_cache)

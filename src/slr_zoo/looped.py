@@ -179,14 +179,15 @@ class LoopedLM(nn.Module):
         ``state_noise``): the input state is perturbed by Gaussian noise of that std, and the
         step embedding is told so; the combine still sees the clean h_{t-1}."""
         x = h if noise_level is None else h + noise_level[:, None, None].to(h.dtype) * torch.randn_like(h)
-        u = self.injection(self.step_embedding(x, t, noise_level=noise_level), h0)
+        u = _shaped("step_embedding", self.step_embedding(x, t, noise_level=noise_level), h)
+        u = _shaped("injection", self.injection(u, h0), h)
         ctx = ctx.at_step(t)
         if self.checkpoint_core and torch.is_grad_enabled():
             # the recomputation calls core_at again, which re-enters at_step(t)
             new = torch.utils.checkpoint.checkpoint(self.core_at, u, ctx, t, use_reentrant=False)
         else:
             new = self.core_at(u, ctx, t)
-        return self.combine(new, h0, h, t)
+        return _shaped("combine", self.combine(new, h0, h, t), h)
 
     def core_at(self, u: torch.Tensor, ctx: SequenceContext, t: int) -> torch.Tensor:
         """One pass of the shared core with step t's adapters active."""
@@ -269,6 +270,16 @@ class LoopedLM(nn.Module):
             loss_terms=mixture.loss_terms, sample_weights=weights,
             states=trace.states, step_logits=trace.logits, norms=trace.norms, deltas=trace.deltas,
         )
+
+
+def _shaped(kind: str, out, like: torch.Tensor) -> torch.Tensor:
+    """A component's output, checked: a user component of the wrong shape is named here rather
+    than failing as a size mismatch deep inside the next layer."""
+    if not isinstance(out, torch.Tensor) or out.shape != like.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"loop component {kind} returned {got}; it must return a state of the shape it was given, "
+                         f"[batch, positions, hidden] = {tuple(like.shape)}")
+    return out
 
 
 def _decision_positions(policy: HaltingPolicy, input_ids: torch.Tensor, attention_mask, query_mask,

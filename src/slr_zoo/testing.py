@@ -43,11 +43,11 @@ def tiny_config(family: str, vocab_size: int, layers: int, dropout: float = 0.0,
     from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_head=2, n_layer=layers, n_positions=256,
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_head=2, n_layer=layers, n_positions=1024,
                           resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, tie_word_embeddings=tie)
     config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
     return config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
                   attention_dropout=dropout, tie_word_embeddings=tie)
 
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from slr_zoo.backbones.cache import CacheView, LoopKVCache
-from slr_zoo.backbones.pretrained import DTYPES, fingerprint, load_causal_lm, model_type
+from slr_zoo.backbones.pretrained import (DTYPES, fingerprint, is_gguf, load_causal_lm, model_type,
+                                         pretrained_config)
 from slr_zoo.registry import ArgumentError, Registry, closest
 
 
@@ -159,7 +160,11 @@ class Backbone(nn.Module):
         loops: int | None = None,
         attention: Literal["causal", "prefix"] = "causal",
         vocab_size: int = 0,
+        structure_only: bool = False,
     ):
+        """``structure_only`` (set by the recipe check, never a recipe key): a pretrained model is
+        built from its configuration alone, for a build on the meta device that checks a cell's
+        shapes before anything loads or trains."""
         super().__init__()
         if attention not in ("causal", "prefix"):
             raise ArgumentError("attention", f"must be 'causal' or 'prefix', got {attention!r}")
@@ -187,12 +192,19 @@ class Backbone(nn.Module):
                                     "init and tie_embeddings apply to a model built from scratch, not to a "
                                     "pretrained one")
             self.check_pretrained(pretrained)
-            hf, self.tokenizer = load_causal_lm(pretrained, dtype, attn_implementation)
+            if structure_only:  # the configuration, and the tokenizer of a directory (a GGUF's takes seconds)
+                hf = self.model_class()(pretrained_config(pretrained))
+                if not is_gguf(pretrained):
+                    from transformers import AutoTokenizer
+
+                    self.tokenizer = AutoTokenizer.from_pretrained(pretrained, local_files_only=True)
+            else:
+                hf, self.tokenizer = load_causal_lm(pretrained, dtype, attn_implementation)
             rows = hf.get_input_embeddings().num_embeddings
-            if len(self.tokenizer) > rows:
+            if self.tokenizer is not None and len(self.tokenizer) > rows:
                 raise ArgumentError("pretrained", f"the tokenizer has {len(self.tokenizer)} tokens but the model's "
                                     f"embedding only {rows} rows: they do not belong together")
-            self.base_fingerprint = fingerprint(pretrained)
+            self.base_fingerprint = None if structure_only else fingerprint(pretrained)
         else:
             if hidden_size < 1 or heads < 1 or hidden_size % heads:
                 raise ArgumentError("heads", f"hidden_size must be a positive multiple of heads, "
@@ -397,6 +409,12 @@ class Backbone(nn.Module):
     def vocab_size(self) -> int:
         return self.lm_head.out_features
 
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the model's positions cover."""
+        config = self.hf_config
+        return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions"))
+
 
 def _family_for(model_type: str) -> str | None:
     """The registered backbone that splits a model type, if any."""
@@ -420,7 +438,7 @@ def _average_into(core: list[nn.Module], replaced: list[nn.Module], core_layers:
             param.copy_(stacked.mean(0))
 
 
-BACKBONES = Registry("backbone", Backbone, context=("vocab_size",))
+BACKBONES = Registry("backbone", Backbone, context=("vocab_size", "structure_only"))
 
 
 def _prefix_mask(prefix: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

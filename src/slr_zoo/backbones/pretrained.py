@@ -51,6 +51,16 @@ def model_type(path: str | Path) -> str:
         raise ArgumentError("pretrained", f"{config} is not readable JSON ({err})") from None
 
 
+def pretrained_config(path: str | Path):
+    """The model configuration of a checkpoint, without its weights."""
+    from transformers import AutoConfig
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(path).expanduser()
+    where, extra = (path.parent, {"gguf_file": path.name}) if is_gguf(path) else (path, {})
+    return AutoConfig.from_pretrained(where, local_files_only=True, **extra)
+
+
 def load_causal_lm(path: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa"):
     """(model, tokenizer) of a local directory or GGUF file, in train mode: from_pretrained
     returns a model in eval mode, which would silently turn dropout off for fine-tuning."""

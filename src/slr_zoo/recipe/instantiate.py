@@ -39,8 +39,48 @@ def build_curriculum(recipe: dict) -> list[tuple[int, Task]]:
     return stages
 
 
-def build_backbone(recipe: dict, vocab_size: int = 0) -> Backbone:
-    return BACKBONES.build(recipe["backbone"], "backbone", vocab_size=vocab_size)
+def build_backbone(recipe: dict, vocab_size: int = 0, structure_only: bool = False) -> Backbone:
+    return BACKBONES.build(recipe["backbone"], "backbone", vocab_size=vocab_size, structure_only=structure_only)
+
+
+def check_cell(recipe: dict) -> None:
+    """Everything about a cell that can fail before it trains, raised as a ComponentError naming
+    the key: its task and curriculum are built and asked for their first records (and the
+    per-hop answers or reach steps the objectives need), and its model and objectives are built
+    on the meta device (no memory, no weights loaded), so that a bad shape or value in any node
+    stops a grid before its first cell trains."""
+    import torch
+
+    task = build_task(recipe)
+    for i, (_, stage) in enumerate(build_curriculum(recipe)):
+        _first_records(stage, recipe, f"task.curriculum[{i}]")
+    _first_records(task, recipe, "task")
+    with torch.device("meta"):
+        backbone = build_backbone(recipe, vocab_size=64, structure_only=True)
+        model = build_model(recipe, backbone)
+        build_objectives(recipe, model.backbone.hidden_size)
+
+
+def _first_records(task: Task, recipe: dict, path: str) -> None:
+    from slr_zoo.tasks.base import check_record
+
+    for split in ("train", "val"):
+        try:
+            record = next(iter(task.records(split)), None)
+        except (OSError, ValueError) as err:
+            raise ComponentError(path, f"cannot read its {split} records: {err}") from None
+        if record is None:
+            raise ComponentError(path, f"its {split} split holds no records (n_{split} = 0 or an empty file)")
+        try:
+            check_record(record, 0, f"the {split} split")
+        except ValueError as err:
+            raise ComponentError(path, str(err)) from None
+        if split == "train" and recipe["loop"]["step_supervision"] > 0 and task.step_answers(record) is None:
+            raise ComponentError("loop.step_supervision", f"needs per-hop answers, which task "
+                                 f"{type(task).__name__} does not give; set it to 0")
+        if split == "train" and recipe["loop"]["reach_supervision"] > 0 and task.reach_steps(record) is None:
+            raise ComponentError("loop.reach_supervision", f"needs per-word reach steps, which task "
+                                 f"{type(task).__name__} does not give; set it to 0")
 
 
 def build_model(recipe: dict, backbone: Backbone) -> LoopedLM:
@@ -116,6 +156,7 @@ def build_cell(recipe: dict, directory: Path):
     training records once and kept in ``directory/tokenizer``."""
     import lightning as L
 
+    from slr_zoo.inference.answers import AnswerScorer
     from slr_zoo.training.data import ReasoningDataModule, load_or_build_tokenizer
     from slr_zoo.training.module import LoopedLMModule
     from slr_zoo.training.run import CellParts
@@ -142,10 +183,11 @@ def build_cell(recipe: dict, directory: Path):
     objectives = build_objectives(recipe, backbone.hidden_size)
     module = LoopedLMModule(model, objectives, optim, seed=recipe["seed"], on_nonfinite=trainer.on_nonfinite,
                             log_every=trainer.log_every, save_trainable_only=finetune,
-                            base_fingerprint=backbone.base_fingerprint)
+                            base_fingerprint=backbone.base_fingerprint, answer_scorer=AnswerScorer(tokenizer, task))
     needs = frozenset().union(*(o.data for o in objectives.values()))
     data = ReasoningDataModule(task, tokenizer, trainer.batch_size, trainer.eval_batch_size, seed=recipe["seed"],
-                               num_workers=trainer.num_workers, needs=needs, curriculum=curriculum)
+                               num_workers=trainer.num_workers, needs=needs, curriculum=curriculum,
+                               max_length=backbone.max_positions)
     return CellParts(name=recipe["name"], seed=recipe["seed"], task=task, tokenizer=tokenizer, module=module,
                      data=data, trainer=trainer, grad_clip=optim.grad_clip, config=recipe)
 
@@ -170,13 +212,14 @@ def load_cell(run_dir: Path):
     import yaml
 
     from slr_zoo.recipe.load import resolve_stored
-    from slr_zoo.training.checkpoint import resume_point
+    from slr_zoo.training.checkpoint import check_finished, resume_point
 
     run_dir = Path(run_dir)
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"{run_dir} is not a cell directory (no config.yaml); pass runs/<name>/<cell>")
     recipe = resolve_stored(yaml.safe_load(config.read_text()) or {})
+    check_finished(run_dir)
     parts = build_cell(recipe, run_dir)
     checkpoint = resume_point(run_dir, parts.module)  # checked: a corrupt file stops with its name
     if checkpoint is None:

@@ -57,10 +57,10 @@ def load(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     if not path.is_file():
         raise RecipeError("recipe", f"no such recipe file: {str(path)!r}")
     try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except (OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (ValueError, yaml.YAMLError) as err:
         raise RecipeError("recipe", f"cannot parse {path}: {_one_line(err)}") from None
-    if raw is None:
+    if raw is None or raw == {}:
         raise RecipeError("recipe", f"{path} is empty; a recipe holds at least one key (see recipes/quickstart.yaml)")
     if not isinstance(raw, dict):
         raise RecipeError("recipe", f"{path} must hold a mapping of recipe keys at the top level, "

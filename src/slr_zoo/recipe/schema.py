@@ -94,7 +94,13 @@ AT_LEAST = {
 DEVICES = re.compile(r"^(auto|-1|\d+|\d+(,\d+)+,?)$")  # what Lightning's `devices` accepts as text
 
 
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")  # one folder under output_dir, never a path
+
+
 def check_value(dotted: str, value: Any) -> None:
+    if dotted == "name" and (not NAME.match(str(value)) or ".." in str(value)):
+        raise ComponentError(dotted, f"{value!r} is not a folder name: use letters, digits and _ . + = - "
+                             "(no slashes, no '..'); a run is written to <output_dir>/<name>/")
     if dotted in AT_LEAST and value is not None and value < AT_LEAST[dotted]:
         raise ComponentError(dotted, f"must be >= {AT_LEAST[dotted]}, got {value!r}")
     if dotted == "trainer.devices" and not (isinstance(value, int) and (value >= 1 or value == -1)
@@ -128,6 +134,7 @@ def validate(recipe: dict, path: str = "", schema: type = Recipe) -> None:
             check_type(value, hints[key], dotted)
             check_value(dotted, value)
     if schema is Recipe:
+        check_value("name", recipe.get("name", "run"))
         _check_across_keys(recipe)
 
 

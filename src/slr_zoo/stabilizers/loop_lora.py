@@ -18,6 +18,7 @@ import math
 from typing import Iterator, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slr_zoo.registry import ArgumentError, Registry
@@ -194,6 +195,39 @@ class _Stack(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear(in, r); B = 0 keeps it neutral
 
 
+def core_norms(core: nn.Module) -> dict[str, nn.Module]:
+    """The core's normalisation layers with a per-channel gain (RMSNorm, LayerNorm)."""
+    return {path: m for path, m in core.named_modules()
+            if (isinstance(m, nn.LayerNorm) or "RMSNorm" in type(m).__name__)
+            and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1}
+
+
+def normalised(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``norm`` multiplies by its gain: x / rms(x) (RMSNorm) or the standardised x (LayerNorm)."""
+    if isinstance(norm, nn.LayerNorm):
+        return F.layer_norm(x, norm.normalized_shape, None, None, norm.eps)
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or torch.finfo(torch.float32).eps
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class _NormHook:
+    """Adds step t's gain (and bias) change of one norm: (dw_t * normalised(x) + db_t)."""
+
+    def __init__(self, lora: "PerStepLoRA", key: str):
+        self.lora, self.key = lora, key
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        lora = self.lora
+        if lora.step <= 0:
+            return None
+        t = min(lora.step, lora.steps)
+        out = output + lora.norm_gains[self.key][t - 1].to(output.dtype) * normalised(module, args[0])
+        if self.key in lora.norm_biases:
+            out = out + lora.norm_biases[self.key][t - 1].to(output.dtype)
+        return out
+
+
 @LOOP_LORAS.register("per_step")
 class PerStepLoRA(_HookedLoRA):
     """One adapter (A_t, B_t) per loop step on each target linear (Bae et al. 2025, Relaxed
@@ -202,7 +236,12 @@ class PerStepLoRA(_HookedLoRA):
     ``init: zero`` has B = 0, so a fresh adapter is exactly neutral. ``init: svd`` needs
     ``backbone.share: average``: step t's adapter starts from the rank-r truncated SVD of
     (original layer t's weight - the averaged core weight), so at full rank every step sees the
-    original layer's weight again. Steps past ``backbone.loops`` start from zero."""
+    original layer's weight again. Steps past ``backbone.loops`` start from zero.
+
+    ``norms: true`` gives every step its own change of each norm's gain (and bias): d numbers per
+    norm and step. Pretrained layers differ most in their norm gains, which no low-rank change of
+    the linears can restore; with ``init: svd`` each step starts from its original layer's norms
+    exactly."""
 
     def __init__(
         self,
@@ -215,11 +254,19 @@ class PerStepLoRA(_HookedLoRA):
         max_steps: int = 1,
         replaced_layers: Optional[list] = None,
         roles: Optional[dict] = None,
+        norms: bool = False,
     ):
         super().__init__(core, targets, rank, alpha, dropout, max_steps, roles)
         self.adapters = nn.ModuleDict(
             {key: _Stack(self.steps, rank, out_f, in_f) for key, (out_f, in_f) in self.shapes.items()}
         )
+        self.norm_modules = core_norms(core) if norms else {}  # plain dict: not registered as children
+        self.norm_gains = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros(self.steps, m.weight.numel()))
+                                            for n, m in self.norm_modules.items()})
+        self.norm_biases = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros(self.steps, m.bias.numel()))
+                                             for n, m in self.norm_modules.items()
+                                             if isinstance(getattr(m, "bias", None), torch.Tensor)})
+        self._handles += [m.register_forward_hook(_NormHook(self, _key(n))) for n, m in self.norm_modules.items()]
         if init == "svd":
             self._init_svd(core, replaced_layers or [])
         elif init != "zero":
@@ -255,6 +302,13 @@ class PerStepLoRA(_HookedLoRA):
                 stack.B[t - 1].zero_()
                 stack.B[t - 1, :, :k].copy_(U[:, :k] * root)
                 stack.A[t - 1, :k].copy_(root[:, None] * Vh[:k])
+        for name, norm in self.norm_modules.items():
+            _, index, rest = name.split(".", 2)
+            for t in range(1, min(loops, self.steps) + 1):
+                original = replaced[(t - 1) * per_loop + int(index)].get_submodule(rest)
+                self.norm_gains[_key(name)][t - 1].copy_(original.weight - norm.weight)
+                if _key(name) in self.norm_biases:
+                    self.norm_biases[_key(name)][t - 1].copy_(original.bias - norm.bias)
 
     @torch.no_grad()
     def monitors(self) -> dict[str, float]:

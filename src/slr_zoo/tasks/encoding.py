@@ -20,6 +20,22 @@ class Encoded:
     reach: list[int] | None = None  # per position, the hop that reaches its word, or IGNORE
 
 
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    """What a model answers: the question's tokens, then the separator the answer follows."""
+    return text_ids(tokenizer, question) + [special_ids(tokenizer)[0]]
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    """The tokens of an answer as it follows the separator (a leading space, as in running text)."""
+    return text_ids(tokenizer, " " + str(answer).strip())
+
+
+def answer_budget(record: Record, tokenizer) -> int:
+    """New tokens a generated answer to ``record`` may take: its gold answer's length, its EOS, and
+    one more. Fixed per record, so the same record gets the same budget in any batch."""
+    return len(answer_ids(tokenizer, record["answer"])) + 2
+
+
 def encode(record: Record, tokenizer, step_answers: list[str] | None = None,
            reach_steps: dict[str, int] | None = None) -> Encoded:
     """``question [SEP] answer [EOS]``, with loss on the answer and the end token.
@@ -29,21 +45,21 @@ def encode(record: Record, tokenizer, step_answers: list[str] | None = None,
     as many tokens as the answer. ``reach_steps`` (word -> hop, ``Task.reach_steps``) label the
     question tokens of those words, for ``loop.reach_supervision``.
     """
-    sep, eos = special_ids(tokenizer)
-    question = text_ids(tokenizer, record["question"])
-    answer = text_ids(tokenizer, " " + str(record["answer"]).strip())
-    ids = question + [sep] + answer + [eos]
-    labels = [IGNORE] * len(question) + answer + [eos] + [IGNORE]
+    eos = special_ids(tokenizer)[1]
+    prompt = prompt_ids(tokenizer, record["question"])
+    answer = answer_ids(tokenizer, record["answer"])
+    ids = prompt + answer + [eos]
+    labels = [IGNORE] * (len(prompt) - 1) + answer + [eos] + [IGNORE]
     targets = None
     if step_answers is not None:
-        targets = [text_ids(tokenizer, " " + str(a).strip()) for a in step_answers]
+        targets = [answer_ids(tokenizer, a) for a in step_answers]
         if not targets or any(len(t) != len(answer) for t in targets):
             raise ValueError(f"step answers {step_answers!r} must be non-empty and tokenize to as many "
                              f"tokens as the answer {record['answer']!r} ({len(answer)})")
     reach = None
     if reach_steps is not None:
         words = token_words(tokenizer, record["question"])
-        if len(words) != len(question):
+        if len(words) != len(prompt) - 1:
             raise ValueError("the tokenizer's offsets do not match its tokens; reach supervision needs a fast tokenizer")
         reach = [reach_steps.get(w, IGNORE) if w is not None else IGNORE for w in words]
         reach += [IGNORE] * (len(ids) - len(reach))

@@ -1,11 +1,17 @@
 """Tokenizers: a word-level one built from the data (from-scratch models) through Hugging Face
 ``tokenizers``, so it saves, loads and pads through the same code path as a pretrained model's.
 
-Splitting text into words is done in Python for ASCII text without special-token strings: on
-large generated datasets Hugging Face's pre-tokenizer costs several times more than the rest of
-the data pipeline. The Python split is the same regular expression over the same whitespace, so it
-gives exactly the ids ``tokenizer.encode`` gives (a test checks it); any other text, and every
-other tokenizer, goes through ``tokenizer.encode``.
+A piece is a word (a run of letters, combining marks and underscores, in any script), a single
+digit, a single other character, or whitespace. A space is written into the piece it precedes as
+``▁`` (sentencepiece's convention: "Tom is" is ``▁Tom ▁is``), so decoding is exact: any text
+round-trips through the tokenizer, up to a leading space (every text is read as if it began with
+one), as long as its pieces are in the vocabulary. A word is never cut into letters, so "fünf"
+is one token and decodes as "fünf".
+
+Splitting text is done in Python for ASCII text without special-token strings: on large generated
+datasets Hugging Face's pre-tokenizer costs several times more than the rest of the data pipeline.
+The Python split gives exactly the pieces the Rust pre-tokenizer gives (a test checks it); any
+other text, and every other tokenizer, goes through ``tokenizer.encode``.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from slr_zoo.tasks.base import Record
 
 PAD, UNK, SEP, EOS, THINK = "[PAD]", "[UNK]", "[SEP]", "[EOS]", "[THINK]"
 SPECIALS = [PAD, UNK, SEP, EOS, THINK]
-WORD_PATTERN = r"[A-Za-z_]+|\d|[^\sA-Za-z_\d]"  # words, single digits, single punctuation marks
-# the same split for ASCII text; Python's \s and \d differ from Rust's outside ASCII
-_ASCII_WORDS = re.compile(r"[A-Za-z_]+|[0-9]|[^ \t\n\r\x0b\x0cA-Za-z_0-9]")
+SPACE = "\u2581"  # ▁, the space written into the piece that follows it
+PIECE_PATTERN = (rf"{SPACE}?[\p{{L}}\p{{M}}_]+|{SPACE}?\p{{N}}|{SPACE}?[^\s\p{{L}}\p{{M}}\p{{N}}_{SPACE}]|{SPACE}|\s")
+# the same pieces for ASCII text (Python's \s, \w and \d differ from Rust's outside ASCII)
+_WS = " \t\n\r\x0b\x0c"
+_ASCII_PIECES = re.compile(rf"{SPACE}?[A-Za-z_]+|{SPACE}?[0-9]|{SPACE}?[^{_WS}A-Za-z0-9_{SPACE}]|{SPACE}|[{_WS}]")
 
 
 def record_text(record: Record) -> Iterable[str]:
@@ -35,25 +43,33 @@ def _python_splits(text: str) -> bool:
     return text.isascii() and not ("[" in text and any(s in text for s in SPECIALS))
 
 
+def _ascii_pieces(text: str) -> list[str]:
+    if not text:
+        return []
+    marked = (text if text.startswith(" ") else " " + text).replace(" ", SPACE)
+    return _ASCII_PIECES.findall(marked)
+
+
 def split_words(text: str, pre_tokenizer=None) -> list[str]:
     """The word-level tokenizer's pieces of ``text``."""
     if _python_splits(text) or pre_tokenizer is None:
-        return _ASCII_WORDS.findall(text) if text.isascii() else re.findall(WORD_PATTERN, text)
+        return _ascii_pieces(text) if text.isascii() else [p for p, _ in _pre_tokenizer().pre_tokenize_str(text)]
     return [piece for piece, _ in pre_tokenizer.pre_tokenize_str(text)]
 
 
 def _pre_tokenizer():
     from tokenizers import Regex, pre_tokenizers
 
-    return pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated")]
-    )
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always", split=True),
+        pre_tokenizers.Split(Regex(PIECE_PATTERN), behavior="isolated"),
+    ])
 
 
 def build_word_tokenizer(records: Iterable[Record], max_vocab: int | None = None):
     """A WordLevel tokenizer over ``records``: special tokens first, then words by decreasing
     count (ties alphabetically); unseen words at evaluation map to [UNK]."""
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     pre_tokenizer = _pre_tokenizer()
@@ -67,10 +83,11 @@ def build_word_tokenizer(records: Iterable[Record], max_vocab: int | None = None
         vocab = {token: i for token, i in vocab.items() if i < max(max_vocab, len(SPECIALS))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="always", split=True)
     tok.add_special_tokens(SPECIALS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, unk_token=UNK, sep_token=SEP, eos_token=EOS,
-        additional_special_tokens=[THINK],
+        additional_special_tokens=[THINK], clean_up_tokenization_spaces=False,
     )
     fast.padding_side = "right"
     return fast
@@ -88,7 +105,8 @@ def _word_vocab(tokenizer) -> dict[str, int] | None:
         pre = spec.get("pre_tokenizer") or {}
         steps = pre.get("pretokenizers", [])
         if (spec["model"]["type"] == "WordLevel" and spec.get("normalizer") is None and len(steps) == 2
-                and steps[0]["type"] == "WhitespaceSplit" and steps[1].get("pattern") == {"Regex": WORD_PATTERN}
+                and steps[0]["type"] == "Metaspace" and steps[0].get("prepend_scheme") == "always"
+                and steps[1].get("pattern") == {"Regex": PIECE_PATTERN}
                 and steps[1].get("behavior") == "Isolated" and not steps[1].get("invert")):
             vocab = tokenizer.get_vocab()
     try:
@@ -104,7 +122,7 @@ def text_ids(tokenizer, text: str) -> list[int]:
     if vocab is None or not _python_splits(text):
         return tokenizer.encode(text, add_special_tokens=False)
     unk = vocab[UNK]
-    return [vocab.get(word, unk) for word in _ASCII_WORDS.findall(text)]
+    return [vocab.get(piece, unk) for piece in _ascii_pieces(text)]
 
 
 def token_words(tokenizer, text: str) -> list[str | None]:
@@ -113,7 +131,8 @@ def token_words(tokenizer, text: str) -> list[str | None]:
     tokenizer, one word split into several sub-word tokens labelling each of them."""
     vocab = _word_vocab(tokenizer)
     if vocab is not None and _python_splits(text):
-        return [piece if re.fullmatch(r"\w+", piece) else None for piece in _ASCII_WORDS.findall(text)]
+        words = (piece.lstrip(SPACE) for piece in _ascii_pieces(text))
+        return [word if re.fullmatch(r"\w+", word) else None for word in words]
     spans = [(m.start(), m.end()) for m in re.finditer(r"\w+", text)]
     starts = [s for s, _ in spans]
     out: list[str | None] = []

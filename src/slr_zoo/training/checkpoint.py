@@ -10,6 +10,7 @@ checkpoint or the new one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -65,6 +66,34 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_finished(directory: Path) -> None:
+    """A finished cell's checkpoint is the one its summary names (``checkpoint_sha256``); raise
+    CheckpointError, saying what to do, when it was cut short or replaced since."""
+    import json
+
+    directory = Path(directory)
+    try:
+        expected = json.loads((directory / "summary.json").read_text()).get("checkpoint_sha256")
+    except (OSError, ValueError):
+        return
+    last = directory / "checkpoints" / "last.ckpt"
+    if expected is None:
+        return
+    if not last.is_file():
+        raise CheckpointError(f"{last} of this finished run is missing; train the cell again with --rerun")
+    if sha256_of(last) != expected:
+        raise CheckpointError(f"{last} does not match the checkpoint this finished run wrote (its checksum differs: "
+                              "truncated or overwritten); train the cell again with --rerun")
 
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:

@@ -135,11 +135,12 @@ def empty_dataset(tokenizer) -> EncodedDataset:
 
 
 def encode_split(task: Task, split: str, tokenizer, step_answers: bool = False, reach: bool = False,
-                 into: EncodedDataset | None = None) -> EncodedDataset:
+                 into: EncodedDataset | None = None, max_length: int | None = None) -> EncodedDataset:
     """Encode records one at a time as the task yields them; no split is ever held as records.
     ``step_answers``: also encode the task's per-hop answers (for step supervision); ``reach``: the
     per-token reach steps (for the reach probe). ``into``: append to this dataset (the stages of
-    a curriculum share one)."""
+    a curriculum share one). ``max_length``: the model's positions; a longer record stops the run
+    here, before anything trains, with its split, index and length."""
     dataset = into if into is not None else empty_dataset(tokenizer)
     before = len(dataset)
     for i, record in enumerate(task.records(split)):
@@ -156,6 +157,10 @@ def encode_split(task: Task, split: str, tokenizer, step_answers: bool = False, 
             encoded = encode(record, tokenizer, steps, reach_steps)
         except ValueError as err:
             raise ValueError(f"record {i} of the {split} split: {err}") from None
+        if max_length is not None and len(encoded.input_ids) > max_length:
+            raise ValueError(f"record {i} of the {split} split is {len(encoded.input_ids)} tokens long (question, "
+                             f"answer and the tokens around them), more than the model's {max_length} positions; "
+                             "shorten the record or use a backbone with more positions")
         dataset.append(encoded, int(record.get("hops", 0)))
     if len(dataset) == before:
         raise ValueError(f"task produced no {split} records")
@@ -180,7 +185,7 @@ def load_or_build_tokenizer(task: Task, directory: Path, pretrained_tokenizer=No
 class ReasoningDataModule(L.LightningDataModule):
     def __init__(self, task: Task, tokenizer, batch_size: int, eval_batch_size: int | None = None,
                  seed: int = 0, num_workers: int = 0, needs: frozenset[str] = frozenset(),
-                 curriculum: list[tuple[int, Task]] = ()):
+                 curriculum: list[tuple[int, Task]] = (), max_length: int | None = None):
         """``needs``: what the objectives read beyond ids and labels (``step_answers``, ``reach``;
         ``Objective.data``). ``curriculum``: (the training batch it ends before, task) of each
         stage before ``task``'s own distribution, which takes over where the last stage ends
@@ -193,10 +198,12 @@ class ReasoningDataModule(L.LightningDataModule):
         self.curriculum = list(curriculum)
         self.stages: list[tuple[int, int, int]] = []  # (first batch, first example, count), for the sampler
         self.step_answers, self.reach = "step_answers" in needs, "reach" in needs
+        self.max_length = max_length
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.seed, self.num_workers = seed, num_workers
         self.train_set: EncodedDataset | None = None
         self.val_set: EncodedDataset | None = None
+        self.val_records: list[dict] = []  # what validation answers and scores (generation, then Task.score)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
@@ -204,14 +211,21 @@ class ReasoningDataModule(L.LightningDataModule):
             firsts = [0] + [until for until, _ in self.curriculum]
             for first, task in zip(firsts, [*(t for _, t in self.curriculum), self.task]):
                 before = len(self.train_set)
-                encode_split(task, "train", self.tokenizer, self.step_answers, self.reach, into=self.train_set)
+                encode_split(task, "train", self.tokenizer, self.step_answers, self.reach, into=self.train_set,
+                             max_length=self.max_length)
                 self.stages.append((first, before, len(self.train_set) - before))
         if self.val_set is None:
-            self.val_set = encode_split(self.task, "val", self.tokenizer)
+            self.val_set = encode_split(self.task, "val", self.tokenizer, max_length=self.max_length)
+            self.val_records = [check_record(r, i, "task val split") for i, r in enumerate(self.task.records("val"))]
 
     def _collate(self, items):
         batch = collate([e for e, _ in items], self.tokenizer.pad_token_id)
         batch["hops"] = torch.tensor([h for _, h in items])
+        return batch
+
+    def _collate_val(self, indices):
+        batch = self._collate([self.val_set[i] for i in indices])
+        batch["records"] = [self.val_records[i] for i in indices]
         return batch
 
     def _placement(self) -> tuple[int, int, int]:
@@ -229,6 +243,7 @@ class ReasoningDataModule(L.LightningDataModule):
                           num_workers=self.num_workers)
 
     def val_dataloader(self):
+        """Batches of record indices (each rank its own shard), collated with their records."""
         rank, world, _ = self._placement()
-        return DataLoader(self.val_set, batch_sampler=shard_batches(len(self.val_set), self.eval_batch_size, rank, world),
-                          collate_fn=self._collate, num_workers=self.num_workers)
+        batches = shard_batches(len(self.val_set), self.eval_batch_size, rank, world)
+        return DataLoader(batches, batch_size=None, collate_fn=self._collate_val, num_workers=self.num_workers)

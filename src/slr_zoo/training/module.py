@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 
 from slr_zoo.looped import LoopedLM, LoopOutput, NonFiniteStateError
 from slr_zoo.metrics.depth import DepthHistogram
-from slr_zoo.tasks.encoding import IGNORE, answer_correct
+from slr_zoo.tasks.encoding import IGNORE
 from slr_zoo.training.objectives import Objective
 from slr_zoo.training.settings import OptimConfig
 
@@ -37,10 +37,12 @@ class LoopedLMModule(L.LightningModule):
 
     def __init__(self, model: LoopedLM, objectives: dict[str, Objective], optim: OptimConfig, seed: int = 0,
                  on_nonfinite: str = "stop", log_every: int = 25, save_trainable_only: bool = False,
-                 base_fingerprint: str | None = None):
-        """``save_trainable_only``: checkpoints leave out the frozen parameters (a fine-tuned
-        pretrained base, read again from ``base_fingerprint``'s checkpoint) and say which base
-        they belong to."""
+                 base_fingerprint: str | None = None, answer_scorer=None):
+        """``answer_scorer(model, records) -> ScoredAnswers``: how validation answers and scores
+        (greedy generation and the task's scoring, ``inference.answers``: the path ``evaluate``
+        takes too). ``save_trainable_only``: checkpoints leave out the frozen parameters (a
+        fine-tuned pretrained base, read again from ``base_fingerprint``'s checkpoint) and say
+        which base they belong to."""
         super().__init__()
         if not any(o.per_answer_token for o in objectives.values()):
             raise ValueError("training needs an objective on the answer tokens (e.g. 'answer')")
@@ -60,6 +62,7 @@ class LoopedLMModule(L.LightningModule):
         self.hop_correct: dict[int, list[int]] = {}
         self.save_trainable_only = save_trainable_only
         self.base_fingerprint = base_fingerprint
+        self.answer_scorer = answer_scorer
         self.strict_loading = not save_trainable_only
 
     def checkpoint_keys(self) -> set[str]:
@@ -212,12 +215,15 @@ class LoopedLMModule(L.LightningModule):
         return values
 
     # ------------------------------------------------------------------ validation
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
-        out = self.model(batch["input_ids"], query_mask=question_mask(batch["labels"]), real_mask=batch.get("real_mask"))
-        correct = answer_correct(out.logits, batch["labels"])
+    def validation_step(self, batch: dict[str, Any], batch_idx: int):
+        if self.answer_scorer is None:
+            raise ValueError("validation needs an answer_scorer (recipe.build_cell gives one)")
+        scored = self.answer_scorer(self.model, batch["records"])
+        correct = torch.tensor(scored.correct, device=self.device)
         self.val_accuracy.update(correct.float())
-        self.val_steps.update(out.steps.float())
-        self.val_depth.update(out.steps)
+        every_token = [s for row in scored.steps for s in row]  # the iterations of every generated token
+        self.val_steps.update(torch.tensor(every_token or [0], dtype=torch.float, device=self.device))
+        self.val_depth.update(torch.tensor(scored.first_token_steps, device=self.device))
         if "hops" in batch:
             for hops, ok in zip(batch["hops"].tolist(), correct.tolist()):
                 tally = self.hop_correct.setdefault(int(hops), [0, 0])

@@ -16,7 +16,7 @@ import yaml
 
 from slr_zoo.files import atomic_write
 from slr_zoo.tasks.base import Task
-from slr_zoo.training.checkpoint import remove_stale_temporaries, resume_point
+from slr_zoo.training.checkpoint import remove_stale_temporaries, resume_point, sha256_of
 from slr_zoo.training.data import ReasoningDataModule
 from slr_zoo.training.module import LoopedLMModule
 from slr_zoo.training.settings import TrainerConfig
@@ -49,11 +49,16 @@ def run_cell(parts: CellParts, directory: Path, keys: dict[str, Any] | None = No
     trainer = make_trainer(parts.trainer, directory, grad_clip=parts.grad_clip, seed=parts.seed)
     if trainer.is_global_zero:
         print(f"    parameters: {params:,}, trainable: {trainable:,}", flush=True)
-    if trainer.is_global_zero:
         remove_stale_temporaries(directory / "checkpoints")
         remove_stale_temporaries(directory)
     resume = resume_point(directory, module)  # checked first: a bad file stops with its name
+    if resume is not None and trainer.is_global_zero:
+        step = torch.load(resume, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0)
+        print(f"    resumed from step {step} of {parts.trainer.max_steps} ({resume.name})", flush=True)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    last = directory / "checkpoints" / "last.ckpt"
+    if _saved_step(last) != trainer.global_step:  # the final weights, not those of the last multiple of checkpoint_every
+        trainer.save_checkpoint(last)
     train_seconds = module.train_seconds()  # includes the time before any resume
     metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
     hop_accuracy = {str(h): round(c / n, 4) for h, (c, n) in sorted(module.hop_correct.items()) if n}
@@ -72,7 +77,20 @@ def run_cell(parts: CellParts, directory: Path, keys: dict[str, Any] | None = No
         "hop_accuracy": hop_accuracy,
         "skipped_batches": module.skipped_batches,
     }
+    if trainer.global_step and module.skipped_batches >= trainer.global_step:
+        summary["status"] = "failed"
+        summary["error"] = (f"every one of the {trainer.global_step} training steps was skipped for non-finite values "
+                            "(trainer.on_nonfinite=skip): nothing was learnt; lower optim.lr or find the divergence "
+                            "with trainer.on_nonfinite=stop")
+    if last.is_file():  # what a later run checks before it trusts this finished one
+        summary["checkpoint_sha256"] = sha256_of(last)
     if trainer.is_global_zero:
         atomic_write(directory / "summary.json", json.dumps(summary, indent=2))
     return summary
 
+
+
+def _saved_step(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", -1))

@@ -194,6 +194,26 @@ class TrainCurve(Callback):
                 csv.DictWriter(f, self.columns).writerow({k: record[k] for k in self.columns})
 
 
+class StepProgressBar(TQDMProgressBar):
+    """One bar over the whole run, 0..trainer.max_steps, counted in training steps: a resumed run's
+    bar starts where it resumed instead of at the start of a (partial) epoch."""
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        super().on_train_epoch_start(trainer)
+        bar = self.train_progress_bar
+        bar.total = trainer.max_steps
+        bar.n = bar.last_print_n = trainer.global_step
+        bar.set_description("train")
+        bar.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = trainer.global_step
+        if self.train_progress_bar is not None and self._should_update(n, trainer.max_steps):
+            self.train_progress_bar.n = n
+            self.train_progress_bar.refresh()
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
 def read_curve(path: Path) -> list[dict]:
     with Path(path).open() as f:
         return [{"step": int(r["step"]), "loss": float(r["loss"]), "depth": int(r["depth"]),
@@ -213,7 +233,7 @@ def make_trainer(cfg: TrainerConfig, directory: Path, grad_clip: float | None = 
         callbacks.append(ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=0,
                                          every_n_train_steps=every))
     if cfg.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.log_every // 5)))
+        callbacks.append(StepProgressBar(refresh_rate=max(1, cfg.log_every // 5)))
     accelerator = cfg.accelerator
     if accelerator == "auto" and not torch.cuda.is_available():
         accelerator = "cpu"

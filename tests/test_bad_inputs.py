@@ -1,0 +1,188 @@
+"""Bad input, as a new user gives it: each row is a recipe, override or data file and what ``fit``,
+``evaluate`` or ``generate`` must answer. Every row runs the command in a subprocess and checks
+its exit status (2: refused before anything ran; 1: failed while running), a message that names
+the key, record or file, that no traceback reaches the user, and that nothing was created or
+touched: no run folder for a refused recipe, and an existing run's files unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(1800)  # the rows run in the first test's setup: ~40 subprocesses
+TINY = {
+    "name": "bad", "task": {"name": "iterate", "n_train": 64, "n_val": 8, "hops": [1, 3]},
+    "backbone": {"name": "gpt2", "hidden_size": 32, "heads": 2, "prelude_layers": 1, "core_layers": 1,
+                 "coda_layers": 0},
+    "decoder": {"name": "linear"}, "loop": {"max_steps": 2},
+    "trainer": {"max_steps": 2, "batch_size": 8, "progress_bar": False, "threads": 1},
+}
+
+
+def write(path: Path, content) -> Path:
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    return path
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Files the rows point at, and one finished run whose files must never change."""
+    from slr_zoo.testing import bpe_tokenizer, save_tiny_pretrained
+
+    base = tmp_path_factory.mktemp("bad")
+    (base / "a_directory").mkdir()
+    files = {
+        "recipe": write(base / "tiny.yaml", TINY),
+        "string": write(base / "string.yaml", "just some words\n"),
+        "empty": write(base / "empty.yaml", ""),
+        "broken_yaml": write(base / "broken.yaml", "loop: {max_steps: 2\n"),
+        "records_ok": write(base / "ok.json", json.dumps([{"question": "a b ?", "answer": "b"}] * 4)),
+        "record_without_answer": write(base / "noanswer.json", json.dumps([{"question": "a b ?"}] * 4)),
+        "late_bad_record": write(base / "late.json", json.dumps([{"question": "a b ?", "answer": "b"}] * 3
+                                                                + [{"question": "a", "answer": 7.5, "steps": "x"}])),
+        "long_record": write(base / "long.json", json.dumps([{"question": "a b ?", "answer": "b"}] * 4
+                                                            + [{"question": " ".join(["a"] * 300), "answer": "b"}])),
+    }
+    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
+
+    BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(base / "bert")
+    save_tiny_pretrained(base / "llama", "llama", layers=3)
+    LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                 num_attention_heads=2)).save_pretrained(base / "small_vocab")
+    bpe_tokenizer().save_pretrained(base / "small_vocab")
+    files["bert"], files["llama"], files["small_vocab"] = base / "bert", base / "llama", base / "small_vocab"
+    runs = base / "runs"
+    done = run(["fit", str(files["recipe"]), f"output_dir={runs}"], base)
+    assert done.returncode == 0, done.stderr[-2000:]
+    files["finished"] = runs / "bad" / "default"
+    return base, files, runs
+
+
+def run(command: list[str], cwd: Path, env: dict | None = None):
+    verb, *args = command
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
+    return subprocess.run([sys.executable, "-m", f"slr_zoo.{verb}", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600, env=env)
+
+
+def tiny(**changes) -> dict:
+    recipe = json.loads(json.dumps(TINY))
+    for dotted, value in changes.items():
+        node = recipe
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return recipe
+
+
+# (id, command as a function of the files, exit status, message regex)
+ROWS = [
+    # ------------------------------------------------------------- recipes that already got it right
+    ("unknown key", lambda f: ["fit", f["recipe"], "loop.max_stepz=3"], 2, r"loop\.max_stepz: unknown key \(did you mean 'max_steps'"),
+    ("wrong type", lambda f: ["fit", f["recipe"], "loop.max_steps=many"], 2, r"loop\.max_steps: expected int, got str 'many'"),
+    ("unknown component", lambda f: ["fit", f["recipe"], "loop.combine.name=gatd"], 2, r"loop\.combine\.name: unknown combine 'gatd' \(did you mean 'gated'"),
+    ("malformed yaml", lambda f: ["fit", f["broken_yaml"]], 2, r"recipe: cannot parse .*broken\.yaml"),
+    ("missing recipe", lambda f: ["fit", "no/such.yaml"], 2, r"no such recipe file: 'no/such\.yaml'"),
+    ("bad override", lambda f: ["fit", f["recipe"], "loop.max_steps"], 2, r"override: expected dotted\.key=value"),
+    ("zero batch", lambda f: ["fit", f["recipe"], "trainer.batch_size=0"], 2, r"trainer\.batch_size: must be >= 1"),
+    ("missing pretrained", lambda f: ["fit", f["recipe"], "backbone.pretrained=/no/such/model"], 2, r"backbone\.pretrained: no such file or directory: '/no/such/model'"),
+    ("missing data file", lambda f: ["fit", f["recipe"], "task={name: json, train: /no/train.json, val: /no/val.json}"], 2, r"task\.train: no such file or directory"),
+    ("first record broken", lambda f: ["fit", f["recipe"], f"task={{name: json, train: {f['record_without_answer']}, val: {f['records_ok']}}}"], 2, r"task: cannot read its train records: record 0 of .*noanswer\.json: field 'answer' must be a non-empty string"),
+    ("thoughts mode", lambda f: ["fit", f["recipe"], "loop.mode=thoughts"], 2, r"loop\.mode"),
+    # ------------------------------------------------------------- defects of the issue, and their class
+    ("recipe is a directory", lambda f: ["fit", f["string"].parent / "a_directory"], 2, r"is a directory; give a recipe file"),
+    ("recipe holds a string", lambda f: ["fit", f["string"]], 2, r"must hold a mapping of recipe keys at the top level, not a str"),
+    ("empty recipe", lambda f: ["fit", f["empty"]], 2, r"empty\.yaml is empty"),
+    ("name up a level", lambda f: ["fit", f["recipe"], "name=.."], 2, r"name: '\.\.' is not a folder name"),
+    ("name outside runs", lambda f: ["fit", f["recipe"], "name=../../x"], 2, r"name: '\.\./\.\./x' is not a folder name"),
+    ("empty name", lambda f: ["fit", f["recipe"], "name="], 2, r"name: '' is not a folder name"),
+    ("heads in a grid", lambda f: ["fit", f["recipe"], "grid.backbone.heads=[2,3]"], 2, r"backbone\.heads: hidden_size must be a positive multiple of heads, got hidden_size=32, heads=3 \(in grid cell 1: heads=3\)"),
+    ("kv heads", lambda f: ["fit", f["recipe"], "backbone={name: llama, hidden_size: 32, heads: 4, kv_heads: 3, prelude_layers: 1, core_layers: 1, coda_layers: 0}"], 2, r"backbone\.kv_heads: must divide heads"),
+    ("lora targets", lambda f: ["fit", f["recipe"], "loop.loop_lora={name: per_step, targets: [nowhere]}"], 2, r"loop\.loop_lora\.targets: 'nowhere' matches no linear layer of the core; roles: attention"),
+    ("init with pretrained", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['llama']}, init: torch, prelude_layers: 1, core_layers: 1, coda_layers: 1}}"], 2, r"backbone\.init: init and tie_embeddings apply to a model built from scratch"),
+    ("step supervision without hops", lambda f: ["fit", f["recipe"], "task={name: walk, n_train: 64, n_val: 8}", "loop.step_supervision=0.5"], 2, r"loop\.step_supervision: needs per-hop answers, which task WalkTask does not give"),
+    ("hops reversed", lambda f: ["fit", f["recipe"], "task.hops=[6,1]"], 2, r"task\.hops: must be \[min, max\] with 1 <= min <= max, got \[6, 1\]"),
+    ("no validation records", lambda f: ["fit", f["recipe"], "task.n_val=0"], 2, r"task: its val split holds no records"),
+    ("lognormal mean past max", lambda f: ["fit", f["recipe"], "loop.depth_sampler={name: lognormal_poisson, mean: 9}"], 2, r"loop\.depth_sampler\.mean: must be in \[1, max_steps = 2\]"),
+    ("a bert directory", lambda f: ["fit", f["recipe"], f"backbone.pretrained={f['bert']}"], 2, r"backbone\.pretrained: .* holds a 'bert' model, which backbone 'gpt2' cannot split; the supported causal LM model types are gpt2, llama, mistral, qwen2"),
+    ("tokenizer larger than the model", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['small_vocab']}, prelude_layers: 1, core_layers: 1, coda_layers: 1}}"], 2, r"backbone\.pretrained: the tokenizer has \d+ tokens but the model's embedding only 20 rows"),
+    ("finetune without a base", lambda f: ["fit", f["recipe"], "training.mode=finetune"], 2, r"training\.mode: finetune freezes a pretrained base"),
+    # ------------------------------------------------------------- failures at run time: exit 1, named
+    ("a later record broken", lambda f: ["fit", f["recipe"], f"task={{name: json, train: {f['late_bad_record']}, val: {f['records_ok']}}}"], 1, r"record 3 of .*late\.json: field 'steps' must be a list of strings"),
+    ("a record longer than the positions", lambda f: ["fit", f["recipe"], "backbone.max_positions=64", f"task={{name: json, train: {f['long_record']}, val: {f['records_ok']}}}"], 1, r"record 4 of the train split is 303 tokens long .* more than the model's 64 positions"),
+    ("a component of the wrong shape", lambda f: ["fit", f["recipe"], "loop.combine={_component_: wrong_shape.HalfWidth}"], 1, r"loop component combine returned \(8, \d+, 16\); it must return a state of the shape it was given"),
+    ("every batch skipped", lambda f: ["fit", f["recipe"], "trainer.on_nonfinite=skip", "loop.combine={_component_: nan_plant.NaNAtStep, at_step: 1}"], 1, r"every one of the 2 training steps was skipped for non-finite values"),
+    # ------------------------------------------------------------- evaluate and generate
+    ("evaluate nowhere", lambda f: ["evaluate", "/no/such/run"], 2, r"/no/such/run is not a cell directory \(no config\.yaml\)"),
+    ("evaluate depth zero", lambda f: ["evaluate", f["finished"], "--steps", "0"], 2, r"--steps must be loop depths >= 1"),
+    ("generate bad halting", lambda f: ["generate", f["finished"], "--prompt", "1 2 ?", "--halting", "act"], 2, r"--halting act has learned parameters"),
+    ("generate unknown halting", lambda f: ["generate", f["finished"], "--prompt", "1 2 ?", "--halting", "kl", "treshold=1"], 2, r"--halting\.treshold: unknown key for halting 'kl' \(did you mean 'threshold'"),
+]
+
+
+@pytest.fixture(scope="module")
+def results(world):
+    """Every row run once, two at a time; the finished run's files before and after."""
+    base, files, runs = world
+    before = fingerprint(runs)
+
+    def one(row):
+        name, command, _, _ = row
+        args = [str(a) for a in command(files)]
+        if args[0] == "fit":
+            args += [f"output_dir={base / 'out' / name.replace(' ', '_')}"]
+        return name, run(args, base)
+
+    with ThreadPoolExecutor(2) as pool:
+        outcome = dict(pool.map(one, ROWS))
+    return outcome, before, fingerprint(runs)
+
+
+@pytest.mark.parametrize("name, command, status, message", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_gets_its_exit_status_a_named_message_and_no_traceback(results, world, name, command, status,
+                                                                        message):
+    import re
+
+    outcome, before, after = results
+    done = outcome[name]
+    assert done.returncode == status, (done.returncode, done.stderr[-3000:])
+    assert re.search(message, done.stderr), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    out = world[0] / "out" / name.replace(" ", "_")
+    if status == 2:  # refused before anything ran: no folder at all
+        assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
+    assert before == after  # the finished run is untouched by every row
+
+
+def test_a_corrupt_checkpoint_of_a_finished_run_is_named_and_the_run_left_alone(world, tmp_path):
+    import shutil
+
+    base, files, _ = world
+    runs = tmp_path / "runs"
+    shutil.copytree(files["finished"].parent, runs / "bad")
+    last = runs / "bad" / "default" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    before = fingerprint(runs)
+    for extra in ([], ["--resume"]):
+        done = run(["fit", str(files["recipe"]), f"output_dir={runs}", *extra], base)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert "does not match the checkpoint this finished run wrote" in done.stderr and "--rerun" in done.stderr
+    done = run(["evaluate", str(runs / "bad" / "default"), "--steps", "1"], base)
+    assert done.returncode == 2 and "--rerun" in done.stderr and "Traceback" not in done.stderr
+    assert fingerprint(runs) == before

@@ -14,6 +14,10 @@ conversion, and the cost of a fine-tuning step.
   the replaced layers' own). Next-token loss on a fixed text
   (ProsQA and ProntoQA validation questions) against the original model's, for each LoRA rank
   (0 = the averaged core alone), and at rank 64 for each number of iterations at inference.
+- ``zeroshot``: the frozen model on 4x4 multiplication, asked in plain text ("2365 * 4347 ="), the
+  first number of its greedy answer against the product: exact match and digits right.
+- ``finetuned``: the same two figures for fine-tuned cells (``--runs``), from their own answers to
+  their validation questions.
 - ``overhead``: one fine-tuning step (forward and backward, frozen base with peft LoRA) of the
   2 + 2 x 4 + 2 looped truncation against a plain transformers Llama made of the same 12 layer
   applications, with the same peft LoRA, timed in alternating rounds.
@@ -40,7 +44,9 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "2 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", nargs="+", default=["exact", "retrofit", "overhead"],
-                   choices=["exact", "retrofit", "overhead"])
+                   choices=["exact", "retrofit", "overhead", "zeroshot", "finetuned"])
+    p.add_argument("--runs", type=Path, nargs="*", default=[], help="fine-tuned cells for the finetuned part")
+    p.add_argument("--limit", type=int, default=200, help="multiplication questions of zeroshot and finetuned")
     p.add_argument("--ranks", type=int, nargs="+", default=[0, 8, 16, 32, 64, 128])
     p.add_argument("--iterations", type=int, nargs="+", default=[1, 4, 8, 11, 12, 13, 14, 16, 20, 26])
     p.add_argument("--texts", type=int, default=24, help="validation questions of each task in the fixed text")
@@ -203,13 +209,72 @@ def part_overhead(args) -> dict:
     return {"looped_seconds": round(med["looped"], 4), "plain_seconds": round(med["plain"], 4), "ratio": round(ratio, 4)}
 
 
+def digits_right(predicted: str, gold: str) -> float:
+    """Share of the gold product's digits the prediction has in the same place (lowest first)."""
+    p, g = predicted[::-1], gold[::-1]
+    return sum(a == b for a, b in zip(p, g)) / len(g)
+
+
+@torch.no_grad()
+def part_zeroshot(args) -> dict:
+    import re
+
+    from slr_zoo.tasks.multiplication import MultiplicationTask
+
+    hf, tokenizer = original()
+    hf.eval()
+    tokenizer.padding_side = "left"
+    records = list(MultiplicationTask(n_train=1, n_val=args.limit, digits=[4, 4]).records("val"))
+    exact, digits = [], []
+    for start in range(0, len(records), 25):
+        chunk = records[start:start + 25]
+        batch = tokenizer([f"{r['a']} * {r['b']} =" for r in chunk], return_tensors="pt", padding=True)
+        out = hf.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        for record, text in zip(chunk, tokenizer.batch_decode(out[:, batch.input_ids.size(1):], skip_special_tokens=True)):
+            found = re.findall(r"\d[\d,]*", text)
+            number = found[0].replace(",", "") if found else ""
+            gold = str(record["a"] * record["b"])
+            exact.append(number == gold)
+            digits.append(digits_right(number, gold))
+    result = {"exact": round(sum(exact) / len(exact), 4), "digits_right": round(sum(digits) / len(digits), 4),
+              "questions": len(records)}
+    print(f"zeroshot: frozen SmolLM2 on {len(records)} 4x4 products asked as 'a * b =': exact {result['exact']:.3f}, "
+          f"digits right {result['digits_right']:.3f}")
+    return result
+
+
+def part_finetuned(args) -> dict:
+    from slr_zoo.inference.answers import score_answers
+    from slr_zoo.recipe import load_cell
+
+    results = {}
+    for run in args.runs:
+        parts = load_cell(run)
+        records = list(parts.task.records("val"))[: args.limit]
+        correct, digits = [], []
+        for start in range(0, len(records), 25):
+            chunk = records[start:start + 25]
+            scored = score_answers(parts.module.model, parts.tokenizer, parts.task, chunk)
+            correct += scored.correct
+            digits += [digits_right(parts.task.normalize(text), parts.task.normalize(r["answer"]))
+                       for text, r in zip(scored.texts, chunk)]
+        params, trainable = parts.module.parameter_counts()
+        results[run.parent.name] = {"exact": round(sum(correct) / len(correct), 4),
+                                    "digits_right": round(sum(digits) / len(digits), 4), "params": params,
+                                    "trainable_params": trainable, "loop_steps": parts.module.model.max_steps}
+        print(f"finetuned {run}: exact {results[run.parent.name]['exact']:.3f}, digits right "
+              f"{results[run.parent.name]['digits_right']:.3f}, trainable {trainable:,} of {params:,}")
+    return results
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     figures = {"threads": torch.get_num_threads()}
     for part in args.parts:
-        figures[part] = {"exact": part_exact, "retrofit": part_retrofit, "overhead": part_overhead}[part](args)
+        figures[part] = {"exact": part_exact, "retrofit": part_retrofit, "overhead": part_overhead,
+                         "zeroshot": part_zeroshot, "finetuned": part_finetuned}[part](args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2))

@@ -62,6 +62,7 @@ def stand_ins(recipe_path, directory, always: bool = False) -> list[str]:
 
     raw = yaml.safe_load(Path(recipe_path).read_text()) or {}
     overrides = _record_stand_ins(raw.get("task") or {}, Path(directory))
+    overrides += _teacher_stand_in(raw, Path(recipe_path), Path(directory))
     node = {"name": "llama", **raw.get("backbone", {})}
     path = node.get("pretrained")
     if path and "${package_file:" in str(path):
@@ -80,6 +81,25 @@ def stand_ins(recipe_path, directory, always: bool = False) -> list[str]:
     if str(path).endswith(".gguf"):  # beside the directory: transformers would mix in its tokenizer files
         target = write_gguf(model, tokenizer, target.with_suffix(".gguf"))
     return [*overrides, f"backbone.pretrained={target}"]
+
+
+def _teacher_stand_in(raw: dict, recipe_path, directory) -> list[str]:
+    """A distillation teacher that has not been trained here: a real CoT cell of the recipe's
+    backbone (recipes/cot.yaml), trained for two steps on a few records."""
+    from pathlib import Path
+
+    teacher = ((raw.get("training") or {}).get("distill") or {}).get("teacher")
+    if not teacher or Path(teacher).exists():
+        return []
+    from slr_zoo import fit
+
+    cot = Path(recipe_path).parent / "cot.yaml"
+    out = Path(directory) / "teacher"
+    args = [str(cot), f"output_dir={out}", "task.n_train=32", "task.n_val=4", "task.val_file=null",
+            "trainer.max_steps=2", "trainer.batch_size=8", "trainer.progress_bar=false"]
+    if fit.main(args) != 0:
+        raise RuntimeError(f"could not train a stand-in teacher from {cot}")
+    return [f"training.distill.teacher={out / 'cot' / 'default'}"]
 
 
 def _record_stand_ins(task: dict, directory) -> list[str]:

@@ -72,7 +72,7 @@ def assert_honest(out: Path) -> None:
 
 def table(out: Path) -> list[dict]:
     with (out / "faults" / "results.csv").open() as f:
-        return [{k: v for k, v in row.items() if k not in ("train_seconds", "checkpoint_sha256")}
+        return [{k: v for k, v in row.items() if k not in ("train_seconds", "seconds_per_example", "checkpoint_sha256")}
                 for row in csv.DictReader(f)]
 
 

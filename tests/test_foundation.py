@@ -53,7 +53,7 @@ def test_the_main_grid_holds_every_residual_and_both_baselines():
         ("trainer.batch_size=0", ["trainer.batch_size", ">= 1"]),
         ("loop.max_steps=0", ["loop.max_steps", ">= 1"]),
         ("trainer.devices=2x", ["trainer.devices", "'2x'"]),
-        ("loop.mode=thoughts", ["loop.mode", "'depth'"]),
+        ("loop.mode=thoughts", ["loop.mode", "training.encoding: latent"]),
         ("loop.combine={name: gated", ["loop.combine", "cannot parse"]),
         ("loop.combine={_component_: json.NoSuchThing}", ["loop.combine._component_", "json.NoSuchThing"]),
     ],

@@ -58,6 +58,7 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
 
     parts = load_cell(run_dir)
     task, tokenizer, model = parts.task, parts.tokenizer, parts.module.model
+    encoding = parts.module.answer_scorer.encoding  # the prompt, thoughts and answer format it was trained with
     records = list(task.records(split))[:limit]
     if not records:
         raise ValueError(f"task has no {split!r} records")
@@ -71,7 +72,7 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
             correct, token_steps = [], []
             for start in range(0, len(records), batch_size):
                 scored = score_answers(model, tokenizer, task, records[start:start + batch_size], steps=steps,
-                                       first_index=start)
+                                       first_index=start, encoding=encoding)
                 correct += scored.correct
                 token_steps += scored.steps
             by_hops: dict[str, list[bool]] = {}

@@ -52,12 +52,15 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 32, steps: int 
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, cache_strategy: str = "latest",
              use_cache: bool = True, as_question: bool = True, batch_size: int = 64,
-             precision: str | None = None, eos_token_id: int | list[int] | None = None) -> GenerationResult:
+             precision: str | None = None, eos_token_id: int | list[int] | None = None,
+             encoding=None) -> GenerationResult:
     """Generate an answer to each prompt (a string or a list of strings) with a LoopedLM.
 
     ``as_question``: a prompt is a question, encoded as the tasks encode it (its tokens, then the
     separator the model answers after); otherwise its tokens alone. ``eos_token_id`` defaults to
-    the tokenizer's. Runs on the model's device, in eval mode (restored afterwards), batch by
+    the tokenizer's. ``encoding`` (``tasks.encoding.Encoding``, a cell's is
+    ``parts.module.answer_scorer.encoding``): a question is prompted as the model was trained,
+    with its markers and continuous thoughts. Runs on the model's device, in eval mode (restored afterwards), batch by
     batch; see ``inference.generate_ids`` for the other arguments."""
     from slr_zoo.inference import generate_ids
     from slr_zoo.inference.answers import left_padded
@@ -66,7 +69,14 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 32, steps: int 
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     eos = special_ids(tokenizer)[1]
-    encoded = [prompt_ids(tokenizer, p) if as_question else text_ids(tokenizer, p) for p in prompts]
+    thoughts, after = 0, []
+    if as_question and encoding is not None:
+        encoded = [encoding.prompt({"question": p, "answer": "", "steps": []}, tokenizer) for p in prompts]
+        thoughts, after = encoding.thoughts(), encoding.after_thoughts(tokenizer)
+        questions = [len(prompt_ids(tokenizer, p)) for p in prompts]
+    else:
+        encoded = [prompt_ids(tokenizer, p) if as_question else text_ids(tokenizer, p) for p in prompts]
+        questions = [len(ids) for ids in encoded]
     if any(not ids for ids in encoded):
         raise ValueError("every prompt needs at least one token")
     eos_token_id = eos if eos_token_id is None else eos_token_id
@@ -79,12 +89,17 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 32, steps: int 
     model.eval()
     try:
         for start in range(0, len(encoded), batch_size):
-            input_ids, mask = left_padded(encoded[start:start + batch_size], pad, device)
+            chunk = encoded[start:start + batch_size]
+            input_ids, mask = left_padded(chunk, pad, device)
+            query = torch.zeros_like(mask, dtype=torch.bool)
+            for row, (prompt, n) in enumerate(zip(chunk, questions[start:start + batch_size])):
+                query[row, input_ids.size(1) - len(prompt): input_ids.size(1) - len(prompt) + n] = True
             with precision_context(precision, device):
                 out = generate_ids(model, input_ids, mask, max_new_tokens=max_new_tokens,
                                    steps=steps, halting=halting, eos_token_id=eos_token_id, pad_token_id=pad,
                                    do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   generator=generator, cache_strategy=cache_strategy, use_cache=use_cache)
+                                   generator=generator, cache_strategy=cache_strategy, use_cache=use_cache,
+                                   thoughts=thoughts, after_thoughts=after, query_mask=query)
             chunk_ids, chunk_steps = out.per_sample()
             ids += chunk_ids
             used += chunk_steps
@@ -156,7 +171,8 @@ def main(argv=None) -> int:
         result = generate(model, parts.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, steps=args.steps,
                           halting=policy, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, cache_strategy=args.cache_strategy,
-                          use_cache=not args.no_cache, precision=precision)
+                          use_cache=not args.no_cache, precision=precision,
+                          encoding=parts.module.answer_scorer.encoding)
     except (FileNotFoundError, ValueError, CheckpointError, ComponentError) as err:
         print(f"generate: {err}", file=sys.stderr)
         return 2

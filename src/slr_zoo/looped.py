@@ -8,7 +8,17 @@
     logits = decoder(output state)
 
 ``step`` is the whole iteration and knows no loop mode: the depth loop below calls it on every
-position's state, and a thoughts loop calls it on one continuous thought. Training draws T from a
+position's state, and the thoughts loop (``loop.mode: thoughts``, Coconut) runs the depth loop
+once per continuous thought over the KV cache:
+
+    pass 0: the question up to [BOT]          -> thought 1 = features at [BOT]
+    pass i: thought i as the input embedding   -> thought i + 1      (i = 1 .. n - 1)
+    pass n: thought n, [EOT], the rest          -> the logits of what follows
+
+Pass i runs T iterations with stabiliser indices i·T + 1 .. i·T + T, so e_t and L_t are those of
+the thought being made, the combine at a pass's first iteration mixes with the previous thought
+(h0 is made from it), and with T > 1 every thought is itself refined by T depth iterations.
+With no slots the thoughts loop is the depth loop. Training draws T from a
 depth sampler and back-propagates through the last ``backprop_steps`` iterations only. Inference
 stops at ``max_steps`` or earlier when the halting policy says so: halted samples leave the batch,
 halted tokens are frozen. With a ``cache`` the pass continues a generation: the prompt's keys are
@@ -28,7 +38,13 @@ from torch.distributed.fsdp import FSDPModule
 
 from slr_zoo.backbones.cache import LoopKVCache
 from slr_zoo.backbones.hf import Backbone, SequenceContext
-from slr_zoo.bookkeeping import BatchCompaction, HaltingTracker, OutputMixture, StepTrace, lazy
+from slr_zoo.bookkeeping import (
+    BatchCompaction,
+    HaltingTracker,
+    OutputMixture,
+    StepTrace,
+    lazy,
+)
 from slr_zoo.decoders.base import Decoder
 from slr_zoo.halting.base import HaltingPolicy
 from slr_zoo.registry import ArgumentError, Registry
@@ -123,6 +139,7 @@ class LoopOutput:
     loss_terms: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     sample_weights: torch.Tensor | None = None  # [B, T] a per-sample "state" policy's step weights
     # what `record` asked for, one entry per iteration run
+    features: torch.Tensor | None = None       # [B, S, d] the decoder's features before the head, when asked
     states: list[torch.Tensor] = field(default_factory=list)              # "states"
     step_logits: list[torch.Tensor | None] = field(default_factory=list)  # "logits" (None: no graph)
     norms: list[torch.Tensor] = field(default_factory=list)               # "stability": mean ||h_t||
@@ -154,8 +171,12 @@ class LoopedLM(nn.Module):
         check_finite: bool = True,
         checkpoint_core: bool = False,
         state_noise: float = 0.0,
+        mode: str = "depth",
     ):
         super().__init__()
+        if mode not in ("depth", "thoughts"):
+            raise ValueError(f"unknown loop mode {mode!r}; choose 'depth' or 'thoughts'")
+        self.mode = mode
         self.backbone = backbone
         self.max_steps = max_steps
         self.step_embedding = step_embedding
@@ -172,16 +193,18 @@ class LoopedLM(nn.Module):
 
     # ------------------------------------------------------------------ one iteration
     def step(self, h: torch.Tensor, h0: torch.Tensor, t: int, ctx: SequenceContext,
-             noise_level: torch.Tensor | None = None) -> torch.Tensor:
+             noise_level: torch.Tensor | None = None, iteration: int | None = None) -> torch.Tensor:
         """Iteration t, the same in every loop mode: the step embedding e_t and the input
         injection make the core's input, the shared core runs with loop LoRA L_t active, and the
         combine merges its output with h0 and h_{t-1}. ``noise_level`` [B] (training with
         ``state_noise``): the input state is perturbed by Gaussian noise of that std, and the
-        step embedding is told so; the combine still sees the clean h_{t-1}."""
+        step embedding is told so; the combine still sees the clean h_{t-1}. ``iteration``: the
+        depth iteration whose cache slots the core uses (default t; a thoughts pass continues
+        iterations 1..T at stabiliser indices past T)."""
         x = h if noise_level is None else h + noise_level[:, None, None].to(h.dtype) * torch.randn_like(h)
         u = _shaped("step_embedding", self.step_embedding(x, t, noise_level=noise_level), h)
         u = _shaped("injection", self.injection(u, h0), h)
-        ctx = ctx.at_step(t)
+        ctx = ctx.at_step(t if iteration is None else iteration)
         if self.checkpoint_core and torch.is_grad_enabled():
             # the recomputation calls core_at again, which re-enters at_step(t)
             new = torch.utils.checkpoint.checkpoint(self.core_at, u, ctx, t, use_reentrant=False)
@@ -206,6 +229,10 @@ class LoopedLM(nn.Module):
         cache: LoopKVCache | None = None,
         halting: HaltingPolicy | None = None,
         compact: bool | None = None,
+        slot_mask: torch.Tensor | None = None,
+        replace: tuple[torch.Tensor, torch.Tensor] | None = None,
+        step_offset: int = 0,
+        features: bool = False,
     ) -> LoopOutput:
         """``query_mask`` [B, S] bool: the positions a per-sample halting decision may read (the
         question up to its separator, so that teacher-forced validation equals greedy decoding);
@@ -220,12 +247,22 @@ class LoopedLM(nn.Module):
         every iteration's keys and values into it; ``attention_mask`` then covers the cached
         positions too. ``halting`` replaces the model's policy for this pass (a generation replays
         the depth its prompt decided). ``compact``: let halted samples leave the batch (default:
-        at inference)."""
+        at inference).
+
+        ``slot_mask`` [B, S] bool: continuous-thought slots (thoughts mode), the same columns in
+        every row; the pass then runs the thoughts loop. ``replace`` = (vectors, where): input
+        vectors in place of token embeddings; ``step_offset``: the stabiliser index before this
+        pass's first iteration; ``features``: also return the decoder's features."""
+        if slot_mask is not None and bool(slot_mask.any()):
+            if self.mode != "thoughts":
+                raise ValueError("a batch with thought slots needs loop.mode: thoughts")
+            return self.thoughts(input_ids, attention_mask, slot_mask, steps=steps, query_mask=query_mask,
+                                 real_mask=real_mask, record=record)
         backbone = self.backbone
         policy = self.halting if halting is None else halting
         T = steps or self.max_steps
         ctx = full_ctx = backbone.context(input_ids, attention_mask, prefix=query_mask, cache=cache)
-        h0 = backbone.prelude(backbone.embed(input_ids, ctx), ctx)
+        h0 = backbone.prelude(backbone.embed(input_ids, ctx, replace), ctx)
         query = _decision_positions(policy, input_ids, attention_mask, query_mask, real_mask)
 
         halted = HaltingTracker(policy, h0, query, T)
@@ -244,7 +281,7 @@ class LoopedLM(nn.Module):
         for t in range(1, T + 1):
             graph = grad and t >= first_graph_step
             with torch.set_grad_enabled(graph):
-                h_next = self.step(h, h0, t, ctx, noise)
+                h_next = self.step(h, h0, step_offset + t, ctx, noise, iteration=t)
             if self.check_finite and nonfinite_at is None and not torch.isfinite(h_next).all():
                 if not finish_first:
                     raise NonFiniteStateError(t)
@@ -259,7 +296,11 @@ class LoopedLM(nn.Module):
                 break
 
         state, used, token_steps, weights, decoded = compaction.results(h, halted, mixture, logits)
-        output = decoded if decoded is not None else self.decoder(state, backbone, full_ctx)
+        feats = self.decoder.features(state, backbone, full_ctx) if features else None
+        if feats is not None:
+            output = backbone.lm_head(feats)
+        else:
+            output = decoded if decoded is not None else self.decoder(state, backbone, full_ctx)
         if nonfinite_at is not None:  # after the decoder: its coda layers are FSDP units too
             raise NonFiniteStateError(nonfinite_at)
         if cache is not None:
@@ -267,9 +308,60 @@ class LoopedLM(nn.Module):
         return LoopOutput(
             logits=output, steps=used, token_steps=token_steps, aux_loss=halted.aux_loss(),
             first_graph_step=first_graph_step if grad else T + 1,
-            loss_terms=mixture.loss_terms, sample_weights=weights,
+            loss_terms=mixture.loss_terms, sample_weights=weights, features=feats,
             states=trace.states, step_logits=trace.logits, norms=trace.norms, deltas=trace.deltas,
         )
+
+    # ------------------------------------------------------------------ the thoughts loop
+    def thoughts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, slot_mask: torch.Tensor,
+                 steps: int | None = None, query_mask=None, real_mask=None, record: Iterable[str] = ()) -> LoopOutput:
+        """Coconut's multi-pass forward (see the module docstring): one depth pass per thought
+        over a differentiable cache, each thought the features of the position before its slot.
+        The slots must fill the same contiguous columns of every row (``encoding.collate``
+        aligns them by left padding)."""
+        columns = slot_mask.any(dim=0).nonzero().squeeze(1)
+        first, n = int(columns[0]), int(columns.numel())
+        if int(columns[-1]) != first + n - 1 or not bool(slot_mask[:, first:first + n].all()):
+            raise ValueError("thought slots must fill the same contiguous columns of every row of a batch")
+        if first == 0:
+            raise ValueError("a thought slot needs a position before it (the [BOT] its first thought is made at)")
+        T = steps or self.max_steps
+        B, S = input_ids.shape
+        real = real_mask if real_mask is not None else (attention_mask.bool() if attention_mask is not None else None)
+        cache = LoopKVCache(B, S, differentiable=torch.is_grad_enabled())
+        bounds = [0, first] + [first + i for i in range(1, n)] + [S]
+        passes, thought = [], None
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            replace = None
+            if thought is not None:  # the pass's first column is thought i's slot
+                where = torch.zeros((B, b - a), dtype=torch.bool, device=input_ids.device)
+                where[:, 0] = slot_mask[:, a]
+                replace = (thought[:, None, :].expand(B, b - a, -1), where)
+            passes.append(self(
+                input_ids[:, a:b], None if attention_mask is None else attention_mask[:, :b], steps=T,
+                query_mask=None if query_mask is None else query_mask[:, a:b],
+                real_mask=None if real is None else real[:, a:b], record=record, cache=cache,
+                halting=self.halting, compact=False, replace=replace, step_offset=i * T, features=True,
+            ))
+            thought = passes[-1].features[:, -1]
+        return _joined(passes)
+
+
+def _joined(passes: list[LoopOutput]) -> LoopOutput:
+    """One output for the positions of all passes of a thoughts forward, in order."""
+    def cat(items):
+        return None if any(x is None for x in items) else torch.cat(items, dim=1)
+
+    first = passes[0]
+    per_step = lambda name: [cat(list(xs)) for xs in zip(*(getattr(p, name) for p in passes))]  # noqa: E731
+    token_steps = cat([p.token_steps for p in passes])
+    return LoopOutput(
+        logits=cat([p.logits for p in passes]), steps=first.steps, token_steps=token_steps,
+        aux_loss=None, first_graph_step=first.first_graph_step, features=cat([p.features for p in passes]),
+        states=per_step("states"), step_logits=per_step("step_logits"),
+        norms=[torch.stack(x).mean() for x in zip(*(p.norms for p in passes))],
+        deltas=[torch.stack(x).mean() for x in zip(*(p.deltas for p in passes))],
+    )
 
 
 def _shaped(kind: str, out, like: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,11 @@ head_dim], zero-filled so that a masked position can never inject a NaN into att
 forward pass over positions [offset, offset + S) writes there in place. Every row of a
 left-padded batch shares the same positions, so one ``length`` describes the whole cache.
 
+Training through the cache (Coconut's multi-pass thoughts): with ``differentiable=True`` every
+write makes a new tensor (the cached positions, then the new ones) instead of writing in place, so
+the keys an earlier pass's attention saved for backward are never overwritten, and gradients flow
+from later passes back through the cached keys and values into the passes that made them.
+
 Rows: a forward pass on part of the batch (samples that halted early have left it) passes
 ``rows``, the cache rows its batch rows stand for; they write and read only those rows.
 """
@@ -28,13 +33,14 @@ Slot = tuple[int, int]  # (iteration, layer_idx)
 class LoopKVCache:
     """Keys and values of every (iteration, layer) a generation has run."""
 
-    def __init__(self, batch_size: int, max_length: int):
+    def __init__(self, batch_size: int, max_length: int, differentiable: bool = False):
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"a cache needs batch_size >= 1 and max_length >= 1, got {batch_size}, {max_length}")
         self.batch_size, self.max_length = batch_size, max_length
         self.keys: dict[Slot, torch.Tensor] = {}
         self.values: dict[Slot, torch.Tensor] = {}
         self.length = 0  # positions written so far (the next forward pass starts here)
+        self.differentiable = differentiable
 
     def __repr__(self) -> str:
         iterations = sorted({t for t, _ in self.keys})
@@ -54,6 +60,14 @@ class LoopKVCache:
         end = offset + key.size(2)
         if end > self.max_length:
             raise ValueError(f"the cache holds {self.max_length} positions; writing up to {end}")
+        if self.differentiable:
+            if rows is not None:
+                raise ValueError("a differentiable cache keeps the whole batch (no compaction)")
+            if slot in self.keys:
+                key = torch.cat([self.keys[slot][:, :, :offset], key], dim=2)
+                value = torch.cat([self.values[slot][:, :, :offset], value], dim=2)
+            self.keys[slot], self.values[slot] = key, value
+            return key, value
         keys, values = self._buffers(slot, key)
         if rows is None:
             keys[:, :, offset:end] = key

@@ -356,8 +356,19 @@ class Backbone(nn.Module):
         """Keep embeddings, final norm, rotary tables and LM head; drop the HF shell."""
         raise NotImplementedError
 
-    def embed(self, input_ids: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, ctx: SequenceContext,
+              replace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The input embeddings; ``replace`` = (vectors [B, S, d], where [B, S] bool) puts the
+        vectors in place of the token embeddings where marked (continuous thoughts), before any
+        position embedding is added."""
         raise NotImplementedError
+
+    def token_embeddings(self, input_ids: torch.Tensor, replace=None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if replace is not None:
+            vectors, where = replace
+            x = torch.where(where[..., None], vectors.to(x.dtype), x)
+        return x
 
     def position_embeddings(self, probe: torch.Tensor, position_ids: torch.Tensor):
         """What each layer needs from the positions besides the mask (Llama: rotary tables)."""
@@ -585,8 +596,8 @@ class LlamaBackbone(Backbone):
         self.final_norm = hf.model.norm
         self.lm_head = hf.lm_head
 
-    def embed(self, input_ids, ctx):
-        return self.embed_tokens(input_ids)
+    def embed(self, input_ids, ctx, replace=None):
+        return self.token_embeddings(input_ids, replace)
 
     def position_embeddings(self, probe, position_ids):
         return self.rotary(probe, position_ids)
@@ -670,5 +681,5 @@ class GPT2Backbone(Backbone):
         self.final_norm = hf.transformer.ln_f
         self.lm_head = hf.lm_head
 
-    def embed(self, input_ids, ctx):
-        return self.embed_dropout(self.embed_tokens(input_ids) + self.pos_embed(ctx.position_ids))
+    def embed(self, input_ids, ctx, replace=None):
+        return self.embed_dropout(self.token_embeddings(input_ids, replace) + self.pos_embed(ctx.position_ids))

@@ -30,6 +30,11 @@ class Decoder(nn.Module):
     def forward(self, h: torch.Tensor, backbone: Trunk, ctx: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    def features(self, h: torch.Tensor, backbone: Trunk, ctx: Any) -> torch.Tensor:
+        """The last hidden state before the LM head (``forward`` = head of it): what a continuous
+        thought feeds back as the next input embedding (``loop.mode: thoughts``)."""
+        raise NotImplementedError(f"decoder {type(self).__name__} gives no features(); thoughts mode needs them")
+
 
 DECODERS = Registry("decoder", Decoder)
 
@@ -41,6 +46,9 @@ class LinearDecoder(Decoder):
     def forward(self, h, backbone, ctx):
         return backbone.head(h)
 
+    def features(self, h, backbone, ctx):
+        return backbone.final_norm(h)
+
 
 @DECODERS.register("coda")
 class CodaDecoder(Decoder):
@@ -50,3 +58,6 @@ class CodaDecoder(Decoder):
 
     def forward(self, h, backbone, ctx):
         return backbone.head(backbone.coda(h, ctx))
+
+    def features(self, h, backbone, ctx):
+        return backbone.final_norm(backbone.coda(h, ctx))

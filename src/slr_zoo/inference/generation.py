@@ -119,13 +119,23 @@ def generate_ids(
     cache_strategy: str | CacheStrategy = "latest",
     use_cache: bool = True,
     output_logits: bool = False,
+    thoughts: int = 0,
+    after_thoughts: list[int] | None = None,
+    query_mask: torch.Tensor | None = None,
 ) -> Generated:
     """Generate up to ``max_new_tokens`` after each left-padded prompt of ``input_ids`` [B, P]
     (``attention_mask`` marks its real tokens) with a LoopedLM in eval mode. ``steps``: loop depth
-    (default: the model's ``max_steps``); ``halting``: a policy other than the model's. The whole
-    prompt is the question (the positions per-sample halting reads, and under prefix attention
-    the part that attends both ways). ``output_logits``: keep the logits each new token was chosen
-    from (Hugging Face's ``output_logits``)."""
+    (default: the model's ``max_steps``); ``halting``: a policy other than the model's.
+    ``query_mask`` [B, P]: the question (the positions per-sample halting reads, and under prefix
+    attention the part that attends both ways), default the whole prompt; a prompt that ends in
+    markers after its question ([BOT], pause slots) marks the question alone, as in training.
+    ``output_logits``: keep the logits each new token was chosen
+    from (Hugging Face's ``output_logits``).
+
+    ``thoughts`` (``loop.mode: thoughts``): continuous thoughts made after the prompt, each the
+    features of the position before it fed back as the next input embedding, then the tokens
+    ``after_thoughts`` ([EOT]) are fed before the first generated token; every later pass uses
+    the stabiliser indices of the last thought's pass, as in training."""
     _check(temperature, top_k, top_p, max_new_tokens)
     if model.training:
         raise ValueError("generate with the model in eval mode (model.eval()): training mode never "
@@ -146,15 +156,34 @@ def generate_ids(
     def depth_of_last(out) -> torch.Tensor:
         return out.token_steps[:, -1] if policy.per_token else out.steps
 
-    cache = LoopKVCache(B, P + max_new_tokens) if use_cache else None
-    question = mask.bool()
-    out = model(input_ids, mask, steps=T, query_mask=question, halting=policy, cache=cache, compact=compact)
+    after = list(after_thoughts or [])
+    if (thoughts or after) and not use_cache:
+        raise ValueError("continuous thoughts are made over the cache; use_cache=False cannot make them")
+    cache = LoopKVCache(B, P + thoughts + len(after) + max_new_tokens) if use_cache else None
+    question = mask.bool() if query_mask is None else query_mask.bool() & mask.bool()
+    out = model(input_ids, mask, steps=T, query_mask=question, halting=policy, cache=cache, compact=compact,
+                features=thoughts > 0)
     plan: HaltingPolicy = policy
     if use_cache:
         if policy.per_token:
             strategy.after_pass(cache, out.steps, T, 0, P)
         else:
             plan = ReplayHalting(policy, out.steps, out.sample_weights)
+    offset = 0  # the stabiliser index before each later pass's first iteration
+    for i in range(1, thoughts + 1):
+        extra = after if i == thoughts else []
+        chunk = torch.tensor([[pad_token_id] + extra], dtype=torch.long, device=device).expand(B, -1)
+        where = torch.zeros(chunk.shape, dtype=torch.bool, device=device)
+        where[:, 0] = True
+        vectors = out.features[:, -1:].expand(B, chunk.size(1), -1)
+        mask = torch.cat([mask, mask.new_ones(B, chunk.size(1))], dim=1)
+        offset = i * T
+        out = model(chunk, mask, steps=T, halting=plan, cache=cache, compact=compact, replace=(vectors, where),
+                    step_offset=offset, features=i < thoughts)
+    if after and not thoughts:
+        chunk = torch.tensor([after], dtype=torch.long, device=device).expand(B, -1)
+        mask = torch.cat([mask, mask.new_ones(B, chunk.size(1))], dim=1)
+        out = model(chunk, mask, steps=T, halting=plan, cache=cache, compact=compact)
 
     alive = torch.arange(B, device=device)
     new_tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -182,7 +211,7 @@ def generate_ids(
                     plan = plan.select(keep)
         mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
         if use_cache:
-            out = model(token[:, None], mask, steps=T, halting=plan, cache=cache, compact=compact)
+            out = model(token[:, None], mask, steps=T, halting=plan, cache=cache, compact=compact, step_offset=offset)
             if policy.per_token:
                 strategy.after_pass(cache, out.steps, T, cache.length - 1, cache.length)
         else:

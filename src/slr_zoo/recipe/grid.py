@@ -52,11 +52,14 @@ def expand(recipe: dict) -> list[Cell]:
 
 
 def value_label(value: Any) -> str:
-    """A short readable label: a component node shows its name and its arguments."""
+    """A short readable label: a component node shows its name and its arguments, a group of keys
+    its keys and values, and a file path its file name alone."""
     if isinstance(value, dict):
         head = str(value.get("name") or str(value.get("_component_", "")).rsplit(".", 1)[-1])
         args = [f"{k}{value_label(v)}" for k, v in value.items() if k not in ("name", "_component_")]
-        return "-".join([head, *args]) if args else head
+        return "-".join([head, *args] if head else args)
     if isinstance(value, (list, tuple)):
         return "+".join(value_label(v) for v in value)
+    if isinstance(value, str) and "/" in value:
+        return value.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
     return str(value)

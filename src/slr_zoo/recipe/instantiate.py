@@ -13,7 +13,6 @@ from pathlib import Path
 from slr_zoo import decoders, halting, stabilizers, tasks  # noqa: F401
 from slr_zoo.backbones import BACKBONES, Backbone
 from slr_zoo.looped import DEPTH_SAMPLERS, LoopedLM
-from slr_zoo.recipe.schema import check_value
 from slr_zoo.registry import REGISTRIES, ComponentError
 from slr_zoo.tasks.base import TASKS, Task
 from slr_zoo.tasks.tokenizer import SEP as SEPARATOR
@@ -58,7 +57,8 @@ def check_cell(recipe: dict) -> None:
     with torch.device("meta"):
         backbone = build_backbone(recipe, vocab_size=64, structure_only=True)
         model = build_model(recipe, backbone)
-        build_objectives(recipe, model.backbone.hidden_size)
+        build_objectives(recipe, model.backbone.hidden_size, load_teacher=False)
+    teacher_recipe(recipe)  # a distillation teacher: a CoT cell of the same width
 
 
 def _first_records(task: Task, recipe: dict, path: str) -> None:
@@ -83,12 +83,31 @@ def _first_records(task: Task, recipe: dict, path: str) -> None:
                                  f"{type(task).__name__} does not give; set it to 0")
 
 
+def build_encoding(recipe: dict):
+    """How the cell's records become sequences (``training.encoding``), at the curriculum's final
+    stage for validation and generation."""
+    from slr_zoo.tasks.encoding import Encoding
+
+    training = recipe["training"]
+    curriculum = training["curriculum"]
+    return Encoding(training["encoding"], curriculum["thoughts_per_step"], curriculum["max_latent_stage"],
+                    continuous=recipe["loop"]["mode"] == "thoughts")
+
+
+def stabilizer_indices(recipe: dict) -> int:
+    """How many step indices the step embedding and loop LoRA tables need: ``loop.max_steps`` in
+    depth mode; in thoughts mode T per pass, for every thought's pass and the last one."""
+    loop = recipe["loop"]
+    if loop["mode"] != "thoughts":
+        return loop["max_steps"]
+    return (build_encoding(recipe).thoughts() + 1) * loop["max_steps"]
+
+
 def build_model(recipe: dict, backbone: Backbone) -> LoopedLM:
     loop = recipe["loop"]
-    check_value("loop.mode", loop["mode"])  # also for recipes built without validate()
     context = {
         "hidden_size": backbone.hidden_size,
-        "max_steps": loop["max_steps"],
+        "max_steps": stabilizer_indices(recipe),
         "core": backbone.core,
         "replaced_layers": backbone.replaced_layers,  # share: average (loop_lora init: svd)
         "roles": backbone.roles,  # loop_lora targets by role: query, value, mlp, ...
@@ -121,18 +140,22 @@ def build_model(recipe: dict, backbone: Backbone) -> LoopedLM:
         combine=part("combine"),
         halting=part("halting"),
         decoder=decoder,
-        depth_sampler=DEPTH_SAMPLERS.build(loop["depth_sampler"], "loop.depth_sampler", **context),
+        depth_sampler=DEPTH_SAMPLERS.build(loop["depth_sampler"], "loop.depth_sampler",
+                                           **{**context, "max_steps": loop["max_steps"]}),
         backprop_steps=loop["backprop_steps"],
         check_finite=loop["check_finite"],
         checkpoint_core=recipe["trainer"]["activation_checkpointing"],
         state_noise=loop["state_noise"],
+        mode=loop["mode"],
     )
 
 
 def objective_nodes(recipe: dict) -> dict[str, dict]:
     """The training objectives and their weights: the answer loss, shared with per-iteration
     supervision by ``loop.step_supervision`` = w as (1 - w) and w, plus the reach probe at
-    ``loop.reach_supervision``."""
+    ``loop.reach_supervision``, the language-model loss on written steps (every encoding but
+    ``answer``), distillation (``training.distill``), and the recipe's own ``objectives``, which
+    may also replace any of these by using its key."""
     loop = recipe["loop"]
     w = loop["step_supervision"]
     nodes = {"answer": {"name": "answer", "weight": 1.0 - w}}
@@ -140,27 +163,81 @@ def objective_nodes(recipe: dict) -> dict[str, dict]:
         nodes["step_supervision"] = {"name": "step_supervision", "weight": w}
     if loop["reach_supervision"] > 0:
         nodes["reach"] = {"name": "reach", "weight": loop["reach_supervision"]}
+    if recipe["training"]["encoding"] != "answer":
+        nodes["language_model"] = {"name": "language_model", "weight": 1.0}
+    if recipe["training"].get("distill"):
+        nodes["distill"] = {"name": "distill", **recipe["training"]["distill"]}
+    nodes.update(recipe.get("objectives") or {})
     return nodes
 
 
-def build_objectives(recipe: dict, hidden_size: int) -> dict:
+def teacher_of(recipe: dict) -> tuple[str, str] | None:
+    """(dotted key, run directory) of the recipe's distillation teacher: ``training.distill`` or a
+    ``distill`` entry of ``objectives``; None without one."""
+    if recipe["training"].get("distill"):
+        return "training.distill.teacher", str(recipe["training"]["distill"]["teacher"])
+    for key, node in (recipe.get("objectives") or {}).items():
+        if node.get("name") == "distill" and node.get("teacher"):
+            return f"objectives.{key}.teacher", str(node["teacher"])
+    return None
+
+
+def teacher_recipe(recipe: dict) -> dict | None:
+    """The stored recipe of the distillation teacher (``teacher_of``), checked to be a CoT cell of
+    the student's width; None without distillation."""
+    import torch
+    import yaml
+
+    from slr_zoo.recipe.load import resolve_stored
+
+    found = teacher_of(recipe)
+    if found is None:
+        return None
+    key, directory = found
+    config = Path(directory) / "config.yaml"
+    if not config.is_file():
+        raise ComponentError(key, f"{directory!r} is not a trained cell (no config.yaml); pass "
+                             "runs/<name>/<cell> of a CoT run")
+    teacher = resolve_stored(yaml.safe_load(config.read_text()) or {})
+    if teacher["training"]["encoding"] != "cot":
+        raise ComponentError(key, f"{directory!r} was trained with encoding {teacher['training']['encoding']!r}; "
+                             "a teacher writes its steps (encoding: cot)")
+    with torch.device("meta"):
+        theirs = build_backbone(teacher, vocab_size=64, structure_only=True).hidden_size
+        ours = build_backbone(recipe, vocab_size=64, structure_only=True).hidden_size
+    if theirs != ours:
+        raise ComponentError(key, f"the teacher's hidden size is {theirs}, the student's "
+                             f"backbone.hidden_size is {ours}; its states can only be targets for a student of "
+                             "the same width")
+    return teacher
+
+
+def build_objectives(recipe: dict, hidden_size: int, load_teacher: bool = True) -> dict:
+    """``load_teacher``: read a distillation teacher's weights (not when only checking a cell)."""
     from slr_zoo.training.objectives import OBJECTIVES
 
-    return {key: OBJECTIVES.build(node, f"objectives.{key}", hidden_size=hidden_size)
-            for key, node in objective_nodes(recipe).items()}
+    context: dict = {"hidden_size": hidden_size}
+    if load_teacher and teacher_recipe(recipe) is not None:
+        context["teacher_model"] = load_cell(Path(teacher_of(recipe)[1])).module.model
+
+    def where(key: str) -> str:
+        return "training.distill" if key == "distill" and key not in (recipe.get("objectives") or {}) else f"objectives.{key}"
+
+    return {key: OBJECTIVES.build(node, where(key), **context) for key, node in objective_nodes(recipe).items()}
 
 
-def build_cell(recipe: dict, directory: Path):
+def build_cell(recipe: dict, directory: Path, load_teacher: bool = True):
     """Every part of one cell, built from its recipe; seeds torch first, so the same recipe builds
     the same initial weights. The word-level tokenizer (from-scratch models) is built from the
-    training records once and kept in ``directory/tokenizer``."""
+    training records once and kept in ``directory/tokenizer``. ``load_teacher``: load a
+    distillation teacher (not needed to evaluate a trained student)."""
     import lightning as L
 
     from slr_zoo.inference.answers import AnswerScorer
     from slr_zoo.training.data import ReasoningDataModule, load_or_build_tokenizer
     from slr_zoo.training.module import LoopedLMModule
     from slr_zoo.training.run import CellParts
-    from slr_zoo.training.settings import OptimConfig, TrainerConfig
+    from slr_zoo.training.settings import CurriculumConfig, OptimConfig, TrainerConfig
 
     trainer = TrainerConfig(**recipe["trainer"])
     optim = OptimConfig(**recipe["optim"])
@@ -168,26 +245,38 @@ def build_cell(recipe: dict, directory: Path):
     task = build_task(recipe)
     curriculum = build_curriculum(recipe)
     finetune = recipe["training"]["mode"] == "finetune"
+    encoding = build_encoding(recipe)
     if recipe["backbone"].get("pretrained"):
         backbone = build_backbone(recipe)
         if backbone.tokenizer.sep_token is None:  # the separator the model answers after
             backbone.add_tokens({"sep_token": SEPARATOR})
+        if encoding.kind != "answer":
+            from slr_zoo.tasks.tokenizer import MARKERS
+
+            backbone.add_tokens({m: m for m in MARKERS})
         tokenizer = load_or_build_tokenizer(task, directory / "tokenizer", backbone.tokenizer)
     else:
         stages = [stage for _, stage in curriculum]
+        if teacher_of(recipe) and not (directory / "tokenizer").exists():
+            import shutil  # a student reads its teacher's token ids: the teacher's vocabulary
+
+            shutil.copytree(Path(teacher_of(recipe)[1]) / "tokenizer", directory / "tokenizer")
         tokenizer = load_or_build_tokenizer(task, directory / "tokenizer", stages=stages)
         backbone = build_backbone(recipe, vocab_size=len(tokenizer))
     model = build_model(recipe, backbone)
     if finetune:
         backbone.freeze_base()
-    objectives = build_objectives(recipe, backbone.hidden_size)
+    objectives = build_objectives(recipe, backbone.hidden_size, load_teacher=load_teacher)
     module = LoopedLMModule(model, objectives, optim, seed=recipe["seed"], on_nonfinite=trainer.on_nonfinite,
                             log_every=trainer.log_every, save_trainable_only=finetune,
-                            base_fingerprint=backbone.base_fingerprint, answer_scorer=AnswerScorer(tokenizer, task))
+                            base_fingerprint=backbone.base_fingerprint,
+                            answer_scorer=AnswerScorer(tokenizer, task, encoding),
+                            reset_optimizer_per_stage=recipe["training"]["curriculum"]["reset_optimizer"])
     needs = frozenset().union(*(o.data for o in objectives.values()))
     data = ReasoningDataModule(task, tokenizer, trainer.batch_size, trainer.eval_batch_size, seed=recipe["seed"],
                                num_workers=trainer.num_workers, needs=needs, curriculum=curriculum,
-                               max_length=backbone.max_positions)
+                               max_length=backbone.max_positions, encoding=encoding,
+                               stages=CurriculumConfig(**recipe["training"]["curriculum"]))
     return CellParts(name=recipe["name"], seed=recipe["seed"], task=task, tokenizer=tokenizer, module=module,
                      data=data, trainer=trainer, grad_clip=optim.grad_clip, config=recipe)
 
@@ -220,7 +309,7 @@ def load_cell(run_dir: Path):
         raise FileNotFoundError(f"{run_dir} is not a cell directory (no config.yaml); pass runs/<name>/<cell>")
     recipe = resolve_stored(yaml.safe_load(config.read_text()) or {})
     check_finished(run_dir)
-    parts = build_cell(recipe, run_dir)
+    parts = build_cell(recipe, run_dir, load_teacher=False)
     checkpoint = resume_point(run_dir, parts.module)  # checked: a corrupt file stops with its name
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints/last.ckpt not found: the cell has not been trained")

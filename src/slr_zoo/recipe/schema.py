@@ -14,8 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from slr_zoo.registry import REGISTRIES, ArgumentError, ComponentError, check_type, closest
-from slr_zoo.training.settings import OptimConfig, TrainerConfig
+from slr_zoo.registry import (
+    REGISTRIES,
+    ArgumentError,
+    ComponentError,
+    check_type,
+    closest,
+)
+from slr_zoo.training.settings import CurriculumConfig, OptimConfig, TrainerConfig
 
 Node = dict  # a component node: {name: ..., **kwargs} or {_component_: ..., **kwargs}
 
@@ -46,6 +52,13 @@ class TrainingConfig:
     # scratch: every weight trains; finetune: a pretrained base is frozen, and the loop's components,
     # any backbone.lora and added-token rows train
     mode: Literal["scratch", "finetune"] = "scratch"
+    # how a record becomes a sequence (tasks/encoding.py): answer only, written chain of thought,
+    # latent thoughts (continuous in loop.mode thoughts, loop depth in depth mode), pause tokens
+    encoding: Literal["answer", "cot", "latent", "pause"] = "answer"
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    # distillation toward a trained CoT cell's hidden states at the end of each reasoning step:
+    # {teacher: runs/<name>/<cell>, loss: mse | cosine, layer: state | features, weight: 1.0}
+    distill: Optional[Node] = None
 
 
 @dataclass
@@ -61,6 +74,8 @@ class Recipe:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # further training objectives, key -> component node ({name: ..., weight: ...} or _component_)
+    objectives: dict = field(default_factory=dict)
     grid: Union[dict, list, None] = None
 
 
@@ -90,6 +105,8 @@ AT_LEAST = {
     "trainer.max_steps": 1, "trainer.batch_size": 1, "trainer.eval_batch_size": 1, "trainer.num_nodes": 1,
     "trainer.val_every": 1, "trainer.log_every": 1, "trainer.num_workers": 0, "trainer.threads": 1,
     "trainer.checkpoint_every": 1, "trainer.parallel_cells": 1,
+    "training.curriculum.thoughts_per_step": 1, "training.curriculum.max_latent_stage": 0,
+    "training.curriculum.epochs_per_stage": 0, "training.curriculum.uniform_prob": 0,
 }
 DEVICES = re.compile(r"^(auto|-1|\d+|\d+(,\d+)+,?)$")  # what Lightning's `devices` accepts as text
 
@@ -108,8 +125,8 @@ def check_value(dotted: str, value: Any) -> None:
         raise ComponentError(dotted, f"expected a count >= 1, -1, 'auto' or a list like '0,1'; got {value!r}")
     if dotted == "loop.step_supervision" and value > 1:
         raise ComponentError(dotted, f"is the per-iteration loss's share of the loss, in [0, 1]; got {value!r}")
-    if dotted == "loop.mode" and value == "thoughts":
-        raise ComponentError(dotted, "mode 'thoughts' is not available yet (use 'depth')")
+    if dotted == "training.curriculum.uniform_prob" and value > 1:
+        raise ComponentError(dotted, f"is a probability, in [0, 1]; got {value!r}")
 
 
 def validate(recipe: dict, path: str = "", schema: type = Recipe) -> None:
@@ -177,6 +194,7 @@ def _check_across_keys(recipe: dict) -> None:
         raise ComponentError("backbone.lora", "peft LoRA adapts a pretrained model's weights; a model built "
                              "from scratch trains all of them (use loop.loop_lora for per-iteration adapters)")
     loop = recipe.get("loop") or {}
+    _check_encoding(recipe)
     if loop.get("step_supervision", 0) >= 1 and "halting" in loop:
         cls = REGISTRIES["halting"].resolve(loop["halting"], "loop.halting")
         if getattr(cls, "mixes", "last") != "last":
@@ -186,6 +204,50 @@ def _check_across_keys(recipe: dict) -> None:
                 f"{loop['halting'].get('name') or loop['halting'].get('_component_')!r} learns when to stop "
                 "(its output mixes steps); use a weight below 1, e.g. 0.5",
             )
+
+
+def _check_encoding(recipe: dict) -> None:
+    """The encoding, the latent curriculum, the loop mode and the objectives must fit together."""
+    import slr_zoo.training.objectives  # noqa: F401  (registers the objective kind)
+
+    training = recipe.get("training") or {}
+    loop = recipe.get("loop") or {}
+    encoding = training.get("encoding", "answer")
+    stages = {**dataclasses.asdict(CurriculumConfig()), **(training.get("curriculum") or {})}
+    mode = loop.get("mode", "depth")
+    for key, value in (recipe.get("objectives") or {}).items():
+        REGISTRIES["objective"].validate(value, f"objectives.{key}")
+    if training.get("distill") is not None:
+        REGISTRIES["objective"].validate({"name": "distill", **training["distill"]}, "training.distill")
+        _check_paths(REGISTRIES["objective"].get("distill"), training["distill"], "training.distill")
+        if encoding == "cot":
+            raise ComponentError("training.distill", "distils a CoT teacher into a student that does not write "
+                                 "its steps; use training.encoding answer or latent")
+    if encoding in ("answer", "cot") and (stages["max_latent_stage"] or stages["epochs_per_stage"]):
+        raise ComponentError("training.curriculum", f"replaces reasoning steps by thoughts, which encoding "
+                             f"{encoding!r} has none of; use training.encoding latent or pause")
+    if encoding != "answer":
+        for key in ("step_supervision", "reach_supervision"):
+            if loop.get(key, 0) > 0:
+                raise ComponentError(f"loop.{key}", f"labels the answer-only encoding; set it to 0 with "
+                                     f"training.encoding {encoding!r}")
+    if mode == "thoughts":
+        if encoding != "latent":
+            raise ComponentError("loop.mode", f"thoughts fills the latent slots with continuous thoughts; set "
+                                 f"training.encoding: latent (got {encoding!r})")
+        for key in ("halting", "depth_sampler"):
+            node = loop.get(key) or {"name": "fixed"}
+            if node.get("name", "fixed") != "fixed" or "_component_" in node:
+                raise ComponentError(f"loop.{key}", "thoughts mode runs every thought at the same depth "
+                                     "(loop.max_steps); use {name: fixed}")
+    elif encoding == "latent":
+        depth = max(1, stages["max_latent_stage"] * stages["thoughts_per_step"])
+        if loop.get("max_steps", LoopConfig.max_steps) != depth:
+            raise ComponentError("loop.max_steps", f"in depth mode the latent curriculum's last stage runs "
+                                 f"max_latent_stage x thoughts_per_step = {depth} iterations; set loop.max_steps "
+                                 f"to {depth} (got {loop.get('max_steps', LoopConfig.max_steps)})")
+        if stages["uniform_prob"] > 0 and (loop.get("depth_sampler") or {}).get("name", "fixed") != "fixed":
+            raise ComponentError("loop.depth_sampler", "the latent curriculum sets the depth of every batch")
 
 
 def _check_paths(cls: type, value: dict, path: str) -> None:

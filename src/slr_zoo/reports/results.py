@@ -11,8 +11,13 @@ from typing import Any, Iterable
 
 from slr_zoo.files import atomic_write
 
-METRICS = ("val_accuracy", "mean_steps", "train_seconds", "train_steps", "params")
+METRICS = ("val_accuracy", "mean_steps", "train_seconds", "train_steps", "params", "thoughts_per_answer",
+           "tokens_per_answer", "passes_per_answer", "flops_per_answer", "seconds_per_example")
 FIT_WINDOW, FIT_FRACTION = 50, 0.05
+# what an answer costs at validation (RQ4), with the column each is shown under
+COSTS = {"thoughts_per_answer": "thoughts", "mean_steps": "iterations per token",
+         "tokens_per_answer": "tokens generated", "passes_per_answer": "sequential passes",
+         "flops_per_answer": "FLOPs", "seconds_per_example": "ms per example"}
 
 
 def read_curve(path: Path) -> tuple[list[int], list[float]]:
@@ -145,6 +150,8 @@ def summarise(rows: list[dict], keys: list[str]) -> list[dict]:
             _accuracy=statistics.fmean([r["val_accuracy"] for r in ok]) if ok else None,
             _std=statistics.stdev([r["val_accuracy"] for r in ok]) if len(ok) > 1 else 0.0,
             _hops=_mean_hops(ok),
+            _cost={key: statistics.fmean(r[key] for r in ok) for key in COSTS
+                   if ok and all(r.get(key) is not None for r in ok)},
         )
         table.append(entry)
     return table
@@ -189,12 +196,31 @@ def write_markdown(name: str, table: list[dict], keys: list[str], rows: list[dic
         for e in table:
             cells = [str(e[k]) for k in group_keys] + [f"{100 * e['_hops'].get(h, float('nan')):.1f}" for h in hop_sets]
             lines.append("| " + " | ".join(cells) + " |")
+    costed = [e for e in table if "passes_per_answer" in e["_cost"]]
+    if costed:
+        columns = [k for k in COSTS if all(k in e["_cost"] for e in costed)]
+        lines += ["", "What an answer costs (validation means): sequential passes are model calls one after "
+                  "another (the prefill once, each thought, each later token); FLOPs count every matrix product "
+                  "of the generation (torch.utils.flop_counter).", ""]
+        lines += ["| " + " | ".join([*(k.split(".")[-1] for k in group_keys), *(COSTS[k] for k in columns)]) + " |",
+                  "|" + "---|" * (len(group_keys) + len(columns))]
+        for e in costed:
+            values = [_cost_text(k, e["_cost"][k]) for k in columns]
+            lines.append("| " + " | ".join([*(str(e[k]) for k in group_keys), *values]) + " |")
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         lines += ["", "Failed cells:", ""] + [f"- `{r['cell']}`: {r.get('error', '')}" for r in failed]
     text = "\n".join(lines) + "\n"
     atomic_write(path, text)
     return text
+
+
+def _cost_text(key: str, value: float) -> str:
+    if key == "flops_per_answer":
+        return f"{value:.3g}"
+    if key == "seconds_per_example":
+        return f"{1000 * value:.1f}"
+    return f"{value:.2f}"
 
 
 def plot(table: list[dict], keys: list[str], directory: Path, rows: list[dict] = ()) -> list[Path]:

@@ -1,4 +1,20 @@
-"""Records to token tensors, and the answer-token accuracy that equals greedy exact match."""
+"""Records to token tensors, and the answer-token accuracy that equals greedy exact match.
+
+A record is encoded in one of four ways (``training.encoding``), each with its labels:
+
+- ``answer``: ``question [SEP] answer [EOS]``;
+- ``cot``: ``question [SEP] steps [ANS] answer [EOS]``, the steps written out;
+- ``latent``: ``question [SEP] [BOT] slots [EOT] remaining steps [ANS] answer [EOS]``, where stage
+  k of the curriculum replaces the first k steps with k·c slots (``[THINK]``) that the model fills
+  with its own continuous thoughts (``loop.mode: thoughts``); in depth mode there are no slots,
+  the loop runs k·c more iterations instead (stepwise internalisation);
+- ``pause``: the same with a learned ``[PAUSE]`` token in every slot, in one ordinary pass.
+
+As in Coconut's code, [EOT] closes the latent span before any remaining written step, so the model
+always reads where continuous input ends; it is fed, never predicted. Question, markers and slots
+carry no label; the written steps are ``text_labels`` (the language-model objective), and [ANS],
+the answer and [EOS] are ``labels`` (the answer objective).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +23,17 @@ from dataclasses import dataclass
 import torch
 
 from slr_zoo.tasks.base import Record
-from slr_zoo.tasks.tokenizer import special_ids, text_ids, token_words
+from slr_zoo.tasks.tokenizer import (
+    ANS,
+    BOT,
+    EOT,
+    PAUSE,
+    THINK,
+    marker_ids,
+    special_ids,
+    text_ids,
+    token_words,
+)
 
 IGNORE = -100
 
@@ -18,6 +44,11 @@ class Encoded:
     labels: list[int]   # labels[i] is the token position i must predict, or IGNORE
     step_targets: list[list[int]] | None = None  # per hop, the answer tokens after that hop
     reach: list[int] | None = None  # per position, the hop that reaches its word, or IGNORE
+    text_labels: list[int] | None = None  # the written reasoning steps' labels (cot, latent, pause)
+    prompt_length: int | None = None  # positions of the question up to its [SEP] (default: before the first label)
+    slots: int = 0                    # continuous-thought slots, right after the prompt and [BOT]
+    teacher_ids: list[int] | None = None     # distillation: the record's CoT encoding
+    teacher_step_ends: list[int] | None = None  # and the position of each step's last token in it
 
 
 def prompt_ids(tokenizer, question: str) -> list[int]:
@@ -70,15 +101,48 @@ def encode(record: Record, tokenizer, step_answers: list[str] | None = None,
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right padding: with a causal mask no real token ever attends to a pad, so no attention mask
-    is needed; ``real_mask`` still tells per-token halting which positions are pads."""
+    is needed; ``real_mask`` still tells per-token halting which positions are pads.
+
+    A batch with continuous-thought slots is left-padded instead, so that every row's slots sit
+    in the same columns: a thoughts pass then runs over one column for the whole batch. It comes
+    with an ``attention_mask`` and ``slot_mask`` [B, S]."""
     width = max(len(e.input_ids) for e in batch)
+    shift = [0] * len(batch)
+    if any(e.slots for e in batch):
+        if len({e.slots for e in batch}) != 1:
+            raise ValueError("every example of a thoughts batch needs the same number of slots (one stage per batch)")
+        starts = [e.prompt_length + 1 for e in batch]  # the first slot follows the prompt and [BOT]
+        shift = [max(starts) - s for s in starts]
+        width = max(len(e.input_ids) + d for e, d in zip(batch, shift))
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    for row, e in enumerate(batch):
-        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[row, : len(e.labels)] = torch.tensor(e.labels)
-    real = torch.arange(width)[None, :] < torch.tensor([len(e.input_ids) for e in batch])[:, None]
+    real = torch.zeros((len(batch), width), dtype=torch.bool)
+    query = torch.zeros((len(batch), width), dtype=torch.bool)
+    for row, (e, d) in enumerate(zip(batch, shift)):
+        n = len(e.input_ids)
+        ids[row, d : d + n] = torch.tensor(e.input_ids)
+        labels[row, d : d + n] = torch.tensor(e.labels)
+        real[row, d : d + n] = True
+        if e.prompt_length is not None:
+            query[row, d : d + e.prompt_length] = True
     out = {"input_ids": ids, "labels": labels, "real_mask": real}
+    if all(e.prompt_length is not None for e in batch):
+        out["query_mask"] = query
+    if any(shift) or any(e.slots for e in batch):
+        out["attention_mask"] = real.long()
+    if any(e.slots for e in batch):
+        first = batch[0].prompt_length + 1 + shift[0]
+        slot_mask = torch.zeros((len(batch), width), dtype=torch.bool)
+        slot_mask[:, first : first + batch[0].slots] = True
+        out["slot_mask"] = slot_mask
+    if any(e.text_labels is not None for e in batch):
+        text = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        for row, (e, d) in enumerate(zip(batch, shift)):
+            if e.text_labels is not None:
+                text[row, d : d + len(e.text_labels)] = torch.tensor(e.text_labels)
+        out["text_labels"] = text
+    if all(e.teacher_ids is not None for e in batch):
+        out.update(teacher_batch(batch, pad_id))
     if all(e.step_targets is not None for e in batch):
         out["step_labels"] = step_labels(batch, labels)
     if all(e.reach is not None for e in batch):
@@ -87,6 +151,149 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
             reach[row, : len(e.reach)] = torch.tensor(e.reach)
         out["reach"] = reach
     return out
+
+
+def teacher_batch(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """The CoT encodings a distillation teacher reads (right-padded), its question extent, and
+    [B, K] the position where each reasoning step ends (-1 past a record's last step)."""
+    width = max(len(e.teacher_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    real = torch.zeros((len(batch), width), dtype=torch.bool)
+    query = torch.zeros((len(batch), width), dtype=torch.bool)
+    steps = max(1, max(len(e.teacher_step_ends) for e in batch))
+    ends = torch.full((len(batch), steps), -1, dtype=torch.long)
+    for row, e in enumerate(batch):
+        ids[row, : len(e.teacher_ids)] = torch.tensor(e.teacher_ids)
+        real[row, : len(e.teacher_ids)] = True
+        query[row, : e.prompt_length] = True
+        ends[row, : len(e.teacher_step_ends)] = torch.tensor(e.teacher_step_ends, dtype=torch.long)
+    return {"teacher_ids": ids, "teacher_real_mask": real, "teacher_query_mask": query, "teacher_step_ends": ends}
+
+
+class Encoding:
+    """How records become sequences: one of ``answer``, ``cot``, ``latent``, ``pause`` (see the
+    module docstring). ``thoughts_per_step`` (c) slots stand for each replaced step;
+    ``final_stage`` is the stage validation and generation use (the curriculum's last, K);
+    ``continuous``: latent slots are filled by the model's thoughts (``loop.mode: thoughts``),
+    otherwise a latent encoding has no slots and its stages are loop depth."""
+
+    KINDS = ("answer", "cot", "latent", "pause")
+
+    def __init__(self, kind: str = "answer", thoughts_per_step: int = 1, final_stage: int = 0,
+                 continuous: bool = False):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown encoding {kind!r}; choose one of {', '.join(self.KINDS)}")
+        self.kind, self.c, self.final_stage, self.continuous = kind, thoughts_per_step, final_stage, continuous
+
+    @property
+    def writes_steps(self) -> bool:
+        """Whether generated text may hold reasoning steps before [ANS] and the answer."""
+        return self.kind != "answer"
+
+    def slots(self, stage: int) -> int:
+        """Slot tokens at ``stage``: c per replaced step (none for answer, cot, and depth-mode latent)."""
+        if self.kind == "pause" or (self.kind == "latent" and self.continuous):
+            return stage * self.c
+        return 0
+
+    def depth(self, stage: int) -> int | None:
+        """The loop depth at ``stage`` when the stages are depth (depth-mode latent), else None."""
+        if self.kind == "latent" and not self.continuous:
+            return max(1, stage * self.c)
+        return None
+
+    def encode(self, record: Record, tokenizer, stage: int = 0, step_answers=None, reach_steps=None) -> Encoded:
+        """``record`` at curriculum ``stage`` (ignored by answer and cot)."""
+        if self.kind == "answer":
+            return encode(record, tokenizer, step_answers, reach_steps)
+        return self.assemble(self.pieces(record, tokenizer), tokenizer, stage)
+
+    @staticmethod
+    def pieces(record: Record, tokenizer) -> list[list[int]]:
+        """[prompt, step 1, ..., step n, answer]: the token pieces every stage is assembled from."""
+        steps = [text_ids(tokenizer, " " + s.strip()) for s in record.get("steps", [])]
+        return [prompt_ids(tokenizer, record["question"]), *steps, answer_ids(tokenizer, record["answer"])]
+
+    def assemble(self, pieces: list[list[int]], tokenizer, stage: int = 0, teacher: bool = False) -> Encoded:
+        """The encoding of a record's ``pieces`` at ``stage``; ``teacher``: with its CoT
+        encoding and step ends attached (distillation)."""
+        eos = special_ids(tokenizer)[1]
+        if self.kind == "answer":
+            prompt, answer = pieces[0], pieces[-1]
+            ids = prompt + answer + [eos]
+            example = Encoded(ids, [IGNORE] * (len(prompt) - 1) + answer + [eos] + [IGNORE],
+                              prompt_length=len(prompt))
+        else:
+            example = self._assemble_steps(pieces, tokenizer, stage)
+        if teacher:
+            cot = Encoding("cot")._assemble_steps(pieces, tokenizer, 0)
+            example.teacher_ids = cot.input_ids
+            ends, at = [], len(pieces[0])
+            for step in pieces[1:-1]:
+                at += len(step)
+                ends.append(at - 1)
+            example.teacher_step_ends = ends
+        return example
+
+    def _assemble_steps(self, pieces: list[list[int]], tokenizer, stage: int) -> Encoded:
+        eos = special_ids(tokenizer)[1]
+        marks = marker_ids(tokenizer)
+        prompt, steps, answer = pieces[0], pieces[1:-1], [marks[ANS]] + pieces[-1] + [eos]
+        if self.kind == "cot":
+            head, written = prompt, steps
+        else:
+            slot = marks[PAUSE] if self.kind == "pause" else marks[THINK]
+            head = prompt + [marks[BOT]] + [slot] * self.slots(stage) + [marks[EOT]]
+            written = steps[stage:]
+        text = [t for s in written for t in s]
+        ids = head + text + answer
+        # position i predicts token i + 1: the last head position predicts the first written token
+        labels = [IGNORE] * (len(head) - 1 + len(text)) + answer + [IGNORE]
+        text_labels = [IGNORE] * (len(head) - 1) + text + [IGNORE] * (len(answer) + 1)
+        continuous = self.kind == "latent" and self.continuous
+        return Encoded(ids, labels, text_labels=text_labels, prompt_length=len(prompt),
+                       slots=self.slots(stage) if continuous else 0)
+
+    def prompt(self, record: Record, tokenizer) -> list[int]:
+        """What generation starts from at the final stage; continuous thoughts come after it,
+        then [EOT] (:meth:`after_thoughts`)."""
+        prompt = prompt_ids(tokenizer, record["question"])
+        if self.kind in ("answer", "cot"):
+            return prompt
+        marks = marker_ids(tokenizer)
+        if self.kind == "latent" and self.continuous:
+            return prompt + [marks[BOT]]
+        return prompt + [marks[BOT]] + [marks[PAUSE]] * self.slots(self.final_stage) + [marks[EOT]]
+
+    def thoughts(self) -> int:
+        """Continuous thoughts generated before [EOT] at the final stage."""
+        return self.final_stage * self.c if self.kind == "latent" and self.continuous else 0
+
+    def after_thoughts(self, tokenizer) -> list[int]:
+        """What is fed after the continuous thoughts, before the first generated token."""
+        return [marker_ids(tokenizer)[EOT]] if self.kind == "latent" and self.continuous else []
+
+    def budget(self, record: Record, tokenizer) -> int:
+        """New tokens a generated answer may take, fixed per record: the answer's own budget, plus
+        for written reasoning twice the gold steps that remain at the final stage and [ANS]."""
+        base = answer_budget(record, tokenizer)
+        if not self.writes_steps:
+            return base
+        skip = 0 if self.kind == "cot" else self.final_stage
+        written = sum(len(text_ids(tokenizer, " " + s.strip())) for s in record.get("steps", [])[skip:])
+        return base + 1 + 2 * written
+
+    def answer_text(self, new_ids: list[int], tokenizer) -> str:
+        """The answer in generated ``new_ids``: all of it, or what follows the last [ANS] when
+        steps are written first (nothing, when no [ANS] was generated)."""
+        eos = special_ids(tokenizer)[1]
+        ids = [t for t in new_ids if t != eos]
+        if self.writes_steps:
+            ans = marker_ids(tokenizer)[ANS]
+            if ans not in ids:
+                return ""
+            ids = ids[len(ids) - ids[::-1].index(ans):]
+        return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def step_labels(batch: list[Encoded], labels: torch.Tensor) -> torch.Tensor:

@@ -6,21 +6,25 @@ An entity belongs to the first concept of a chain of made-up concepts, each a su
 negated ("Yumpuses are not bright."). The question asks whether the entity has the property of
 the ``hops``-th concept of the chain, or its negation:
 
-    question: "... Max is a wumpus. True or false: Max is not bright."
-    steps:    ["Max is a wumpus.", "Every wumpus is a yumpus.", "Max is a yumpus.",
-               "Yumpuses are not bright.", "Max is not bright."]
+    question: "... Max is a rompus. Max is a wumpus. True or false: Max is not bright."
+    steps:    ["Max is a wumpus. Every wumpus is a yumpus.", "Max is a yumpus. Yumpuses are not bright.",
+               "Max is not bright."]
     answer:   "True"
 
-``hops`` counts the rules applied: ``hops - 1`` subtype rules and one property rule. Distractors
-keep the answer from being read off the surface: a concept outside the chain with the opposite
-polarity of the queried property, the chain continuing past the queried concept, and a subtype of
-the entity's concept with a property of its own (the entity is not one, so it inherits nothing).
-Sentences are shuffled; each rule is written with one of several templates.
+as in the published ProntoQA files Coconut uses: each step states what the entity is and quotes
+the rule it applies, and the last states the conclusion. ``hops`` counts the rules applied:
+``hops - 1`` subtype rules and one property rule. Distractors keep the answer from being read off
+the surface: a concept outside the chain with the opposite polarity of the queried property, the
+chain continuing past the queried concept, a subtype of the entity's concept with a property of
+its own (the entity is not one, so it inherits nothing), and a second concept the entity belongs
+to, with a property of its own. Sentences are shuffled; each rule is written with one of several
+templates. The properties are the published files' adjectives.
 """
 
 from __future__ import annotations
 
 import random
+from typing import Optional
 
 from slr_zoo.registry import ArgumentError
 from slr_zoo.tasks.base import TASKS, Record, Task
@@ -32,9 +36,10 @@ CONCEPTS = (
 # property families: a record uses at most one member of each, so no two properties of one entity
 # contradict each other in plain English ("bright" and "dull")
 PROPERTIES = [f.split() for f in (
-    "bright dull", "opaque transparent", "large small", "hot cold", "happy sad", "red blue brown", "sour sweet",
-    "wooden metallic", "shy aggressive", "earthy fruity floral", "luminous", "kind mean", "nervous feisty",
-    "amenable", "liquid", "temperate", "spicy",
+    "bright dull", "opaque transparent", "large small", "hot cold", "happy sad", "red blue brown orange",
+    "sour sweet bitter", "wooden metallic", "shy aggressive", "earthy fruity floral", "luminous", "kind mean angry",
+    "nervous feisty", "amenable", "liquid", "temperate", "spicy", "fast slow", "loud moderate muffled",
+    "melodic discordant", "windy sunny overcast rainy snowy",
 )]
 ENTITIES = "Alex Bob Fae Max Polly Rex Sally Sam Stella Wren".split()
 EXTRA_CHAIN = 2  # the chain continues up to this many concepts past the queried one
@@ -68,10 +73,10 @@ def property_rule(rng: random.Random, concept: str, prop: str, positive: bool) -
 def generate(rng: random.Random, hops: tuple[int, int] = (1, 5)) -> Record:
     k = rng.randint(*hops)
     n_chain = k + rng.randint(0, EXTRA_CHAIN)
-    names = rng.sample(CONCEPTS, n_chain + 2)
-    chain, child, other = names[:n_chain], names[n_chain], names[n_chain + 1]
-    props = [rng.choice(family) for family in rng.sample(PROPERTIES, n_chain + 1)]
-    polarity = [rng.random() < 0.5 for _ in range(n_chain + 1)]
+    names = rng.sample(CONCEPTS, n_chain + 3)
+    chain, child, other, also = names[:n_chain], names[n_chain], names[n_chain + 1], names[n_chain + 2]
+    props = [rng.choice(family) for family in rng.sample(PROPERTIES, n_chain + 2)]
+    polarity = [rng.random() < 0.5 for _ in range(n_chain + 2)]
     entity = rng.choice(ENTITIES)
     queried, positive = props[k - 1], polarity[k - 1]
 
@@ -84,18 +89,22 @@ def generate(rng: random.Random, hops: tuple[int, int] = (1, 5)) -> Record:
         subtype_rule(rng, child, chain[0]),                         # the entity is not a `child`
         property_rule(rng, child, props[n_chain], polarity[n_chain]),
         property_rule(rng, other, queried, not positive),           # same property, opposite polarity
+        property_rule(rng, also, props[n_chain + 1], polarity[n_chain + 1]),  # the entity's other concept
     ]
     rng.shuffle(facts)
 
-    steps = [f"{entity} is {article(chain[0])} {chain[0]}."]
-    for i in range(k - 1):
-        steps += [rules[("sub", i)], f"{entity} is {article(chain[i + 1])} {chain[i + 1]}."]
+    def member(concept: str) -> str:
+        return f"{entity} is {article(concept)} {concept}."
+
+    steps = [f"{member(chain[i])} {rules[('sub', i)]}" for i in range(k - 1)]
     conclusion = f"{entity} is {'' if positive else 'not '}{queried}."
-    steps += [rules[("prop", k - 1)], conclusion]
+    steps += [f"{member(chain[k - 1])} {rules[('prop', k - 1)]}", conclusion]
 
     asked_positive = rng.random() < 0.5
     statement = f"{entity} is {'' if asked_positive else 'not '}{queried}."
-    question = " ".join(facts) + f" {steps[0]} True or false: {statement}"
+    memberships = [member(chain[0]), member(also)]
+    rng.shuffle(memberships)
+    question = " ".join(facts + memberships) + f" True or false: {statement}"
     return {
         "question": question,
         "steps": steps,
@@ -109,22 +118,32 @@ def generate(rng: random.Random, hops: tuple[int, int] = (1, 5)) -> Record:
 
 @TASKS.register("prontoqa")
 class ProntoQATask(Task):
+    """Generated ProntoQA records; ``val_file`` (a Coconut-format json file, e.g. the published
+    validation split) replaces the generated validation records."""
+
     answer_format = "boolean"
+    path_args = ("val_file",)
 
     def __init__(
         self,
         n_train: int = 20000,
         n_val: int = 500,
         hops: list[int] = [1, 5],  # noqa: B006  (recipes give lists; never mutated)
+        val_file: Optional[str] = None,
         seed: int = 0,
     ):
         if len(hops) != 2 or not 1 <= hops[0] <= hops[1] <= len(CONCEPTS) - 2 - EXTRA_CHAIN:
             raise ArgumentError("hops", f"must be [min, max] with 1 <= min <= max <= "
                              f"{len(CONCEPTS) - 2 - EXTRA_CHAIN}, got {hops}")
         self.n = {"train": n_train, "val": n_val}
-        self.hops, self.seed = tuple(hops), seed
+        self.hops, self.seed, self.val_file = tuple(hops), seed, val_file
 
     def records(self, split):
+        if split == "val" and self.val_file:
+            from slr_zoo.tasks.json_file import read_records
+
+            yield from read_records(self.val_file)
+            return
         rng = random.Random(f"prontoqa/{self.seed}/{split}")
         for _ in range(self.n[split]):
             yield generate(rng, self.hops)

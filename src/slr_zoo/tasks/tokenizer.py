@@ -25,7 +25,12 @@ from typing import Iterable
 from slr_zoo.tasks.base import Record
 
 PAD, UNK, SEP, EOS, THINK = "[PAD]", "[UNK]", "[SEP]", "[EOS]", "[THINK]"
-SPECIALS = [PAD, UNK, SEP, EOS, THINK]
+# the markers of the chain-of-thought encodings (``tasks/encoding.py``): a latent span opens with
+# [BOT] and closes with [EOT], [PAUSE] fills pause slots ([THINK] fills continuous-thought slots),
+# and [ANS] comes before the answer that follows written reasoning steps
+BOT, EOT, PAUSE, ANS = "[BOT]", "[EOT]", "[PAUSE]", "[ANS]"
+MARKERS = [THINK, BOT, EOT, PAUSE, ANS]
+SPECIALS = [PAD, UNK, SEP, EOS, *MARKERS]
 SPACE = "\u2581"  # ▁, the space written into the piece that follows it
 PIECE_PATTERN = (rf"{SPACE}?[\p{{L}}\p{{M}}_]+|{SPACE}?\p{{N}}|{SPACE}?[^\s\p{{L}}\p{{M}}\p{{N}}_{SPACE}]|{SPACE}|\s")
 # the same pieces for ASCII text (Python's \s, \w and \d differ from Rust's outside ASCII)
@@ -87,7 +92,7 @@ def build_word_tokenizer(records: Iterable[Record], max_vocab: int | None = None
     tok.add_special_tokens(SPECIALS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, unk_token=UNK, sep_token=SEP, eos_token=EOS,
-        additional_special_tokens=[THINK], clean_up_tokenization_spaces=False,
+        additional_special_tokens=MARKERS, clean_up_tokenization_spaces=False,
     )
     fast.padding_side = "right"
     return fast
@@ -152,3 +157,16 @@ def special_ids(tokenizer) -> tuple[int, int]:
     if eos is None:
         raise ValueError("the tokenizer has no eos_token; set one before training")
     return sep, eos
+
+
+def marker_ids(tokenizer) -> dict[str, int]:
+    """The ids of the chain-of-thought markers; a pretrained tokenizer gets them from
+    ``Backbone.add_tokens`` first."""
+    ids = {}
+    for token in MARKERS:
+        i = tokenizer.convert_tokens_to_ids(token)
+        if i is None or i == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {token} token; the chain-of-thought encodings need "
+                             f"{', '.join(MARKERS)} (Backbone.add_tokens adds them to a pretrained one)")
+        ids[token] = i
+    return ids

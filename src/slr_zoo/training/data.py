@@ -12,8 +12,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from slr_zoo.tasks.base import Task, check_record
-from slr_zoo.tasks.encoding import Encoded, collate, encode
+from slr_zoo.tasks.encoding import Encoded, Encoding, collate, encode
 from slr_zoo.tasks.tokenizer import build_word_tokenizer
+from slr_zoo.training.settings import CurriculumConfig
 
 
 class EncodedDataset(Dataset):
@@ -65,6 +66,36 @@ class EncodedDataset(Dataset):
             width = len(flat) // count
             example.step_targets = [flat[h * width : (h + 1) * width] for h in range(count)]
         return example, self.hops[i]
+
+
+class PieceDataset(Dataset):
+    """Records of a chain-of-thought encoding stored as their token pieces (prompt, each step,
+    answer; ``Encoding.pieces``), flat, and assembled at the stage each batch asks for: item
+    ``(i, stage, scheduled)`` is example i at ``stage``; a plain index is the final stage."""
+
+    def __init__(self, encoding: Encoding, tokenizer, typecode: str = "i", teacher: bool = False):
+        self.encoding, self.tokenizer, self.teacher = encoding, tokenizer, teacher
+        self.tokens, self.piece_offsets = array(typecode), array("q", [0])
+        self.first_piece, self.hops = array("q", [0]), array("i")
+
+    def append_pieces(self, pieces: list[list[int]], hops: int = 0) -> None:
+        for piece in pieces:
+            self.tokens.extend(piece)
+            self.piece_offsets.append(len(self.tokens))
+        self.first_piece.append(len(self.piece_offsets) - 1)
+        self.hops.append(hops)
+
+    def __len__(self) -> int:
+        return len(self.first_piece) - 1
+
+    def pieces(self, i: int) -> list[list[int]]:
+        first, last = self.first_piece[i], self.first_piece[i + 1]
+        return [self.tokens[self.piece_offsets[k]:self.piece_offsets[k + 1]].tolist() for k in range(first, last)]
+
+    def __getitem__(self, key):
+        i, stage, scheduled = key if isinstance(key, tuple) else (key, self.encoding.final_stage, self.encoding.final_stage)
+        example = self.encoding.assemble(self.pieces(i), self.tokenizer, stage, teacher=self.teacher)
+        return example, self.hops[i], stage, scheduled
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -129,19 +160,26 @@ def shard_batches(size: int, batch_size: int, rank: int = 0, world_size: int = 1
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def empty_dataset(tokenizer) -> EncodedDataset:
-    """Stored as int16 when the vocabulary fits."""
-    return EncodedDataset(typecode="h" if len(tokenizer) < 2**15 else "i")
+def empty_dataset(tokenizer, encoding: Encoding | None = None, teacher: bool = False) -> EncodedDataset | PieceDataset:
+    """Stored as int16 when the vocabulary fits; a chain-of-thought encoding keeps token pieces,
+    and so does a student of distillation (``teacher``), whose batches carry the CoT encoding."""
+    typecode = "h" if len(tokenizer) < 2**15 else "i"
+    if encoding is not None and (encoding.kind != "answer" or teacher):
+        return PieceDataset(encoding, tokenizer, typecode, teacher=teacher)
+    return EncodedDataset(typecode=typecode)
 
 
 def encode_split(task: Task, split: str, tokenizer, step_answers: bool = False, reach: bool = False,
-                 into: EncodedDataset | None = None, max_length: int | None = None) -> EncodedDataset:
+                 into: EncodedDataset | PieceDataset | None = None, max_length: int | None = None,
+                 encoding: Encoding | None = None) -> EncodedDataset | PieceDataset:
     """Encode records one at a time as the task yields them; no split is ever held as records.
     ``step_answers``: also encode the task's per-hop answers (for step supervision); ``reach``: the
     per-token reach steps (for the reach probe). ``into``: append to this dataset (the stages of
     a curriculum share one). ``max_length``: the model's positions; a longer record stops the run
-    here, before anything trains, with its split, index and length."""
-    dataset = into if into is not None else empty_dataset(tokenizer)
+    here, before anything trains, with its split, index and length (at its longest stage, stage 0
+    or the final one). ``encoding``: a chain-of-thought encoding (default: answer only)."""
+    dataset = into if into is not None else empty_dataset(tokenizer, encoding)
+    staged = isinstance(dataset, PieceDataset)
     before = len(dataset)
     for i, record in enumerate(task.records(split)):
         check_record(record, i, f"task {split} split")
@@ -154,14 +192,23 @@ def encode_split(task: Task, split: str, tokenizer, step_answers: bool = False, 
             raise ValueError(f"the reach probe needs per-word reach steps, which task "
                              f"{type(task).__name__} does not give (record {i} of the {split} split)")
         try:
-            encoded = encode(record, tokenizer, steps, reach_steps)
+            if staged:
+                pieces = Encoding.pieces(record, tokenizer)
+                stages = (0, dataset.encoding.final_stage) if split == "train" else (dataset.encoding.final_stage,)
+                length = max(len(dataset.encoding.assemble(pieces, tokenizer, k).input_ids) for k in stages)
+            else:
+                encoded = encode(record, tokenizer, steps, reach_steps)
+                length = len(encoded.input_ids)
         except ValueError as err:
             raise ValueError(f"record {i} of the {split} split: {err}") from None
-        if max_length is not None and len(encoded.input_ids) > max_length:
-            raise ValueError(f"record {i} of the {split} split is {len(encoded.input_ids)} tokens long (question, "
+        if max_length is not None and length > max_length:
+            raise ValueError(f"record {i} of the {split} split is {length} tokens long (question, "
                              f"answer and the tokens around them), more than the model's {max_length} positions; "
                              "shorten the record or use a backbone with more positions")
-        dataset.append(encoded, int(record.get("hops", 0)))
+        if staged:
+            dataset.append_pieces(pieces, int(record.get("hops", 0)))
+        else:
+            dataset.append(encoded, int(record.get("hops", 0)))
     if len(dataset) == before:
         raise ValueError(f"task produced no {split} records")
     return dataset
@@ -185,15 +232,23 @@ def load_or_build_tokenizer(task: Task, directory: Path, pretrained_tokenizer=No
 class ReasoningDataModule(L.LightningDataModule):
     def __init__(self, task: Task, tokenizer, batch_size: int, eval_batch_size: int | None = None,
                  seed: int = 0, num_workers: int = 0, needs: frozenset[str] = frozenset(),
-                 curriculum: list[tuple[int, Task]] = (), max_length: int | None = None):
+                 curriculum: list[tuple[int, Task]] = (), max_length: int | None = None,
+                 encoding: Encoding | None = None, stages: CurriculumConfig | None = None):
         """``needs``: what the objectives read beyond ids and labels (``step_answers``, ``reach``;
         ``Objective.data``). ``curriculum``: (the training batch it ends before, task) of each
         stage before ``task``'s own distribution, which takes over where the last stage ends
-        (``task.curriculum``)."""
+        (``task.curriculum``). ``encoding``: how records become sequences (default: answer only);
+        ``stages``: the latent curriculum the training batches are encoded at (``training.curriculum``)."""
         super().__init__()
-        unknown = set(needs) - {"step_answers", "reach"}
+        self.encoding = encoding or Encoding()
+        self.latent_stages = stages
+        unknown = set(needs) - {"step_answers", "reach", "text_labels", "teacher"}
         if unknown:
-            raise ValueError(f"the data cannot provide {sorted(unknown)}; it knows 'step_answers' and 'reach'")
+            raise ValueError(f"the data cannot provide {sorted(unknown)}; it knows 'step_answers', 'reach', "
+                             "'text_labels' and 'teacher'")
+        self.teacher = "teacher" in needs
+        if "text_labels" in needs and not (encoding and encoding.writes_steps):
+            raise ValueError("'text_labels' (written reasoning steps) need a cot, latent or pause encoding")
         self.task, self.tokenizer = task, tokenizer
         self.curriculum = list(curriculum)
         self.stages: list[tuple[int, int, int]] = []  # (first batch, first example, count), for the sampler
@@ -207,20 +262,27 @@ class ReasoningDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
-            self.train_set = empty_dataset(self.tokenizer)
+            self.train_set = empty_dataset(self.tokenizer, self.encoding, teacher=self.teacher)
             firsts = [0] + [until for until, _ in self.curriculum]
             for first, task in zip(firsts, [*(t for _, t in self.curriculum), self.task]):
                 before = len(self.train_set)
                 encode_split(task, "train", self.tokenizer, self.step_answers, self.reach, into=self.train_set,
-                             max_length=self.max_length)
+                             max_length=self.max_length, encoding=self.encoding)
                 self.stages.append((first, before, len(self.train_set) - before))
         if self.val_set is None:
-            self.val_set = encode_split(self.task, "val", self.tokenizer, max_length=self.max_length)
+            self.val_set = encode_split(self.task, "val", self.tokenizer, max_length=self.max_length,
+                                        encoding=self.encoding)
             self.val_records = [check_record(r, i, "task val split") for i, r in enumerate(self.task.records("val"))]
 
     def _collate(self, items):
-        batch = collate([e for e, _ in items], self.tokenizer.pad_token_id)
-        batch["hops"] = torch.tensor([h for _, h in items])
+        batch = collate([item[0] for item in items], self.tokenizer.pad_token_id)
+        batch["hops"] = torch.tensor([item[1] for item in items])
+        if len(items[0]) == 4:  # a staged dataset: every item of a batch has the same stage
+            stage, scheduled = items[0][2], items[0][3]
+            batch["stage"], batch["scheduled_stage"] = torch.tensor(stage), torch.tensor(scheduled)
+            depth = self.encoding.depth(stage)
+            if depth is not None:
+                batch["loop_steps"] = torch.tensor(depth)
         return batch
 
     def _collate_val(self, indices):
@@ -239,6 +301,11 @@ class ReasoningDataModule(L.LightningDataModule):
         rank, world, start = self._placement()
         sampler = ResumableBatchSampler(len(self.train_set), self.batch_size, self.seed, rank, world, start,
                                         stages=self.stages)
+        if isinstance(self.train_set, PieceDataset):
+            from slr_zoo.training.curriculum import StagedBatchSampler, StageSchedule
+
+            config = self.latent_stages or CurriculumConfig(max_latent_stage=self.encoding.final_stage)
+            sampler = StagedBatchSampler(sampler, StageSchedule(config, len(sampler), self.seed))
         return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self._collate,
                           num_workers=self.num_workers)
 

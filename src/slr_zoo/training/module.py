@@ -37,12 +37,13 @@ class LoopedLMModule(L.LightningModule):
 
     def __init__(self, model: LoopedLM, objectives: dict[str, Objective], optim: OptimConfig, seed: int = 0,
                  on_nonfinite: str = "stop", log_every: int = 25, save_trainable_only: bool = False,
-                 base_fingerprint: str | None = None, answer_scorer=None):
+                 base_fingerprint: str | None = None, answer_scorer=None, reset_optimizer_per_stage: bool = False):
         """``answer_scorer(model, records) -> ScoredAnswers``: how validation answers and scores
         (greedy generation and the task's scoring, ``inference.answers``: the path ``evaluate``
         takes too). ``save_trainable_only``: checkpoints leave out the frozen parameters (a
         fine-tuned pretrained base, read again from ``base_fingerprint``'s checkpoint) and say
-        which base they belong to."""
+        which base they belong to. ``reset_optimizer_per_stage``: a latent curriculum's batches say
+        their stage, and AdamW's moments start afresh when it changes (Coconut)."""
         super().__init__()
         if not any(o.per_answer_token for o in objectives.values()):
             raise ValueError("training needs an objective on the answer tokens (e.g. 'answer')")
@@ -56,6 +57,10 @@ class LoopedLMModule(L.LightningModule):
         self.val_accuracy = MeanMetric()
         self.val_steps = MeanMetric()
         self.val_depth = DepthHistogram(model.max_steps)
+        self.val_tokens = MeanMetric()   # tokens generated per answer
+        self.val_passes = MeanMetric()   # sequential model calls per answer
+        self.val_seconds = 0.0           # wall time of answering, summed over this rank's examples
+        self.val_examples = 0
         self.skipped_batches = 0
         self._skip_update = False
         self.last_train: dict[str, Any] = {}
@@ -64,6 +69,8 @@ class LoopedLMModule(L.LightningModule):
         self.base_fingerprint = base_fingerprint
         self.answer_scorer = answer_scorer
         self.strict_loading = not save_trainable_only
+        self.reset_optimizer_per_stage = reset_optimizer_per_stage
+        self.stage: int | None = None  # the curriculum stage of the last training batch
 
     def checkpoint_keys(self) -> set[str]:
         """The state-dict entries a checkpoint of this module holds."""
@@ -92,8 +99,20 @@ class LoopedLMModule(L.LightningModule):
             aux.append(out.aux_loss)
         return sum(task[1:], task[0]), (sum(aux[1:], aux[0]) if aux else None), logs
 
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if "scheduled_stage" not in batch:
+            return
+        stage = int(batch["scheduled_stage"])
+        if self.stage is not None and stage != self.stage and self.reset_optimizer_per_stage:
+            for optimizer in self.trainer.optimizers:
+                optimizer.state.clear()  # AdamW makes fresh moments at its next step
+        self.stage = stage
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
-        steps = self.model.depth_sampler.sample(depth_generator(self.seed, self.global_step))
+        if "loop_steps" in batch:  # a depth-mode latent curriculum: the stage sets the depth
+            steps = int(batch["loop_steps"])
+        else:
+            steps = self.model.depth_sampler.sample(depth_generator(self.seed, self.global_step))
         labels = batch["labels"]
         tokens = (labels != IGNORE).sum()
         detail = self.global_step % self.log_every == 0
@@ -101,8 +120,10 @@ class LoopedLMModule(L.LightningModule):
         logs: dict[str, float] = {}
         failure, detail_text = 0, ""  # 0: finite; 1: the loss; t + 1: the state at loop iteration t
         try:
-            out = self.model(batch["input_ids"], steps=steps, query_mask=question_mask(labels),
-                             real_mask=batch.get("real_mask"), record=self.record | ({"stability"} if detail else set()))
+            query = batch["query_mask"] if "query_mask" in batch else question_mask(labels)
+            out = self.model(batch["input_ids"], batch.get("attention_mask"), steps=steps, query_mask=query,
+                             real_mask=batch.get("real_mask"), slot_mask=batch.get("slot_mask"),
+                             record=self.record | ({"stability"} if detail else set()))
             task, aux, logs = self.losses(batch, out, detail)
             total = task if aux is None else task + aux
             if not torch.isfinite(total):
@@ -136,6 +157,8 @@ class LoopedLMModule(L.LightningModule):
         self.last_train = {"step": self.global_step, "loss": global_loss, "depth": steps, "skipped": False}
         self.log("train/loss", global_loss, prog_bar=True)
         self.log("train/depth", float(steps))
+        if "stage" in batch:
+            self.log("train/stage", float(batch["stage"]))
         for name, value in logs.items():
             self.log(f"train/{name}", value)
         if detail:
@@ -218,8 +241,13 @@ class LoopedLMModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int):
         if self.answer_scorer is None:
             raise ValueError("validation needs an answer_scorer (recipe.build_cell gives one)")
+        started = time.perf_counter()
         scored = self.answer_scorer(self.model, batch["records"])
+        self.val_seconds += time.perf_counter() - started
+        self.val_examples += len(batch["records"])
         correct = torch.tensor(scored.correct, device=self.device)
+        self.val_tokens.update(torch.tensor([float(len(row)) for row in scored.steps], device=self.device))
+        self.val_passes.update(torch.tensor([float(p) for p in scored.passes], device=self.device))
         self.val_accuracy.update(correct.float())
         every_token = [s for row in scored.steps for s in row]  # the iterations of every generated token
         self.val_steps.update(torch.tensor(every_token or [0], dtype=torch.float, device=self.device))
@@ -232,6 +260,7 @@ class LoopedLMModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.hop_correct = {}
+        self.val_seconds, self.val_examples = 0.0, 0
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.world_size > 1 and torch.distributed.is_initialized():
@@ -246,6 +275,9 @@ class LoopedLMModule(L.LightningModule):
                     tally[1] += seen
         self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True, sync_dist=False)
         self.log("val/mean_steps", self.val_steps.compute(), sync_dist=False)
+        self.log("val/tokens_per_answer", self.val_tokens.compute(), sync_dist=False)
+        self.log("val/passes_per_answer", self.val_passes.compute(), sync_dist=False)
+        self.log("val/seconds_per_example", self.val_seconds / max(1, self.val_examples), sync_dist=False)
         histogram = self.val_depth.compute().reshape(-1)  # torchmetrics squeezes a 1-bin histogram to 0-d
         if self.logger is not None and hasattr(self.logger, "experiment") and hasattr(self.logger.experiment, "add_histogram"):
             steps = torch.repeat_interleave(torch.arange(1, len(histogram) + 1), histogram.long().cpu())
@@ -254,6 +286,8 @@ class LoopedLMModule(L.LightningModule):
         self.val_accuracy.reset()
         self.val_steps.reset()
         self.val_depth.reset()
+        self.val_tokens.reset()
+        self.val_passes.reset()
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
@@ -291,10 +325,12 @@ class LoopedLMModule(L.LightningModule):
         checkpoint["skipped_batches"] = self.skipped_batches
         checkpoint["train_seconds"] = self.train_seconds()
         checkpoint["base_fingerprint"] = self.base_fingerprint
+        checkpoint["curriculum_stage"] = self.stage
         if self.save_trainable_only:
             keep = self.checkpoint_keys()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_batches = checkpoint.get("skipped_batches", 0)
+        self.stage = checkpoint.get("curriculum_stage")  # a resumed run resets only at a new stage
         self.train_seconds_before = float(checkpoint.get("train_seconds", 0.0))

@@ -76,6 +76,12 @@ def run_cell(parts: CellParts, directory: Path, keys: dict[str, Any] | None = No
         "max_steps": module.model.max_steps,
         "hop_accuracy": hop_accuracy,
         "skipped_batches": module.skipped_batches,
+        # what an answer costs (RQ4): written tokens, model calls one after another, thoughts, time
+        "tokens_per_answer": round(float(metrics["val/tokens_per_answer"]), 3),
+        "passes_per_answer": round(float(metrics["val/passes_per_answer"]), 3),
+        "thoughts_per_answer": getattr(module.answer_scorer, "thoughts", 0),
+        "seconds_per_example": round(float(metrics["val/seconds_per_example"]), 5),
+        "flops_per_answer": answer_flops(module, data),
     }
     if trainer.global_step and module.skipped_batches >= trainer.global_step:
         summary["status"] = "failed"
@@ -88,6 +94,21 @@ def run_cell(parts: CellParts, directory: Path, keys: dict[str, Any] | None = No
         atomic_write(directory / "summary.json", json.dumps(summary, indent=2))
     return summary
 
+
+
+def answer_flops(module: LoopedLMModule, data: ReasoningDataModule, count: int = 16) -> float | None:
+    """FLOPs per answer, counted over the first ``count`` validation records."""
+    from slr_zoo.inference.answers import flops_per_answer
+
+    records = data.val_records[:count]
+    if not records or module.answer_scorer is None:
+        return None
+    was_training = module.model.training
+    module.model.eval()
+    try:
+        return round(flops_per_answer(module.answer_scorer, module.model, records))
+    finally:
+        module.model.train(was_training)
 
 
 def _saved_step(path: Path) -> int | None:

@@ -39,3 +39,14 @@ class TrainerConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     activation_checkpointing: bool = False  # recompute each core pass in backward instead of storing it
     checkpoint_every: Optional[int] = None  # steps between checkpoints (default: val_every, else max_steps // 4)
+
+
+@dataclass
+class CurriculumConfig:
+    """``training.curriculum``: Coconut's stages (``training/curriculum.py``)."""
+
+    thoughts_per_step: int = 1   # c: thoughts (slots, loop iterations) per replaced step
+    max_latent_stage: int = 0    # K: the last stage, and the one validation and generation use
+    epochs_per_stage: int = 0    # 0: stage K from the first step (no curriculum)
+    reset_optimizer: bool = True  # a fresh AdamW state at every stage, as in Coconut
+    uniform_prob: float = 0.0    # chance that a batch is drawn at a random stage

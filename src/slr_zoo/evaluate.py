@@ -1,12 +1,24 @@
-"""``python -m slr_zoo.evaluate RUN_DIR [--steps 1 2 4 8] [--split val] [--show 3]``
+"""``python -m slr_zoo.evaluate RUN_DIR [--steps 1 2 4 8] [--split val | --data FILE | --ood] [--show 3]``
 
 Evaluates a trained cell (the directory holding its ``config.yaml``, tokenizer and checkpoints) by
 cached greedy generation, scored with the task's own extraction and exact match (the same
-``Task.score`` as the answer format of training-time validation). For each loop depth it reports
-accuracy, by hop count too, and the loop iterations every generated token used under the run's
-halting policy: RQ2's accuracy-versus-iterations curve, past the trained depth. It then shows
-what the intermediate states decode to (a logit lens at the answer position) for a few examples.
-Writes ``eval.json`` and ``accuracy_vs_steps.png`` into RUN_DIR.
+``Task.score`` as the answer format of training-time validation), and reads its intermediate
+states. ``eval.json`` has the sections:
+
+- ``by_depth``: accuracy at each loop depth, past the trained depth, overall and by hop count, with
+  the iterations every generated token used (RQ2);
+- ``depth_histogram``: iterations used under the recipe's halting policy at the trained depth;
+- ``stability``: per iteration, the relative change and norm of the state, the fraction of samples
+  that diverge, and whether and when the state converges (``metrics/states.py``), run to twice the
+  trained depth; with Parcae's diagonal injection, its contraction factor;
+- ``logit_lens``: what each iteration's state decodes to at the answer position, for a few examples;
+- ``probes``: per iteration, a linear classifier trained on h_t to read the current reasoning
+  step's entity (with a shuffled-label control), and the reach probe's table where the model has
+  one (RQ3).
+
+``--data FILE`` evaluates any Coconut-format json file; ``--ood`` the task's harder generated split
+(ProsQA: 7-8 hops over larger graphs). PNGs beside ``eval.json``: ``accuracy_vs_steps.png``,
+``depth_histogram.png``, ``stability.png``, ``probes.png``.
 """
 
 from __future__ import annotations
@@ -14,13 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from slr_zoo.files import atomic_write
-from slr_zoo.recipe import load_cell
 from slr_zoo.generate import precision_context
+from slr_zoo.recipe import load_cell
 from slr_zoo.tasks.encoding import prompt_ids
 from slr_zoo.training.checkpoint import CheckpointError
 
@@ -31,44 +44,113 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="loop depths to evaluate (default: 1 .. 2 x the trained max_steps)")
     parser.add_argument("--split", default="val", choices=["train", "val"])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", type=Path, default=None, help="a Coconut-format json file to evaluate instead")
+    source.add_argument("--ood", action="store_true", help="the task's harder generated split")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
     parser.add_argument("--show", type=int, default=3, help="examples whose intermediate states are shown")
     parser.add_argument("--batch-size", type=int, default=64)
     return parser.parse_args(argv)
 
 
+def _records(task, split: str, data: Path | None, ood: bool) -> tuple[list[dict], str]:
+    from slr_zoo.tasks.base import check_record
+
+    if data is not None:
+        from slr_zoo.tasks.json_file import read_records
+
+        return list(read_records(data)), str(data)
+    if ood:
+        harder = task.harder()
+        if harder is None:
+            raise ValueError(f"task {type(task).__name__} has no harder split (--ood); pass --data FILE instead")
+        return [check_record(r, i, "the harder split") for i, r in enumerate(harder.records("val"))], "ood"
+    return [check_record(r, i, f"the {split} split") for i, r in enumerate(task.records(split))], split
+
+
+def _prompt_batch(model, tokenizer, encoding, records):
+    """Left-padded prompts as the model was trained to read them, their mask and question extent."""
+    from slr_zoo.inference.answers import left_padded
+
+    prompts = [encoding.prompt(r, tokenizer) for r in records]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask = left_padded(prompts, pad, next(model.parameters()).device)
+    query = torch.zeros_like(mask, dtype=torch.bool)
+    for row, (prompt, r) in enumerate(zip(prompts, records)):
+        start = ids.size(1) - len(prompt)
+        query[row, start:start + len(prompt_ids(tokenizer, r["question"]))] = True
+    return ids, mask, query
+
+
 @torch.no_grad()
-def logit_lens(model, tokenizer, prompt: list[int], steps: int, top: int = 3) -> list[str]:
-    """What each iteration's state decodes to at the position that predicts the first answer token."""
-    ids = torch.tensor([prompt])
-    query = torch.ones_like(ids, dtype=torch.bool)  # the whole prompt is question
-    result = model(ids, steps=steps, record=("states",), query_mask=query)
-    ctx = model.backbone.context(ids, prefix=query)
-    lines = []
-    for t, state in enumerate(result.states, start=1):
-        probs = model.decoder(state, model.backbone, ctx)[0, -1].float().softmax(-1)
-        p, idx = probs.topk(top)
-        words = ", ".join(f"{tokenizer.convert_ids_to_tokens(int(i))} {float(q):.2f}" for q, i in zip(p, idx))
-        lines.append(f"    step {t}: {words}")
-    return lines
+def loop_states(model, ids, mask, query, steps: int) -> list[torch.Tensor]:
+    """[h_0, h_1, ..., h_steps] of a forward pass (no halting, no finiteness check: a diverging
+    state is measured, not stopped)."""
+    from slr_zoo.halting.fixed import FixedHalting
+
+    backbone = model.backbone
+    ctx = backbone.context(ids, mask, prefix=query)
+    h0 = backbone.prelude(backbone.embed(ids, ctx), ctx)
+    check, model.check_finite = model.check_finite, False
+    try:
+        out = model(ids, mask, steps=steps, query_mask=query, record=("states",), halting=FixedHalting(),
+                    compact=False)
+    finally:
+        model.check_finite = check
+    return [h0, *out.states]
 
 
-def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_size=64) -> dict:
+def step_entity(record: dict, t: int) -> str | None:
+    """The entity the reasoning reaches at step t: the last word of step min(t, steps)."""
+    steps = record.get("steps") or []
+    if not steps:
+        return None
+    words = steps[min(t, len(steps)) - 1].replace(".", " ").split()
+    return words[-1] if words else None
+
+
+@torch.no_grad()
+def logit_lens(model, tokenizer, ids, mask, query, steps: int, top: int = 3) -> list[list[str]]:
+    """Per example, per iteration: the top tokens its state decodes to at the last position (the
+    one that predicts the first answer token)."""
+    states = loop_states(model, ids, mask, query, steps)[1:]
+    ctx = model.backbone.context(ids, mask, prefix=query)
+    out = []
+    for row in range(ids.size(0)):
+        lines = []
+        for t, state in enumerate(states, start=1):
+            probs = model.decoder(state[row:row + 1], model.backbone, _row_ctx(ctx, row))[0, -1].float().softmax(-1)
+            p, idx = probs.topk(top)
+            words = ", ".join(f"{tokenizer.convert_ids_to_tokens(int(i))} {float(q):.2f}" for q, i in zip(p, idx))
+            lines.append(f"    step {t}: {words}")
+        out.append(lines)
+    return out
+
+
+def _row_ctx(ctx, row: int):
+    return ctx.select(torch.tensor([row], device=ctx.position_ids.device)) if ctx.position_ids.size(0) > 1 else ctx
+
+
+def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_size=64, data: Path | None = None,
+             ood: bool = False) -> dict:
+    from tqdm import tqdm
+
     from slr_zoo.inference.answers import score_answers
+    from slr_zoo.metrics.states import stability
 
     parts = load_cell(run_dir)
     task, tokenizer, model = parts.task, parts.tokenizer, parts.module.model
     encoding = parts.module.answer_scorer.encoding  # the prompt, thoughts and answer format it was trained with
-    records = list(task.records(split))[:limit]
+    records, source = _records(task, split, data, ood)
+    records = records[:limit]
     if not records:
-        raise ValueError(f"task has no {split!r} records")
+        raise ValueError(f"no records to evaluate in {source!r}")
     trained = model.max_steps
     depths = depths or sorted({1, *range(1, 2 * trained + 1)})
-    rows = []
-    from tqdm import tqdm
-
-    with precision_context(parts.trainer.precision, next(model.parameters()).device):
-        for steps in tqdm(depths, desc="depths", file=sys.stderr):
+    rows, histogram = [], {}
+    device = next(model.parameters()).device
+    with precision_context(parts.trainer.precision, device):
+        for steps in tqdm(depths, desc="accuracy by depth", file=sys.stderr):
             correct, token_steps = [], []
             for start in range(0, len(records), batch_size):
                 scored = score_answers(model, tokenizer, task, records[start:start + batch_size], steps=steps,
@@ -80,6 +162,8 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
                 by_hops.setdefault(str(record.get("hops", "?")), []).append(ok)
             every = [s for row in token_steps for s in row]
             first = [row[0] for row in token_steps if row]
+            if steps == trained:
+                histogram = {"steps": trained, "first_token": _counts(first), "every_token": _counts(every)}
             rows.append({
                 "steps": steps,
                 "accuracy": round(sum(correct) / len(correct), 4),
@@ -89,25 +173,155 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
                 "generated_tokens": len(every),
                 "accuracy_by_hops": {h: round(sum(v) / len(v), 4) for h, v in sorted(by_hops.items())},
             })
-    lens = {}
-    for record in records[:show]:
-        lens[record["question"]] = {"answer": str(record["answer"]),
-                                    "states": logit_lens(model, tokenizer, prompt_ids(tokenizer, record["question"]),
-                                                         trained)}
-    report = {"run_dir": str(run_dir), "split": split, "records": len(records), "trained_max_steps": trained,
-              "by_depth": rows, "logit_lens": lens}
+        depth = 2 * trained
+        chunks = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+        states_by_t: list[list[torch.Tensor]] = [[] for _ in range(depth + 1)]
+        runs = []
+        probe = parts.module.objectives["reach"] if "reach" in parts.module.objectives else None
+        probe_rows = []
+        for chunk in tqdm(chunks, desc="states", file=sys.stderr):
+            ids, mask, query = _prompt_batch(model, tokenizer, encoding, chunk)
+            states = loop_states(model, ids, mask, query, depth)
+            runs.append(stability(states, mask.bool()))
+            for t, h in enumerate(states):
+                states_by_t[t].append(h[:, -1].float().cpu())
+            if probe is not None:
+                probe_rows.append(_reach_batch(probe, states[1:], chunk, tokenizer, task, ids, query))
+        lens_lines = []
+        if show > 0:
+            lens_ids, lens_mask, lens_query = _prompt_batch(model, tokenizer, encoding, records[:show])
+            lens_lines = logit_lens(model, tokenizer, lens_ids, lens_mask, lens_query, trained)
+    lens = {r["question"]: {"answer": str(r["answer"]), "states": lines} for r, lines in zip(records[:show], lens_lines)}
+    report = {
+        "run_dir": str(run_dir), "split": source, "records": len(records), "trained_max_steps": trained,
+        "by_depth": rows,
+        "depth_histogram": histogram,
+        "stability": _merged_stability(runs, [len(c) for c in chunks], model),
+        "logit_lens": lens,
+        "probes": {"entity": _entity_probes(states_by_t, records), "reach": _reach_summary(probe_rows, trained)},
+    }
     atomic_write(run_dir / "eval.json", json.dumps(report, indent=2))
     _plot(rows, trained, run_dir / "accuracy_vs_steps.png")
+    _plot_histogram(histogram, run_dir / "depth_histogram.png")
+    _plot_stability(report["stability"], trained, run_dir / "stability.png")
+    _plot_probes(report["probes"]["entity"], trained, run_dir / "probes.png")
     return report
 
 
-def _plot(rows, trained: int, path: Path) -> None:
+def _counts(values: list[int]) -> dict[str, int]:
+    return {str(k): v for k, v in sorted(Counter(values).items())}
+
+
+def _merged_stability(runs: list[dict], sizes: list[int], model) -> dict:
+    """Batch results weighted by batch size; the contraction factor of a diagonal injection."""
+    total = sum(sizes)
+
+    def mean(values):
+        pairs = [(v, n) for v, n in zip(values, sizes) if v is not None and v == v]
+        return round(sum(v * n for v, n in pairs) / sum(n for _, n in pairs), 6) if pairs else None
+
+    merged = {
+        "delta": [mean([r["delta"][t] for r in runs]) for t in range(len(runs[0]["delta"]))],
+        "norm": [mean([r["norm"][t] for r in runs]) for t in range(len(runs[0]["norm"]))],
+        "diverged_fraction": round(sum(r["diverged_fraction"] * n for r, n in zip(runs, sizes)) / total, 4),
+        "converged_fraction": round(sum(r["converged_fraction"] * n for r, n in zip(runs, sizes)) / total, 4),
+        "converged_at": mean([r["converged_at"] for r in runs]),
+        "tolerance": runs[0]["tolerance"], "bound": runs[0]["bound"],
+    }
+    if hasattr(model.injection, "decay"):  # Parcae's diagonal injection: h <- exp(-dt A) h + dt B h0
+        merged["contraction"] = {k: round(v, 6) for k, v in model.injection.monitors().items()}
+    return merged
+
+
+def _entity_probes(states_by_t: list[list[torch.Tensor]], records: list[dict]) -> list[dict]:
+    """Per iteration t >= 1: a linear probe on h_t (the answer position) for step t's entity, and
+    the same probe on shuffled labels (what chance looks like with this many classes)."""
+    from slr_zoo.metrics.states import linear_probe
+
+    out = []
+    generator = torch.Generator().manual_seed(0)
+    for t in range(1, len(states_by_t)):
+        labels = [step_entity(r, t) for r in records]
+        keep = [i for i, label in enumerate(labels) if label is not None]
+        if len(keep) < 8:
+            return []
+        names = sorted({labels[i] for i in keep})
+        y = torch.tensor([names.index(labels[i]) for i in keep])
+        x = torch.cat(states_by_t[t])[keep]
+        shuffled = y[torch.randperm(len(y), generator=generator)]
+        real, control = linear_probe(x, y), linear_probe(x, shuffled)
+        out.append({"t": t, "accuracy": real["accuracy"], "chance": real["chance"], "classes": real["classes"],
+                    "shuffled_accuracy": control["accuracy"]})
+    return out
+
+
+def _reach_batch(probe, states, records, tokenizer, task, ids, query) -> dict:
+    """The reach probe's logits on a batch, with each question token's reach step, and its choice
+    between the question's two options (the option whose mentions it marks more strongly)."""
+    from slr_zoo.tasks.base import UNREACHED
+    from slr_zoo.tasks.tokenizer import token_words
+
+    reach = torch.full(ids.shape, -100, dtype=torch.long)
+    options = []
+    for row, record in enumerate(records):
+        steps = task.reach_steps(record) or {}
+        words = token_words(tokenizer, record["question"])
+        start = int(query[row].nonzero()[0])
+        for i, word in enumerate(words):
+            if word is not None and word in steps:
+                reach[row, start + i] = steps[word]
+        symbols = record.get("idx_to_symbol")
+        if symbols and "target" in record and "neg_target" in record:
+            where = {name: [start + i for i, w in enumerate(words) if w == name]
+                     for name in (symbols[record["target"]], symbols[record["neg_target"]])}
+            options.append((row, *where.values()))
+    logits = [probe.probe(h.float()).squeeze(-1).cpu() for h in states]
+    chosen = []
+    for row, gold, other in options:
+        if gold and other:
+            chosen.append(bool(logits[-1][row, gold].mean() > logits[-1][row, other].mean()))
+    return {"logits": logits, "reach": reach, "unreached": UNREACHED, "chosen": chosen}
+
+
+def _reach_summary(batches: list[dict], trained: int) -> dict | None:
+    from slr_zoo.metrics.states import reach_table
+
+    if not batches:
+        return None
+    width = max(b["reach"].size(1) for b in batches)
+
+    def pad(x, value):
+        return torch.nn.functional.pad(x, (width - x.size(1), 0), value=value)
+
+    reach = torch.cat([pad(b["reach"], -100) for b in batches])
+    logits = [torch.cat([pad(b["logits"][t], -1.0) for b in batches]) for t in range(len(batches[0]["logits"]))]
+    chosen = [c for b in batches for c in b["chosen"]]
+    return {"table": reach_table(logits, reach, batches[0]["unreached"]),
+            "option_choice_accuracy": round(sum(chosen) / len(chosen), 4) if chosen else None,
+            "trained_max_steps": trained}
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _axes():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    return plt.subplots(figsize=(5, 3.5))
+
+
+def _plot(rows, trained: int, path: Path) -> None:
+    fig, ax = _axes()
     xs = [r["steps"] for r in rows]
     ax.plot(xs, [r["accuracy"] for r in rows], marker="o", label="all")
     hops = sorted({h for r in rows for h in r["accuracy_by_hops"]}, key=lambda h: (len(h), h))
@@ -119,11 +333,53 @@ def _plot(rows, trained: int, path: Path) -> None:
     ax.set_ylabel("exact match")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    _save(fig, path)
+
+
+def _plot_histogram(histogram: dict, path: Path) -> None:
+    fig, ax = _axes()
+    for key, label in (("first_token", "first answer token (per sample)"), ("every_token", "every generated token")):
+        counts = histogram.get(key) or {}
+        if counts:
+            total = sum(counts.values())
+            ax.bar([int(k) + (-0.2 if key == "first_token" else 0.2) for k in counts], [v / total for v in counts.values()],
+                   width=0.4, label=label)
+    ax.set_xlabel("loop iterations used (recipe's halting policy)")
+    ax.set_ylabel("fraction")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _plot_stability(stats: dict, trained: int, path: Path) -> None:
+    fig, ax = _axes()
+    ts = list(range(1, len(stats["delta"]) + 1))
+    ax.plot(ts, stats["delta"], marker="o", label="||h_t - h_t-1|| / ||h_t-1||")
+    ax.set_yscale("log")
+    ax.set_xlabel("loop iteration t")
+    ax.set_ylabel("relative state change")
+    ax.axvline(trained, color="grey", ls=":", label="trained depth")
+    twin = ax.twinx()
+    twin.plot(ts, stats["norm"], color="tab:orange", marker=".", label="||h_t|| per position")
+    twin.set_ylabel("state norm per position")
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7)
+    _save(fig, path)
+
+
+def _plot_probes(rows: list[dict], trained: int, path: Path) -> None:
+    fig, ax = _axes()
+    if rows:
+        ts = [r["t"] for r in rows]
+        ax.plot(ts, [r["accuracy"] for r in rows], marker="o", label="probe on h_t")
+        ax.plot(ts, [r["shuffled_accuracy"] for r in rows], ls="--", label="shuffled labels")
+        ax.plot(ts, [r["chance"] for r in rows], ls=":", color="grey", label="majority class")
+        ax.axvline(trained, color="grey", ls=":")
+    ax.set_xlabel("loop iteration t")
+    ax.set_ylabel("held-out accuracy: step t's entity")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7)
+    _save(fig, path)
 
 
 def main(argv=None) -> int:
@@ -132,7 +388,8 @@ def main(argv=None) -> int:
         print(f"evaluate: --steps must be loop depths >= 1, got {args.steps}", file=sys.stderr)
         return 2
     try:
-        report = evaluate(args.run_dir, args.steps, args.split, args.limit, args.show, args.batch_size)
+        report = evaluate(args.run_dir, args.steps, args.split, args.limit, args.show, args.batch_size,
+                          data=args.data, ood=args.ood)
     except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
@@ -145,7 +402,19 @@ def main(argv=None) -> int:
     for question, item in report["logit_lens"].items():
         print(f"\n{question}  -> gold {item['answer']}")
         print("\n".join(item["states"]))
-    print(f"\nwrote {args.run_dir}/eval.json and accuracy_vs_steps.png")
+    stats = report["stability"]
+    print(f"\nstability to t = {len(stats['delta'])}: change " + " ".join(f"{d:.2g}" for d in stats["delta"] if d is not None)
+          + f"; diverged {stats['diverged_fraction']:.1%}, converged {stats['converged_fraction']:.1%}"
+          + (f" (by t = {stats['converged_at']:.1f})" if stats["converged_at"] else ""))
+    for row in report["probes"]["entity"]:
+        print(f"probe t={row['t']}: step entity {row['accuracy']:.2f} (shuffled {row['shuffled_accuracy']:.2f}, "
+              f"majority {row['chance']:.2f}, {row['classes']} classes)")
+    reach = report["probes"]["reach"]
+    if reach:
+        print("reach probe, fraction marked reached: " + "; ".join(
+            f"t={r['t']} reached {r['reached']} unreached {r['unreached']} never {r['never']}" for r in reach["table"]))
+        print(f"reach probe's choice between the two options: {reach['option_choice_accuracy']}")
+    print(f"\nwrote {args.run_dir}/eval.json, accuracy_vs_steps.png, depth_histogram.png, stability.png, probes.png")
     return 0
 
 

@@ -40,6 +40,11 @@ class Task:
         iteration t is trained to predict entry min(t, hops). ``None``: the task has none."""
         return None
 
+    def harder(self) -> "Task | None":
+        """The task's harder generated split (``evaluate --ood``): longer chains and larger inputs
+        than it trains on. ``None``: the task has none."""
+        return None
+
     def reach_steps(self, record: Record) -> dict[str, int] | None:
         """For ``loop.reach_supervision``: the hop at which the reasoning reaches each word of the
         question it names (ProsQA: a concept's distance from the root; ``UNREACHED`` for one that

@@ -218,6 +218,11 @@ class ProsQATask(Task):
         for _ in range(self.n[split]):
             yield generate(rng, self.hops, self.nodes)
 
+    def harder(self):
+        """7-8 hops over graphs larger than any trained on (no published system reports it)."""
+        top = max(self.nodes[1], 26)
+        return ProsQATask(n_train=0, n_val=self.n["val"], hops=[7, 8], nodes=[top + 4, top + 10], seed=self.seed + 7919)
+
     def step_answers(self, record):
         """After hop t, "<person> is a <t-th concept on the path>.": the steps read "Tom is a A.",
         "Every A is a B.", ...; the last one is the answer."""

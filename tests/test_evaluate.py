@@ -1,0 +1,146 @@
+"""``evaluate`` answers RQ2 and RQ3: every section of eval.json and its plots, stability numbers
+that match a hand computation, probes that find a planted signal and not a shuffled one, and a
+logit lens whose last iteration is the model's own prediction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_recipe
+from slr_zoo.metrics.states import linear_probe, reach_table, stability
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = {"by_depth", "depth_histogram", "stability", "logit_lens", "probes"}
+
+
+@pytest.fixture(scope="module")
+def prosqa_cell(tmp_path_factory):
+    """A tiny ProsQA cell with the reach probe and Parcae's diagonal injection, a few steps."""
+    from slr_zoo import fit
+
+    out = tmp_path_factory.mktemp("eval")
+    args = [str(ROOT / "recipes/prosqa.yaml"), f"output_dir={out}", "task.n_train=64", "task.n_val=24",
+            "task.val_file=null", "task.hops=[1,3]", "task.nodes=[6,8]", "task.curriculum=[{until: 1, hops: [1, 2], nodes: [6, 8], n_train: 16}]", "trainer.max_steps=3",
+            "trainer.batch_size=16", "trainer.progress_bar=false", "loop.max_steps=2",
+            "loop.injection={name: diagonal}"]
+    assert fit.main(args) == 0
+    return out / "prosqa" / "default"
+
+
+def test_evaluate_writes_every_section_and_its_plots(prosqa_cell):
+    from slr_zoo import evaluate
+
+    assert evaluate.main([str(prosqa_cell), "--show", "2"]) == 0
+    report = json.loads((prosqa_cell / "eval.json").read_text())
+    assert SECTIONS <= set(report)
+    assert [r["steps"] for r in report["by_depth"]] == [1, 2, 3, 4]  # past the trained depth
+    histogram = report["depth_histogram"]
+    assert histogram["steps"] == 2 and sum(histogram["first_token"].values()) == report["records"] == 24
+    stats = report["stability"]
+    assert len(stats["delta"]) == len(stats["norm"]) == 4 and 0 <= stats["diverged_fraction"] <= 1
+    assert {"contraction_max", "contraction_mean"} <= set(stats["contraction"])  # diagonal injection
+    assert len(report["logit_lens"]) == 2
+    assert [r["t"] for r in report["probes"]["entity"]] == [1, 2, 3, 4]
+    reach = report["probes"]["reach"]
+    assert [r["t"] for r in reach["table"]] == [1, 2, 3, 4] and reach["option_choice_accuracy"] is not None
+    for png in ("accuracy_vs_steps", "depth_histogram", "stability", "probes"):
+        assert (prosqa_cell / f"{png}.png").stat().st_size > 10_000, png  # drawn, not an empty canvas
+
+
+def test_ood_and_data_files_are_evaluated_and_a_task_without_a_harder_split_says_so(prosqa_cell, tmp_path):
+    from slr_zoo import evaluate
+
+    assert evaluate.main([str(prosqa_cell), "--ood", "--limit", "4", "--steps", "2", "--show", "0"]) == 0
+    report = json.loads((prosqa_cell / "eval.json").read_text())
+    assert report["split"] == "ood" and {r["hops"] for r in
+                                         list(_task(prosqa_cell).harder().records("val"))[:4]} <= {7, 8}
+    records = list(_task(prosqa_cell).records("val"))[:3]
+    path = tmp_path / "some.json"
+    path.write_text(json.dumps(records))
+    assert evaluate.main([str(prosqa_cell), "--data", str(path), "--steps", "2", "--show", "0"]) == 0
+    assert json.loads((prosqa_cell / "eval.json").read_text())["records"] == 3
+
+
+def _task(cell):
+    from slr_zoo.recipe import load_cell
+
+    return load_cell(cell).task
+
+
+def test_stability_matches_a_hand_computation_on_a_two_step_run():
+    from slr_zoo.evaluate import loop_states
+
+    model = tiny_model(tiny_recipe(loop__max_steps=2, loop__combine={"name": "gated"})).double().eval()
+    ids = torch.randint(4, 32, (3, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded row: its pads are not read
+    query = mask.bool()
+    states = loop_states(model, ids, mask, query, 2)
+    ctx = model.backbone.context(ids, mask, prefix=query)
+    h0 = model.backbone.prelude(model.backbone.embed(ids, ctx), ctx)
+    h1 = model.step(h0, h0, 1, ctx)
+    h2 = model.step(h1, h0, 2, ctx)
+    for got, want in zip(states, (h0, h1, h2)):
+        torch.testing.assert_close(got, want)
+    real = mask.bool()
+    by_hand = {"delta": [], "norm": []}
+    for prev, h in ((h0, h1), (h1, h2)):
+        m = real[..., None].double()
+        change = [((h - prev) * m)[b].norm() / (prev * m)[b].norm() for b in range(3)]
+        norm = [(h * m)[b].norm() / real[b].sum().double().sqrt() for b in range(3)]
+        by_hand["delta"].append(float(sum(change) / 3))
+        by_hand["norm"].append(float(sum(norm) / 3))
+    stats = stability(states, real)
+    assert stats["delta"] == pytest.approx(by_hand["delta"], rel=1e-5)
+    assert stats["norm"] == pytest.approx(by_hand["norm"], rel=1e-5)
+    assert stats["diverged_fraction"] == 0.0
+
+
+def test_a_state_that_blows_up_diverges_and_one_that_settles_converges():
+    h0 = torch.ones(2, 3, 4)
+    growing = [h0 * 10.0 ** t for t in range(4)]                    # x10 per step: past 100 x h0 at t = 3
+    settling = [h0 * (1 + 0.5 ** (3 * t)) for t in range(6)]       # changes 0.44, 0.1, 0.013, 0.0017, 0.0002
+    real = torch.ones(2, 3, dtype=torch.bool)
+    assert stability(growing, real)["diverged_fraction"] == 1.0
+    stats = stability(settling, real)
+    assert stats["converged_fraction"] == 1.0 and stats["converged_at"] == 5  # the first change under 1e-3
+    nan = [h0, h0 * float("nan")]
+    assert stability(nan, real)["diverged_fraction"] == 1.0
+
+
+def test_the_probe_finds_a_planted_linear_signal_and_not_shuffled_labels():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (600,), generator=g)
+    directions = torch.randn(4, 16, generator=g)
+    features = torch.randn(600, 16, generator=g) + 3 * directions[labels]
+    assert linear_probe(features, labels)["accuracy"] > 0.95
+    shuffled = labels[torch.randperm(600, generator=g)]
+    result = linear_probe(features, shuffled)
+    assert abs(result["accuracy"] - 0.25) < 0.08  # four balanced classes: chance
+
+
+def test_the_reach_table_counts_marked_tokens_by_kind():
+    reach = torch.tensor([[0, 1, 2, 999, -100]])
+    logits = [torch.tensor([[1.0, -1.0, -1.0, 1.0, 5.0]]), torch.tensor([[1.0, 1.0, -1.0, -1.0, 5.0]])]
+    table = reach_table(logits, reach, unreached=999)
+    assert table[0] == {"t": 1, "reached": 0.5, "unreached": 0.0, "never": 1.0}    # hops 0, 1 are reached by t = 1
+    assert table[1] == pytest.approx({"t": 2, "reached": 0.6667, "unreached": None, "never": 0.0})
+
+
+def test_the_logit_lens_at_the_last_iteration_is_the_models_own_prediction():
+    from slr_zoo.evaluate import logit_lens
+    from slr_zoo.tasks.tokenizer import build_word_tokenizer
+
+    records = [{"question": " ".join("w" + chr(97 + i % 26) + chr(97 + i // 26) for i in range(40)), "answer": "waa"}]  # every id of the model a token
+    tokenizer = build_word_tokenizer(records)
+    model = tiny_model(tiny_recipe(loop__max_steps=3, loop__combine={"name": "gated"})).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask, query = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    lines = logit_lens(model, tokenizer, ids, mask, query, 3, top=1)[0]
+    predicted = int(model(ids, mask, query_mask=query).logits[0, -1].argmax())
+    assert len(lines) == 3
+    assert lines[-1].split(": ")[1].split(" ")[0] == tokenizer.convert_ids_to_tokens(predicted)

@@ -47,3 +47,44 @@ def test_the_results_table_shows_steps_to_fit_and_the_loss_plot(tmp_path):
     rows = list(csv.DictReader((run_dir / "results.csv").open()))
     assert [r["steps_to_fit"] for r in rows] == ["150", ""]
     assert (run_dir / "training_loss.png").stat().st_size > 0
+
+
+def test_the_report_command_regenerates_a_2x2_grid_with_means_stds_and_named_plots(tmp_path):
+    """A 2 x 2 grid (two combines x two hop ranges), two seeds each, read back from its cells'
+    files: four rows, each the mean and sample std of its two seeds, legends named by grid key."""
+    import yaml
+
+    from slr_zoo import report
+    from slr_zoo.recipe.grid import expand
+
+    recipe = {"name": "g", "seed": 0, "task": {"name": "iterate"},
+              "grid": {"loop.combine": [{"name": "none"}, {"name": "gated"}], "task.hops": [[1, 2], [1, 4]],
+                       "seed": [0, 1]}}
+    run_dir = tmp_path / "g"
+    run_dir.mkdir()
+    (run_dir / "grid.yaml").write_text(yaml.safe_dump(recipe))
+    accuracy = {}
+    for i, cell in enumerate(expand(recipe)):
+        folder = run_dir / cell.label
+        folder.mkdir()
+        (folder / "config.yaml").write_text(yaml.safe_dump(cell.recipe))
+        accuracy[cell.label] = 0.5 + 0.01 * i
+        (folder / "summary.json").write_text(json.dumps({
+            "status": "ok", "val_accuracy": accuracy[cell.label], "mean_steps": 4.0, "train_seconds": 1.0,
+            "train_steps": 10, "params": 100, "hop_accuracy": {}}))
+        (folder / "val_curve.csv").write_text("step,accuracy,mean_steps\n5,0.3,4.0\n10,0.5,4.0\n")
+    assert report.main([str(run_dir)]) == 0
+    text = (run_dir / "results.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| none") or line.startswith("| gated")]
+    assert len(rows) == 4
+    # cells in grid order: seeds vary fastest, so variant k holds accuracies 0.5 + 0.01 (2k, 2k + 1)
+    for k, row in enumerate(rows):
+        mean, std = 100 * (0.5 + 0.01 * (2 * k + 0.5)), 100 * 0.01 / 2 ** 0.5
+        assert f"{mean:.1f} ± {std:.1f}" in row, row
+    for png in ("accuracy.png", "accuracy_vs_step.png"):
+        assert (run_dir / png).stat().st_size > 10_000
+    assert any((run_dir / "hparams").rglob("events.out.tfevents.*"))
+    from slr_zoo.reports.results import variant_name
+
+    assert variant_name({"loop.combine": "none", "loop.max_steps": 6}, ["loop.combine", "loop.max_steps"]) == \
+        "combine=none, max_steps=6"

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     print(f"{recipe['name']}: {len(selected)} of {len(cells)} cell(s) -> {run_dir}/", flush=True)
+    if _is_global_zero():  # what `python -m slr_zoo.report` regenerates the tables from
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "grid.yaml", yaml.safe_dump(recipe, sort_keys=False))
     for n, cell in enumerate(selected, start=1):
         if plan[cell.label] == "skip":
             print(f"[{n}/{len(selected)}] {cell.label}: done already, skipped", flush=True)

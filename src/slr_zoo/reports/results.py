@@ -223,6 +223,11 @@ def _cost_text(key: str, value: float) -> str:
     return f"{value:.2f}"
 
 
+def variant_name(entry: dict, keys: list[str]) -> str:
+    """A legend entry that says what varies: "combine=gated, max_steps=6"."""
+    return ", ".join(f"{k.split('.')[-1]}={entry[k]}" for k in keys) or "run"
+
+
 def plot(table: list[dict], keys: list[str], directory: Path, rows: list[dict] = ()) -> list[Path]:
     """``accuracy.png`` (bars with seed std), ``accuracy_by_hops.png`` (one line per config) and
     ``training_loss.png`` (one line per finished cell)."""
@@ -235,7 +240,7 @@ def plot(table: list[dict], keys: list[str], directory: Path, rows: list[dict] =
     done = [e for e in table if e["_accuracy"] is not None]
     if not done:
         return []
-    labels = [", ".join(str(e[k]) for k in group_keys) or "run" for e in done]
+    labels = [variant_name(e, group_keys) for e in done]
     written = []
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(done) + 2), 4))
     ax.bar(range(len(done)), [100 * e["_accuracy"] for e in done], yerr=[100 * e["_std"] for e in done], capsize=4)

@@ -194,6 +194,39 @@ class TrainCurve(Callback):
                 csv.DictWriter(f, self.columns).writerow({k: record[k] for k in self.columns})
 
 
+class ValCurve(Callback):
+    """``val_curve.csv``: validation accuracy and mean iterations at every validation during
+    training (rank 0), for the report's accuracy-against-training-step plot. Rows at or past the
+    step a resumed run starts from are dropped, as in ``train_curve.csv``."""
+
+    columns = ("step", "accuracy", "mean_steps")
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        rows = []
+        if self.path.is_file():
+            with self.path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) < trainer.global_step]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # after the module has logged its metrics
+        metrics = trainer.callback_metrics
+        if not trainer.is_global_zero or trainer.sanity_checking or "val/accuracy" not in metrics or \
+                not self.path.is_file() or trainer.state.fn != "fit":
+            return
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.columns).writerow({
+                "step": trainer.global_step, "accuracy": round(float(metrics["val/accuracy"]), 4),
+                "mean_steps": round(float(metrics.get("val/mean_steps", float("nan"))), 3)})
+
+
 class StepProgressBar(TQDMProgressBar):
     """One bar over the whole run, 0..trainer.max_steps, counted in training steps: a resumed run's
     bar starts where it resumed instead of at the start of a (partial) epoch."""
@@ -227,7 +260,8 @@ def make_trainer(cfg: TrainerConfig, directory: Path, grad_clip: float | None = 
                  enable_checkpointing: bool = True, seed: int = 0) -> L.Trainer:
     quiet_lightning()
     directory = Path(directory)
-    callbacks: list[Callback] = [StepSeed(seed), TrainCurve(directory / "train_curve.csv")]
+    callbacks: list[Callback] = [StepSeed(seed), TrainCurve(directory / "train_curve.csv"),
+                                 ValCurve(directory / "val_curve.csv")]
     if enable_checkpointing:
         every = cfg.checkpoint_every or cfg.val_every or max(1, cfg.max_steps // 4)
         callbacks.append(ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=0,

@@ -1,0 +1,177 @@
+"""``python -m slr_zoo.report runs/<name>``: a grid's tables and plots, regenerated from its cells.
+
+Reads every finished cell under the folder (its ``summary.json``, ``train_curve.csv``,
+``val_curve.csv`` and, where ``evaluate`` ran, ``eval.json``) and writes:
+
+- ``results.csv`` and ``results.md``: one row per cell, and mean ± std over seeds per variant,
+  with what an answer costs where the cells recorded it;
+- ``accuracy.png``, ``accuracy_by_hops.png``, ``training_loss.png`` (as ``fit`` writes them);
+- ``accuracy_vs_depth.png``: accuracy against inference depth, one line per evaluated cell;
+- ``accuracy_vs_step.png``: validation accuracy against training step, one line per cell;
+- ``depth_histograms.png``: iterations used under each cell's halting policy;
+- ``state_change.png``: ||h_t - h_{t-1}|| / ||h_{t-1}|| per iteration;
+- TensorBoard's hparams tab (``runs/<name>/hparams``): each cell's grid keys and its scalars.
+
+The variants are named by their grid keys ("combine=gated, max_steps=6"). The grid comes from
+``runs/<name>/grid.yaml`` (``fit`` writes it); without it, the keys are the recipe leaves that
+differ between the cells' ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from slr_zoo.recipe.grid import Cell, expand
+from slr_zoo.reports.results import METRICS, write_reports
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict) and not ({"name", "_component_"} & set(node)):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix, node
+
+
+def grid_and_cells(run_dir: Path) -> tuple[dict, list]:
+    """The grid recipe and its cells: from ``grid.yaml``, else derived from the cell folders."""
+    stored = run_dir / "grid.yaml"
+    if stored.is_file():
+        recipe = yaml.safe_load(stored.read_text())
+        return recipe, expand(recipe)
+    folders = sorted(p.parent for p in run_dir.glob("*/config.yaml") if not p.parent.name.startswith("."))
+    if not folders:
+        raise FileNotFoundError(f"{run_dir} holds no cells (no */config.yaml); pass runs/<name>")
+    configs = {f.name: yaml.safe_load((f / "config.yaml").read_text()) or {} for f in folders}
+    values: dict[str, set] = {}
+    for config in configs.values():
+        for key, value in _leaves(config):
+            values.setdefault(key, set()).add(json.dumps(value, sort_keys=True, default=str))
+    keys = [k for k, v in values.items() if len(v) > 1 and k not in ("name", "output_dir", "description")]
+    first = next(iter(configs.values()))
+    recipe = {"name": first.get("name", run_dir.name), "description": first.get("description", ""),
+              "grid": {k: [] for k in keys}}
+    return recipe, [Cell(i, label, {}, config) for i, (label, config) in enumerate(configs.items())]
+
+
+def _plot_lines(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, path: Path, log: bool = False,
+                ylim=None) -> Path | None:
+    series = {k: v for k, v in series.items() if v[0]}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", ms=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _name(cell_dir: Path, keys: list[str]) -> str:
+    """The cell's variant, named by its grid keys' values in its stored config."""
+    from slr_zoo.recipe.grid import value_label
+    from slr_zoo.reports.results import lookup
+
+    config = yaml.safe_load((cell_dir / "config.yaml").read_text()) or {}
+    parts = []
+    for key in keys:
+        value = lookup(config, key)
+        parts.append(f"{key.split('.')[-1]}={value_label(value) if isinstance(value, (dict, list)) else value}")
+    return ", ".join(parts) or cell_dir.name
+
+
+def extra_plots(run_dir: Path, keys: list[str]) -> list[Path]:
+    cells = sorted(p.parent for p in run_dir.glob("*/summary.json") if not p.parent.name.startswith("."))
+    depth, steps, change, histograms = {}, {}, {}, {}
+    for cell in cells:
+        name = _name(cell, keys)
+        evaluation = cell / "eval.json"
+        if evaluation.is_file():
+            report = json.loads(evaluation.read_text())
+            rows = report.get("by_depth") or []
+            depth[name] = ([r["steps"] for r in rows], [100 * r["accuracy"] for r in rows])
+            deltas = (report.get("stability") or {}).get("delta") or []
+            change[name] = (list(range(1, len(deltas) + 1)), deltas)
+            counts = (report.get("depth_histogram") or {}).get("first_token") or {}
+            total = sum(counts.values()) or 1
+            histograms[name] = ([int(k) for k in counts], [v / total for v in counts.values()])
+        curve = cell / "val_curve.csv"
+        if curve.is_file():
+            with curve.open() as f:
+                rows = list(csv.DictReader(f))
+            steps[name] = ([int(r["step"]) for r in rows], [100 * float(r["accuracy"]) for r in rows])
+    written = [
+        _plot_lines(depth, "loop iterations at inference", "validation accuracy (%)", run_dir / "accuracy_vs_depth.png",
+                    ylim=(0, 102)),
+        _plot_lines(steps, "training step", "validation accuracy (%)", run_dir / "accuracy_vs_step.png", ylim=(0, 102)),
+        _plot_lines(histograms, "loop iterations used (first answer token)", "fraction of samples",
+                    run_dir / "depth_histograms.png"),
+        _plot_lines(change, "loop iteration t", "||h_t - h_t-1|| / ||h_t-1||", run_dir / "state_change.png", log=True),
+    ]
+    return [p for p in written if p is not None]
+
+
+def write_hparams(run_dir: Path, keys: list[str]) -> int:
+    """Each finished cell's grid keys and scalars on TensorBoard's hparams tab."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from slr_zoo.recipe.grid import value_label
+    from slr_zoo.reports.results import lookup
+
+    count = 0
+    for summary_path in sorted(run_dir.glob("*/summary.json")):
+        cell = summary_path.parent
+        summary = json.loads(summary_path.read_text())
+        config = yaml.safe_load((cell / "config.yaml").read_text()) or {}
+        hparams = {}
+        for key in keys:
+            value = lookup(config, key)
+            hparams[key] = value if isinstance(value, (int, float, str, bool)) else value_label(value)
+        metrics = {f"hparam/{m}": float(summary[m]) for m in METRICS if isinstance(summary.get(m), (int, float))}
+        with SummaryWriter(str(run_dir / "hparams" / cell.name)) as writer:
+            writer.add_hparams(hparams or {"cell": cell.name}, metrics, run_name=".")
+        count += 1
+    return count
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m slr_zoo.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a grid's folder: runs/<name>")
+    args = parser.parse_args(argv)
+    try:
+        recipe, cells = grid_and_cells(args.run_dir)
+    except (FileNotFoundError, yaml.YAMLError) as err:
+        print(f"report: {err}", file=sys.stderr)
+        return 2
+    from slr_zoo.reports.results import grid_keys
+
+    keys = [k for k in grid_keys(recipe.get("grid"))]
+    print(write_reports(recipe, cells, args.run_dir))
+    plots = extra_plots(args.run_dir, keys)  # one line per cell, so seeds are named too
+    cells_logged = write_hparams(args.run_dir, keys)
+    print(f"wrote {args.run_dir}/results.csv, results.md, {', '.join(p.name for p in plots) or 'no extra plots'}; "
+          f"hparams of {cells_logged} cell(s) in {args.run_dir}/hparams")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -172,6 +172,7 @@ class LoopedLM(nn.Module):
         checkpoint_core: bool = False,
         state_noise: float = 0.0,
         mode: str = "depth",
+        compile_core: bool = False,
     ):
         super().__init__()
         if mode not in ("depth", "thoughts"):
@@ -190,6 +191,8 @@ class LoopedLM(nn.Module):
         self.check_finite = check_finite
         self.checkpoint_core = checkpoint_core  # recompute each core pass in backward (less memory)
         self.state_noise = state_noise          # training: perturb the state entering each step
+        if compile_core:
+            compile_shared_core(backbone.core)
 
     # ------------------------------------------------------------------ one iteration
     def step(self, h: torch.Tensor, h0: torch.Tensor, t: int, ctx: SequenceContext,
@@ -345,6 +348,17 @@ class LoopedLM(nn.Module):
             ))
             thought = passes[-1].features[:, -1]
         return _joined(passes)
+
+
+def compile_shared_core(core: nn.Module) -> None:
+    """torch.compile the core in place (its state-dict keys unchanged), with dynamic shapes, so
+    that a new batch size or sequence length does not recompile, and with integer module
+    attributes left symbolic, so that the loop LoRA's step index (read by its hooks inside the
+    core) does not specialise the graph: one compilation serves every iteration and depth."""
+    import torch._dynamo
+
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    core.compile(dynamic=True)
 
 
 def _joined(passes: list[LoopOutput]) -> LoopOutput:

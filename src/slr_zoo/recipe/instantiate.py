@@ -147,6 +147,7 @@ def build_model(recipe: dict, backbone: Backbone) -> LoopedLM:
         checkpoint_core=recipe["trainer"]["activation_checkpointing"],
         state_noise=loop["state_noise"],
         mode=loop["mode"],
+        compile_core=recipe["trainer"]["compile"],
     )
 
 

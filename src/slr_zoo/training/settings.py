@@ -38,6 +38,7 @@ class TrainerConfig:
     progress_bar: bool = True
     on_nonfinite: Literal["stop", "skip"] = "stop"
     activation_checkpointing: bool = False  # recompute each core pass in backward instead of storing it
+    compile: bool = False  # torch.compile the shared core (inductor), once for every depth and batch shape
     checkpoint_every: Optional[int] = None  # steps between checkpoints (default: val_every, else max_steps // 4)
 
 

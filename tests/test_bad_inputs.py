@@ -105,6 +105,15 @@ ROWS = [
     ("missing data file", lambda f: ["fit", f["recipe"], "task={name: json, train: /no/train.json, val: /no/val.json}"], 2, r"task\.train: no such file or directory"),
     ("first record broken", lambda f: ["fit", f["recipe"], f"task={{name: json, train: {f['record_without_answer']}, val: {f['records_ok']}}}"], 2, r"task: cannot read its train records: record 0 of .*noanswer\.json: field 'answer' must be a non-empty string"),
     ("thoughts mode", lambda f: ["fit", f["recipe"], "loop.mode=thoughts"], 2, r"loop\.mode"),
+    # ------------------------------------------------------------- the latent-CoT keys
+    ("unknown encoding", lambda f: ["fit", f["recipe"], "training.encoding=latnet"], 2, r"training\.encoding: expected Literal\['answer', 'cot', 'latent', 'pause'\], got str 'latnet'"),
+    ("uniform_prob above 1", lambda f: ["fit", f["recipe"], "training.encoding=pause", "training.curriculum.uniform_prob=2"], 2, r"training\.curriculum\.uniform_prob: is a probability"),
+    ("curriculum without steps to replace", lambda f: ["fit", f["recipe"], "training.curriculum.epochs_per_stage=2"], 2, r"training\.curriculum: replaces reasoning steps"),
+    ("depth curriculum of the wrong depth", lambda f: ["fit", f["recipe"], "training.encoding=latent", "training.curriculum.max_latent_stage=3"], 2, r"loop\.max_steps: in depth mode the latent curriculum"),
+    ("missing teacher", lambda f: ["fit", f["recipe"], "training.distill={teacher: /no/teacher}"], 2, r"training\.distill\.teacher: no such file or directory"),
+    ("unknown distill loss", lambda f: ["fit", f["recipe"], "training.distill={teacher: /tmp, loss: l3}"], 2, r"training\.distill\.loss: unknown loss 'l3'"),
+    ("unknown objective", lambda f: ["fit", f["recipe"], "objectives={extra: {name: entropi}}"], 2, r"objectives\.extra\.name: unknown objective 'entropi'"),
+    ("compile not a bool", lambda f: ["fit", f["recipe"], "trainer.compile=maybe"], 2, r"trainer\.compile: expected bool"),
     # ------------------------------------------------------------- defects of the issue, and their class
     ("recipe is a directory", lambda f: ["fit", f["string"].parent / "a_directory"], 2, r"is a directory; give a recipe file"),
     ("recipe holds a string", lambda f: ["fit", f["string"]], 2, r"must hold a mapping of recipe keys at the top level, not a str"),

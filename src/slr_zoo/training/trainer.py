@@ -163,14 +163,11 @@ class StepSeed(Callback):
         torch.manual_seed((self.seed * 1_000_003 + trainer.global_step * 8_191 + trainer.global_rank) % 2**63)
 
 
-class TrainCurve(Callback):
-    """``train_curve.csv``: the global loss, depth and skip flag of every training step (rank 0).
+class _StepCsv(Callback):
+    """A per-step CSV of rank 0. On resume the rows the killed run wrote at or after the step it
+    resumes from are dropped, so the file of a resumed run is the file of the uninterrupted one."""
 
-    On resume the rows the killed run wrote after its last checkpoint are dropped, so the file of
-    a resumed run is the file of the uninterrupted one.
-    """
-
-    columns = ("step", "loss", "depth", "skipped")
+    columns: tuple[str, ...] = ()
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -186,45 +183,36 @@ class TrainCurve(Callback):
             writer = csv.DictWriter(f, self.columns)
             writer.writeheader()
             writer.writerows(rows)
+
+    def append(self, row: dict) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.columns).writerow(row)
+
+
+class TrainCurve(_StepCsv):
+    """``train_curve.csv``: the global loss, depth and skip flag of every training step."""
+
+    columns = ("step", "loss", "depth", "skipped")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = getattr(pl_module, "last_train", None)
         if trainer.is_global_zero and record:
-            with self.path.open("a", newline="") as f:
-                csv.DictWriter(f, self.columns).writerow({k: record[k] for k in self.columns})
+            self.append({k: record[k] for k in self.columns})
 
 
-class ValCurve(Callback):
+class ValCurve(_StepCsv):
     """``val_curve.csv``: validation accuracy and mean iterations at every validation during
-    training (rank 0), for the report's accuracy-against-training-step plot. Rows at or past the
-    step a resumed run starts from are dropped, as in ``train_curve.csv``."""
+    training, for the report's accuracy-against-training-step plot."""
 
     columns = ("step", "accuracy", "mean_steps")
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        rows = []
-        if self.path.is_file():
-            with self.path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) < trainer.global_step]
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns)
-            writer.writeheader()
-            writer.writerows(rows)
 
     def on_validation_end(self, trainer, pl_module) -> None:  # after the module has logged its metrics
         metrics = trainer.callback_metrics
         if not trainer.is_global_zero or trainer.sanity_checking or "val/accuracy" not in metrics or \
                 not self.path.is_file() or trainer.state.fn != "fit":
             return
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, self.columns).writerow({
-                "step": trainer.global_step, "accuracy": round(float(metrics["val/accuracy"]), 4),
-                "mean_steps": round(float(metrics.get("val/mean_steps", float("nan"))), 3)})
+        self.append({"step": trainer.global_step, "accuracy": round(float(metrics["val/accuracy"]), 4),
+                     "mean_steps": round(float(metrics.get("val/mean_steps", float("nan"))), 3)})
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -130,14 +130,18 @@ class _Hook:
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         lora = self.lora
-        if lora.step <= 0:
+        t = lora.active_step()
+        if t == 0:
             return None
-        t = min(lora.step, lora.steps)
         return output + lora.delta(self.key, args[0], t).to(output.dtype)
 
 
 class _HookedLoRA(LoopLoRA):
     """Shared plumbing: target lookup, scale, dropout, hooks; subclasses say what delta(x, t) is."""
+
+    def active_step(self) -> int:
+        """The adapter the hooks apply: 0 outside the loop, else the step, past the table the last."""
+        return min(self.step, self.steps) if self.step > 0 else 0
 
     def __init__(self, core: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, steps: int,
                  roles: dict[str, tuple[str, ...]] | None = None):
@@ -219,9 +223,9 @@ class _NormHook:
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         lora = self.lora
-        if lora.step <= 0:
+        t = lora.active_step()
+        if t == 0:
             return None
-        t = min(lora.step, lora.steps)
         out = output + lora.norm_gains[self.key][t - 1].to(output.dtype) * normalised(module, args[0])
         if self.key in lora.norm_biases:
             out = out + lora.norm_biases[self.key][t - 1].to(output.dtype)

@@ -46,7 +46,7 @@ def test_evaluate_writes_every_section_and_its_plots(prosqa_cell):
     assert len(report["logit_lens"]) == 2
     assert [r["t"] for r in report["probes"]["entity"]] == [1, 2, 3, 4]
     reach = report["probes"]["reach"]
-    assert [r["t"] for r in reach["table"]] == [1, 2, 3, 4] and reach["option_choice_accuracy"] is not None
+    assert [r["t"] for r in reach["table"]] == [0, 1, 2, 3, 4] and reach["option_choice_accuracy"] is not None
     for png in ("accuracy_vs_steps", "depth_histogram", "stability", "probes"):
         assert (prosqa_cell / f"{png}.png").stat().st_size > 10_000, png  # drawn, not an empty canvas
 
@@ -125,10 +125,12 @@ def test_the_probe_finds_a_planted_linear_signal_and_not_shuffled_labels():
 
 def test_the_reach_table_counts_marked_tokens_by_kind():
     reach = torch.tensor([[0, 1, 2, 999, -100]])
-    logits = [torch.tensor([[1.0, -1.0, -1.0, 1.0, 5.0]]), torch.tensor([[1.0, 1.0, -1.0, -1.0, 5.0]])]
+    logits = [torch.tensor([[1.0, 1.0, -1.0, -1.0, 5.0]]), torch.tensor([[1.0, -1.0, -1.0, 1.0, 5.0]]),
+              torch.tensor([[1.0, 1.0, -1.0, -1.0, 5.0]])]
     table = reach_table(logits, reach, unreached=999)
-    assert table[0] == {"t": 1, "reached": 0.5, "unreached": 0.0, "never": 1.0}    # hops 0, 1 are reached by t = 1
-    assert table[1] == pytest.approx({"t": 2, "reached": 0.6667, "unreached": None, "never": 0.0})
+    assert table[0] == {"t": 0, "reached": 1.0, "unreached": 0.5, "never": 0.0}    # h_0: only the root is reached
+    assert table[1] == {"t": 1, "reached": 0.5, "unreached": 0.0, "never": 1.0}    # hops 0, 1 are reached by t = 1
+    assert table[2] == pytest.approx({"t": 2, "reached": 0.6667, "unreached": None, "never": 0.0})
 
 
 def test_the_logit_lens_at_the_last_iteration_is_the_models_own_prediction():

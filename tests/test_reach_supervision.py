@@ -139,13 +139,14 @@ def test_reach_loss_is_the_mean_over_iterations_and_trains_probe_and_core():
     reach[:, 1], reach[:, 2], reach[0, 4] = 0, 2, UNREACHED
     out = model(ids, query_mask=torch.ones_like(ids, dtype=torch.bool), record=probe.record)
     probed = probe.step_logits(out)
-    assert [t for t, _ in probed] == [1, 2, 3] and probed[0][1].shape == ids.shape
+    assert [t for t, _ in probed] == [0, 1, 2, 3] and probed[0][1].shape == ids.shape
+    torch.testing.assert_close(probed[0][1], probe.probe(out.initial_state).squeeze(-1))  # h_0: where the search starts
     labelled = reach != IGNORE
     expected = sum(F.binary_cross_entropy_with_logits(z[labelled], (reach[labelled] <= t).float())
-                   for t, z in probed) / 3
+                   for t, z in probed) / 4
     loss, logs = probe({"reach": reach}, out, detail=True)
     torch.testing.assert_close(loss, expected)
-    assert set(logs) == {"reach_loss", "reach_accuracy_t1", "reach_accuracy_t2", "reach_accuracy_t3"}
+    assert set(logs) == {"reach_loss", *(f"reach_accuracy_t{t}" for t in range(4))}
     loss.backward()
     for name, p in [*model.named_parameters(), *(("probe." + n, p) for n, p in probe.named_parameters())]:
         if name.startswith(("probe", "backbone.core", "backbone.prelude")):
@@ -162,10 +163,11 @@ def test_reach_probe_under_truncated_backprop_reads_each_iteration_at_its_own_ho
     reach = torch.full_like(ids, IGNORE)
     reach[:, 1], reach[:, 2] = 3, UNREACHED
     out = model(ids, query_mask=torch.ones_like(ids, dtype=torch.bool), record=probe.record)
-    (t, z), = probe.step_logits(out)
-    assert t == 3
+    (t0, z0), (t, z) = probe.step_logits(out)
+    assert (t0, t) == (0, 3)
     labelled = reach != IGNORE
-    expected = F.binary_cross_entropy_with_logits(z[labelled], (reach[labelled] <= 3).float())
+    expected = (F.binary_cross_entropy_with_logits(z0[labelled], (reach[labelled] <= 0).float())
+                + F.binary_cross_entropy_with_logits(z[labelled], (reach[labelled] <= 3).float())) / 2
     torch.testing.assert_close(probe({"reach": reach}, out)[0], expected)
 
 

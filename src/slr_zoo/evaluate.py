@@ -186,7 +186,7 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
             for t, h in enumerate(states):
                 states_by_t[t].append(h[:, -1].float().cpu())
             if probe is not None:
-                probe_rows.append(_reach_batch(probe, states[1:], chunk, tokenizer, task, ids, query))
+                probe_rows.append(_reach_batch(probe, states, chunk, tokenizer, task, ids, query))
         lens_lines = []
         if show > 0:
             lens_ids, lens_mask, lens_query = _prompt_batch(model, tokenizer, encoding, records[:show])

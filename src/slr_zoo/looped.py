@@ -141,6 +141,7 @@ class LoopOutput:
     # what `record` asked for, one entry per iteration run
     features: torch.Tensor | None = None       # [B, S, d] the decoder's features before the head, when asked
     states: list[torch.Tensor] = field(default_factory=list)              # "states"
+    initial_state: torch.Tensor | None = None                             # "states": h_0, the prelude's output
     step_logits: list[torch.Tensor | None] = field(default_factory=list)  # "logits" (None: no graph)
     norms: list[torch.Tensor] = field(default_factory=list)               # "stability": mean ||h_t||
     deltas: list[torch.Tensor] = field(default_factory=list)              # "stability": ||h_t - h_{t-1}|| / ||h_{t-1}||
@@ -279,6 +280,7 @@ class LoopedLM(nn.Module):
         finish_first = isinstance(self, FSDPModule)
         nonfinite_at = None
 
+        initial_state = h0 if "states" in trace.record else None
         h = h0
         grad = torch.is_grad_enabled()
         for t in range(1, T + 1):
@@ -312,7 +314,8 @@ class LoopedLM(nn.Module):
             logits=output, steps=used, token_steps=token_steps, aux_loss=halted.aux_loss(),
             first_graph_step=first_graph_step if grad else T + 1,
             loss_terms=mixture.loss_terms, sample_weights=weights, features=feats,
-            states=trace.states, step_logits=trace.logits, norms=trace.norms, deltas=trace.deltas,
+            states=trace.states, initial_state=initial_state, step_logits=trace.logits, norms=trace.norms,
+            deltas=trace.deltas,
         )
 
     # ------------------------------------------------------------------ the thoughts loop
@@ -373,6 +376,7 @@ def _joined(passes: list[LoopOutput]) -> LoopOutput:
         logits=cat([p.logits for p in passes]), steps=first.steps, token_steps=token_steps,
         aux_loss=None, first_graph_step=first.first_graph_step, features=cat([p.features for p in passes]),
         states=per_step("states"), step_logits=per_step("step_logits"),
+        initial_state=cat([p.initial_state for p in passes]),
         norms=[torch.stack(x).mean() for x in zip(*(p.norms for p in passes))],
         deltas=[torch.stack(x).mean() for x in zip(*(p.deltas for p in passes))],
     )

@@ -87,11 +87,12 @@ def linear_probe(features: torch.Tensor, labels: torch.Tensor, train_fraction: f
 
 
 def reach_table(probe_logits: list[torch.Tensor], reach: torch.Tensor, unreached: int) -> list[dict]:
-    """Per iteration t, the fraction of labelled question tokens the reach probe marks reached
-    (logit > 0), by kind: reached within t hops, reachable later, never reachable."""
+    """Per state h_t, t = 0 (the prelude's output), 1, 2, ..., the fraction of labelled question
+    tokens the reach probe marks reached (logit > 0), by kind: reached within t hops, reachable
+    later, never reachable."""
     labelled = reach >= 0
     rows = []
-    for t, logits in enumerate(probe_logits, start=1):
+    for t, logits in enumerate(probe_logits):
         marked = logits > 0
         row = {"t": t}
         for kind, where in (("reached", reach <= t), ("unreached", (reach > t) & (reach < unreached)),

@@ -81,7 +81,7 @@ def test_a_grid_can_be_started_from_the_command_line_and_a_swept_override_is_fla
 
 
 def test_options_may_sit_between_overrides(tmp_path, capsys):
-    recipe = ROOT / "recipes/ablation_residual.yaml"
+    recipe = ROOT / "recipes/ablation_residual_all.yaml"
     assert fit.main([str(recipe), "--cell", "6", f"output_dir={tmp_path}", "--list", "trainer.max_steps=2"]) == 0
     assert "max_steps=1__core_layers=6" in capsys.readouterr().out
 
@@ -127,7 +127,7 @@ def test_a_grid_key_from_the_command_line_is_one_dotted_key_and_reaches_every_pr
     single = expand(load(str(ROOT / "recipes/quickstart.yaml"), ["grid.loop.max_steps=[1,2]"]))
     assert [c.keys for c in single] == [{"loop.max_steps": 1}, {"loop.max_steps": 2}]
     # the residual ablation is a list of products (variants, then baselines): seeds go on each
-    cells = expand(load(str(ROOT / "recipes/ablation_residual.yaml"), ["grid.seed=[0,1]"]))
-    plain = expand(load(str(ROOT / "recipes/ablation_residual.yaml")))
+    cells = expand(load(str(ROOT / "recipes/ablation_residual_all.yaml"), ["grid.seed=[0,1]"]))
+    plain = expand(load(str(ROOT / "recipes/ablation_residual_all.yaml")))
     assert len(cells) == 2 * len(plain)
     assert {c.recipe["seed"] for c in cells} == {0, 1} and all("seed" in c.keys for c in cells)

@@ -32,8 +32,17 @@ def test_every_shipped_recipe_and_grid_cell_validates(path, tmp_path):
         validate(cell.recipe)
 
 
-def test_the_main_grid_holds_every_residual_and_both_baselines():
+def test_the_main_grid_runs_the_plain_loop_and_residual_a_over_three_seeds_and_the_no_loop_baseline():
     cells = expand(load(ROOT / "recipes/ablation_residual.yaml"))
+    looped = sorted((c.recipe["loop"]["combine"]["name"], c.recipe["seed"]) for c in cells
+                    if c.recipe["loop"]["max_steps"] > 1)
+    assert looped == [(name, seed) for name in ("none", "residual_initial") for seed in (0, 1, 2)]
+    assert [(c.recipe["loop"]["max_steps"], c.recipe["seed"]) for c in cells if c.recipe["loop"]["max_steps"] == 1] \
+        == [(1, 0)]
+
+
+def test_the_full_residual_grid_holds_every_residual_and_both_baselines():
+    cells = expand(load(ROOT / "recipes/ablation_residual_all.yaml"))
     combines = {c.recipe["loop"]["combine"]["name"] for c in cells if c.recipe["loop"]["max_steps"] > 1}
     assert combines == {"none", "residual_initial", "residual_previous", "learned", "gated"}
     baselines = [(c.recipe["loop"]["max_steps"], c.recipe["backbone"]["core_layers"]) for c in cells
@@ -210,11 +219,11 @@ def test_main_command_runs_the_residual_grid_writes_its_outputs_and_resumes(tmp_
         assert {"val_accuracy", "mean_steps", "train_seconds", "params"} <= set(summary)
         assert float(row["val_accuracy"]) == pytest.approx(summary["val_accuracy"])
         assert (cell / "config.yaml").is_file()
-    unrolled = json.loads((run_dir / "max_steps=1__core_layers=6" / "summary.json").read_text())
     no_loop = json.loads((run_dir / "max_steps=1" / "summary.json").read_text())
-    assert unrolled["mean_steps"] == no_loop["mean_steps"] == 1
-    assert unrolled["params"] > no_loop["params"]
+    plain = json.loads((run_dir / "combine=none__seed=1" / "summary.json").read_text())
+    assert no_loop["mean_steps"] == 1 and plain["mean_steps"] == 6 and plain["seed"] == 1
     assert "| combine" in first.stdout and (run_dir / "results.md").is_file()
+    assert "3/3" in (run_dir / "results.md").read_text()  # each variant's row pools its three seeds
     assert first.stdout.count(": started (output in") == 7            # two cells at a time, as shipped
     assert len(list((run_dir / ".logs").glob("*.log"))) == 7
     assert (run_dir / "accuracy.png").stat().st_size > 0

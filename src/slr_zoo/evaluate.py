@@ -88,16 +88,13 @@ def loop_states(model, ids, mask, query, steps: int) -> list[torch.Tensor]:
     state is measured, not stopped)."""
     from slr_zoo.halting.fixed import FixedHalting
 
-    backbone = model.backbone
-    ctx = backbone.context(ids, mask, prefix=query)
-    h0 = backbone.prelude(backbone.embed(ids, ctx), ctx)
     check, model.check_finite = model.check_finite, False
     try:
         out = model(ids, mask, steps=steps, query_mask=query, record=("states",), halting=FixedHalting(),
                     compact=False)
     finally:
         model.check_finite = check
-    return [h0, *out.states]
+    return [out.initial_state, *out.states]
 
 
 def step_entity(record: dict, t: int) -> str | None:

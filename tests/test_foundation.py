@@ -50,6 +50,13 @@ def test_the_full_residual_grid_holds_every_residual_and_both_baselines():
     assert sorted(baselines) == [(1, 1), (1, 6)]  # no loop; unrolled to the loop's 6 layer applications
 
 
+def test_the_long_loop_grid_runs_four_residuals_at_twelve_iterations_over_three_seeds():
+    cells = expand(load(ROOT / "recipes/ablation_residual_long.yaml"))
+    assert {(c.recipe["loop"]["max_steps"], tuple(c.recipe["task"]["hops"])) for c in cells} == {(12, (1, 12))}
+    assert sorted((c.recipe["loop"]["combine"]["name"], c.recipe["seed"]) for c in cells) == [
+        (name, seed) for name in ("gated", "none", "residual_initial", "residual_previous") for seed in (0, 1, 2)]
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -355,12 +355,8 @@ class LoopedLM(nn.Module):
 
 def compile_shared_core(core: nn.Module) -> None:
     """torch.compile the core in place (its state-dict keys unchanged), with dynamic shapes, so
-    that a new batch size or sequence length does not recompile, and with integer module
-    attributes left symbolic, so that the loop LoRA's step index (read by its hooks inside the
-    core) does not specialise the graph: one compilation serves every iteration and depth."""
-    import torch._dynamo
-
-    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    that a new batch size or sequence length does not recompile. The loop LoRA's hooks inside the
+    core read the step as a tensor, so one compilation serves every iteration and depth."""
     core.compile(dynamic=True)
 
 

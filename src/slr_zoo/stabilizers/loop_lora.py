@@ -7,8 +7,11 @@ of the plain model, and every step's ``A_t, B_t`` is an ordinary parameter in th
 ``set_adapter`` would freeze the inactive adapters and silently train only one).
 
 Outside ``at_step`` (step 0) the hooks add nothing: the core is then the plain shared core.
-Steps past the trained count reuse the last adapter. Targets may be ``nn.Linear`` or GPT-2's
-``Conv1D``; all weights are handled in the [out, in] convention.
+Steps past the trained count reuse the last adapter. The hooks read the step as a one-element
+index tensor, never as a Python int, so a compiled core (``trainer.compile``) neither specialises
+on the step nor needs integer module attributes made symbolic: one graph serves every iteration.
+Targets may be ``nn.Linear`` or GPT-2's ``Conv1D``; all weights are handled in the [out, in]
+convention.
 """
 
 from __future__ import annotations
@@ -39,10 +42,15 @@ class LoopLoRA(nn.Module):
     @contextlib.contextmanager
     def at_step(self, t: int) -> Iterator[None]:
         previous, self.step = self.step, t
+        self._entered()
         try:
             yield
         finally:
             self.step = previous
+            self._entered()
+
+    def _entered(self) -> None:
+        """Called whenever the active step changes (subclasses cache what their hooks read)."""
 
 
 LOOP_LORAS = Registry("loop_lora", LoopLoRA, context=("core", "max_steps", "hidden_size", "replaced_layers", "roles"))
@@ -129,11 +137,10 @@ class _Hook:
         self.lora, self.key = lora, key
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        lora = self.lora
-        t = lora.active_step()
-        if t == 0:
+        row = self.lora.row
+        if row is None:
             return None
-        return output + lora.delta(self.key, args[0], t).to(output.dtype)
+        return output + self.lora.delta(self.key, args[0], row).to(output.dtype)
 
 
 class _HookedLoRA(LoopLoRA):
@@ -142,6 +149,12 @@ class _HookedLoRA(LoopLoRA):
     def active_step(self) -> int:
         """The adapter the hooks apply: 0 outside the loop, else the step, past the table the last."""
         return min(self.step, self.steps) if self.step > 0 else 0
+
+    def _entered(self) -> None:
+        # [1] long: the row of the active step's adapter in each [steps, ...] table, or None
+        # outside the loop. A fresh tensor per step, so a graph saved for backward keeps its own.
+        active = self.active_step()
+        self.row = None if active == 0 else self.step_rows[active - 1:active].clone()
 
     def __init__(self, core: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, steps: int,
                  roles: dict[str, tuple[str, ...]] | None = None):
@@ -153,6 +166,8 @@ class _HookedLoRA(LoopLoRA):
         if core is None:
             raise ValueError("loop_lora needs the backbone's core (supplied by build_model)")
         self.rank, self.scale, self.steps = rank, alpha / rank, max(1, steps)
+        self.register_buffer("step_rows", torch.arange(self.steps), persistent=False)
+        self.row: torch.Tensor | None = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         found = find_targets(core, targets, roles)
         self.target_paths = {n: path for n, (path, _) in found.items()}
@@ -166,7 +181,8 @@ class _HookedLoRA(LoopLoRA):
             handle.remove()
         self._handles = []
 
-    def delta(self, key: str, x: torch.Tensor, t: int) -> torch.Tensor:
+    def delta(self, key: str, x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """The adapter's output for input x at the step whose table row is ``row`` ([1] long)."""
         raise NotImplementedError
 
     def weight_delta(self, key: str, t: int) -> torch.Tensor:
@@ -181,6 +197,11 @@ class _HookedLoRA(LoopLoRA):
 
 def _low_rank_update(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return (x @ A.to(x.dtype).t()) @ B.to(x.dtype).t()
+
+
+def _at(table: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """``table[row]`` for a [1] index tensor: one step's slice of a per-step table."""
+    return table.index_select(0, row).squeeze(0)
 
 
 def _fro_norm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -222,13 +243,12 @@ class _NormHook:
         self.lora, self.key = lora, key
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        lora = self.lora
-        t = lora.active_step()
-        if t == 0:
+        lora, row = self.lora, self.lora.row
+        if row is None:
             return None
-        out = output + lora.norm_gains[self.key][t - 1].to(output.dtype) * normalised(module, args[0])
+        out = output + _at(lora.norm_gains[self.key], row).to(output.dtype) * normalised(module, args[0])
         if self.key in lora.norm_biases:
-            out = out + lora.norm_biases[self.key][t - 1].to(output.dtype)
+            out = out + _at(lora.norm_biases[self.key], row).to(output.dtype)
         return out
 
 
@@ -276,9 +296,9 @@ class PerStepLoRA(_HookedLoRA):
         elif init != "zero":
             raise ArgumentError("init", f"must be 'zero' or 'svd', got {init!r}")
 
-    def delta(self, key, x, t):
+    def delta(self, key, x, row):
         stack = self.adapters[key]
-        return self.scale * _low_rank_update(self.dropout(x), stack.A[t - 1], stack.B[t - 1])
+        return self.scale * _low_rank_update(self.dropout(x), _at(stack.A, row), _at(stack.B, row))
 
     def weight_delta(self, key, t):
         stack = self.adapters[key]
@@ -346,9 +366,9 @@ class SharedScaledLoRA(_HookedLoRA):
         )
         self.step_scale = nn.Parameter(torch.ones(self.steps))
 
-    def delta(self, key, x, t):
+    def delta(self, key, x, row):
         stack = self.adapters[key]
-        s = self.step_scale[t - 1].to(x.dtype) * self.scale
+        s = _at(self.step_scale, row).to(x.dtype) * self.scale
         return s * _low_rank_update(self.dropout(x), stack.A[0], stack.B[0])
 
     def weight_delta(self, key, t):

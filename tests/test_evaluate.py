@@ -14,7 +14,7 @@ from conftest import tiny_model, tiny_recipe
 from slr_zoo.metrics.states import linear_probe, reach_table, stability
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"by_depth", "depth_histogram", "stability", "logit_lens", "probes"}
+SECTIONS = {"by_depth", "depth_histogram", "mistakes", "stability", "logit_lens", "probes"}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,9 @@ def test_evaluate_writes_every_section_and_its_plots(prosqa_cell):
     assert [r["steps"] for r in report["by_depth"]] == [1, 2, 3, 4]  # past the trained depth
     histogram = report["depth_histogram"]
     assert histogram["steps"] == 2 and sum(histogram["first_token"].values()) == report["records"] == 24
+    trained = next(r for r in report["by_depth"] if r["steps"] == 2)
+    assert len(report["mistakes"]) == round((1 - trained["accuracy"]) * 24)  # every wrong answer, no right one
+    assert all(m["answer"] != m["generated"] and 0 <= m["index"] < 24 for m in report["mistakes"])
     stats = report["stability"]
     assert len(stats["delta"]) == len(stats["norm"]) == 4 and {"diverged_fraction", "converged_at"} <= set(stats)
     assert {"contraction_max", "contraction_mean"} <= set(stats["contraction"])  # diagonal injection

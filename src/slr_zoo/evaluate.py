@@ -8,6 +8,8 @@ states. ``eval.json`` has the sections:
 - ``by_depth``: accuracy at each loop depth, past the trained depth, overall and by hop count, with
   the iterations every generated token used (RQ2);
 - ``depth_histogram``: iterations used under the recipe's halting policy at the trained depth;
+- ``mistakes``: the records answered wrongly at the trained depth (index, hops, gold answer and
+  the generated text), so that what a model misses can be read without a script;
 - ``stability``: per iteration, the relative change and norm of the state, the fraction of samples
   that diverge, and whether and when the state converges (``metrics/states.py``), run to twice the
   trained depth; with Parcae's diagonal injection, its contraction factor;
@@ -144,16 +146,17 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
         raise ValueError(f"no records to evaluate in {source!r}")
     trained = model.max_steps
     depths = depths or sorted({1, *range(1, 2 * trained + 1)})
-    rows, histogram = [], {}
+    rows, histogram, mistakes = [], {}, []
     device = next(model.parameters()).device
     with precision_context(parts.trainer.precision, device):
         for steps in tqdm(depths, desc="accuracy by depth", file=sys.stderr):
-            correct, token_steps = [], []
+            correct, token_steps, texts = [], [], []
             for start in range(0, len(records), batch_size):
                 scored = score_answers(model, tokenizer, task, records[start:start + batch_size], steps=steps,
                                        first_index=start, encoding=encoding)
                 correct += scored.correct
                 token_steps += scored.steps
+                texts += scored.texts
             by_hops: dict[str, list[bool]] = {}
             for record, ok in zip(records, correct):
                 by_hops.setdefault(str(record.get("hops", "?")), []).append(ok)
@@ -161,6 +164,8 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
             first = [row[0] for row in token_steps if row]
             if steps == trained:
                 histogram = {"steps": trained, "first_token": _counts(first), "every_token": _counts(every)}
+                mistakes = [{"index": i, "hops": r.get("hops"), "answer": str(r["answer"]), "generated": text}
+                            for i, (r, ok, text) in enumerate(zip(records, correct, texts)) if not ok]
             rows.append({
                 "steps": steps,
                 "accuracy": round(sum(correct) / len(correct), 4),
@@ -193,6 +198,7 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
         "run_dir": str(run_dir), "split": source, "records": len(records), "trained_max_steps": trained,
         "by_depth": rows,
         "depth_histogram": histogram,
+        "mistakes": mistakes,
         "stability": _merged_stability(runs, [len(c) for c in chunks], model),
         "logit_lens": lens,
         "probes": {"entity": _entity_probes(states_by_t, records), "reach": _reach_summary(probe_rows, trained)},
@@ -396,6 +402,7 @@ def main(argv=None) -> int:
     for r in report["by_depth"]:
         hops = " ".join(f"{h}:{a:.2f}" for h, a in r["accuracy_by_hops"].items())
         print(f"| {r['steps']} | {r['accuracy']:.3f} | {r['mean_steps']:.2f} | {hops} |")
+    print(f"{len(report['mistakes'])} answered wrongly at the trained depth (eval.json: mistakes)")
     for question, item in report["logit_lens"].items():
         print(f"\n{question}  -> gold {item['answer']}")
         print("\n".join(item["states"]))

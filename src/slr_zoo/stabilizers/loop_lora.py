@@ -152,7 +152,8 @@ class _HookedLoRA(LoopLoRA):
 
     def _entered(self) -> None:
         # [1] long: the row of the active step's adapter in each [steps, ...] table, or None
-        # outside the loop. A fresh tensor per step, so a graph saved for backward keeps its own.
+        # outside the loop. Cloned so that every step hands a compiled core the same layout: a view
+        # into step_rows has a storage offset per step, and dynamo recompiled for it.
         active = self.active_step()
         self.row = None if active == 0 else self.step_rows[active - 1:active].clone()
 

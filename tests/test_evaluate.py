@@ -149,3 +149,37 @@ def test_the_logit_lens_at_the_last_iteration_is_the_models_own_prediction():
     predicted = int(model(ids, mask, query_mask=query).logits[0, -1].argmax())
     assert len(lines) == 3
     assert lines[-1].split(": ")[1].split(" ")[0] == tokenizer.convert_ids_to_tokens(predicted)
+
+
+def test_evaluating_a_grid_evaluates_each_cell_resumes_and_reports_accuracy_by_depth_over_seeds(tmp_path, capsys):
+    """``evaluate runs/<name>`` on a two-seed grid: an eval.json per cell, the grid's results.md
+    gains the mean ± std by inference depth, a second run skips what is done, and a cell that
+    cannot be evaluated is named while the others still are."""
+    import shutil
+    import statistics
+
+    from slr_zoo import evaluate, fit
+
+    args = [str(ROOT / "recipes/quickstart.yaml"), f"output_dir={tmp_path}", "grid.seed=[0,1,2]", "task.n_train=64",
+            "task.n_val=20", "trainer.max_steps=3", "trainer.progress_bar=false", "loop.max_steps=2"]
+    assert fit.main(args) == 0
+    grid = tmp_path / "quickstart"
+    shutil.rmtree(grid / "seed=2" / "checkpoints")  # a cell whose weights are gone
+    capsys.readouterr()
+    assert evaluate.main([str(grid), "--steps", "1", "2", "3", "--show", "0"]) == 1
+    captured = capsys.readouterr()
+    assert "seed=2: failed" in captured.err and not (grid / "seed=2" / "eval.json").exists()
+    by_depth = {}
+    for cell in ("seed=0", "seed=1"):
+        rows = json.loads((grid / cell / "eval.json").read_text())["by_depth"]
+        assert [r["steps"] for r in rows] == [1, 2, 3]
+        by_depth[cell] = {r["steps"]: r["accuracy"] for r in rows}
+    table = (grid / "results.md").read_text().split("by loop iterations at inference")[1]
+    row = next(line for line in table.splitlines() if line.startswith("| 2/3 |"))  # seeds 0-2: one variant
+    expected = [f"{100 * statistics.fmean(v[t] for v in by_depth.values()):.1f} ± "
+                f"{100 * statistics.stdev(v[t] for v in by_depth.values()):.1f}" for t in (1, 2, 3)]
+    assert row == "| 2/3 | " + " | ".join(expected) + " |", row
+    written = (grid / "seed=0" / "eval.json").stat().st_mtime_ns
+    assert evaluate.main([str(grid), "--steps", "1", "2", "3", "--show", "0"]) == 1
+    assert capsys.readouterr().out.count("already evaluated") == 2
+    assert (grid / "seed=0" / "eval.json").stat().st_mtime_ns == written

@@ -62,7 +62,7 @@ def test_the_report_command_regenerates_a_2x2_grid_with_means_stds_and_named_plo
                        "seed": [0, 1]}}
     run_dir = tmp_path / "g"
     run_dir.mkdir()
-    (run_dir / "grid.yaml").write_text(yaml.safe_dump(recipe))
+    (run_dir / "grid.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))  # as fit writes it
     accuracy = {}
     for i, cell in enumerate(expand(recipe)):
         folder = run_dir / cell.label
@@ -73,15 +73,24 @@ def test_the_report_command_regenerates_a_2x2_grid_with_means_stds_and_named_plo
             "status": "ok", "val_accuracy": accuracy[cell.label], "mean_steps": 4.0, "train_seconds": 1.0,
             "train_steps": 10, "params": 100, "hop_accuracy": {}}))
         (folder / "val_curve.csv").write_text("step,accuracy,mean_steps\n5,0.3,4.0\n10,0.5,4.0\n")
+        # evaluate's accuracy by inference depth: 0.2 + 0.01 i at one iteration, 0.6 + 0.02 i at four
+        (folder / "eval.json").write_text(json.dumps({"by_depth": [{"steps": 1, "accuracy": 0.2 + 0.01 * i},
+                                                                   {"steps": 4, "accuracy": 0.6 + 0.02 * i}]}))
     assert report.main([str(run_dir)]) == 0
     text = (run_dir / "results.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| none") or line.startswith("| gated")]
-    assert len(rows) == 4
+    assert len(rows) == 4 + 4  # the table, then accuracy by inference depth (no hop counts recorded)
     # cells in grid order: seeds vary fastest, so variant k holds accuracies 0.5 + 0.01 (2k, 2k + 1)
-    for k, row in enumerate(rows):
+    for k, row in enumerate(rows[:4]):
         mean, std = 100 * (0.5 + 0.01 * (2 * k + 0.5)), 100 * 0.01 / 2 ** 0.5
-        assert f"{mean:.1f} ± {std:.1f}" in row, row
-    for png in ("accuracy.png", "accuracy_vs_step.png"):
+        assert f"| 2/2 | {mean:.1f} ± {std:.1f} |" in row, row
+    depth_table = text.split("by loop iterations at inference")[1]
+    assert "| combine | hops | seeds | 1 | 4 |" in depth_table
+    for k, row in enumerate(rows[4:]):
+        at_1 = f"{100 * (0.2 + 0.01 * (2 * k + 0.5)):.1f} ± {100 * 0.01 / 2 ** 0.5:.1f}"
+        at_4 = f"{100 * (0.6 + 0.02 * (2 * k + 0.5)):.1f} ± {100 * 0.02 / 2 ** 0.5:.1f}"
+        assert row.endswith(f"| 2/2 | {at_1} | {at_4} |"), row
+    for png in ("accuracy.png", "accuracy_vs_step.png", "accuracy_vs_depth.png"):
         assert (run_dir / png).stat().st_size > 10_000
     assert any((run_dir / "hparams").rglob("events.out.tfevents.*"))
     from slr_zoo.reports.results import variant_name

@@ -42,7 +42,8 @@ from slr_zoo.training.checkpoint import CheckpointError
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m slr_zoo.evaluate", description=__doc__.split("\n\n")[1])
-    parser.add_argument("run_dir", type=Path, help="a cell directory: runs/<name>/<cell>")
+    parser.add_argument("run_dir", type=Path, help="a cell directory, runs/<name>/<cell>, or a grid's folder, "
+                        "runs/<name>, to evaluate each finished cell and write the grid's report")
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="loop depths to evaluate (default: 1 .. 2 x the trained max_steps)")
     parser.add_argument("--split", default="val", choices=["train", "val"])
@@ -52,6 +53,8 @@ def parse_args(argv):
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
     parser.add_argument("--show", type=int, default=3, help="examples whose intermediate states are shown")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rerun", action="store_true",
+                        help="on a grid: evaluate cells again that already have an eval.json of these arguments")
     return parser.parse_args(argv)
 
 
@@ -145,7 +148,7 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
     if not records:
         raise ValueError(f"no records to evaluate in {source!r}")
     trained = model.max_steps
-    depths = depths or sorted({1, *range(1, 2 * trained + 1)})
+    depths = depths or _default_depths(trained)
     rows, histogram, mistakes = [], {}, []
     device = next(model.parameters()).device
     with precision_context(parts.trainer.precision, device):
@@ -196,6 +199,7 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
     lens = {r["question"]: {"answer": str(r["answer"]), "states": lines} for r, lines in zip(records[:show], lens_lines)}
     report = {
         "run_dir": str(run_dir), "split": source, "records": len(records), "trained_max_steps": trained,
+        "arguments": _arguments(depths, source, limit),
         "by_depth": rows,
         "depth_histogram": histogram,
         "mistakes": mistakes,
@@ -209,6 +213,68 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
     _plot_stability(report["stability"], trained, run_dir / "stability.png")
     _plot_probes(report["probes"]["entity"], trained, run_dir / "probes.png")
     return report
+
+
+def _arguments(depths, source: str, limit) -> dict:
+    """What an eval.json was made with: a grid evaluation skips the cells that already have it."""
+    return {"steps": list(depths), "split": source, "limit": limit}
+
+
+def _default_depths(trained: int) -> list[int]:
+    return sorted({1, *range(1, 2 * trained + 1)})
+
+
+def _evaluated(cell: Path, depths, source: str, limit) -> bool:
+    """Whether the cell's eval.json was made with these arguments."""
+    import yaml
+
+    try:
+        stored = json.loads((cell / "eval.json").read_text()).get("arguments")
+        trained = (yaml.safe_load((cell / "config.yaml").read_text())["loop"])["max_steps"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return False
+    return stored == _arguments(depths or _default_depths(trained), source, limit)
+
+
+def evaluate_grid(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_size=64,
+                  data: Path | None = None, ood: bool = False, rerun: bool = False) -> tuple[list[str], list[str]]:
+    """``evaluate`` on each finished cell of a grid, one after another, then the grid's report again
+    (its results.md gains accuracy by inference depth, mean ± std over seeds). Each cell's eval.json
+    is written when that cell is done, so a run stopped halfway keeps what it evaluated, and running
+    it again skips cells already evaluated with the same arguments. Returns the evaluated and the
+    failed cells."""
+    from slr_zoo import report as grid_report
+
+    cells = sorted(p.parent for p in run_dir.glob("*/summary.json") if not p.parent.name.startswith("."))
+    if not cells:
+        raise FileNotFoundError(f"{run_dir} holds no finished cells (no */summary.json); train it with "
+                                "python -m slr_zoo.fit first")
+    source = str(data) if data is not None else ("ood" if ood else split)
+    done, failed = [], []
+    for i, cell in enumerate(cells, start=1):
+        try:
+            summary = json.loads((cell / "summary.json").read_text())
+        except ValueError as err:
+            print(f"[{i}/{len(cells)}] {cell.name}: skipped (unreadable summary.json: {err})", file=sys.stderr)
+            continue
+        if summary.get("status", "ok") != "ok":
+            print(f"[{i}/{len(cells)}] {cell.name}: skipped (status {summary.get('status')!r})")
+            continue
+        if not rerun and _evaluated(cell, depths, source, limit):
+            print(f"[{i}/{len(cells)}] {cell.name}: already evaluated (--rerun evaluates it again)")
+            done.append(cell.name)
+            continue
+        try:
+            report = evaluate(cell, depths, split, limit, show, batch_size, data=data, ood=ood)
+        except (FileNotFoundError, ValueError, CheckpointError) as err:
+            print(f"[{i}/{len(cells)}] {cell.name}: failed: {err}", file=sys.stderr)
+            failed.append(cell.name)
+            continue
+        done.append(cell.name)
+        print(f"[{i}/{len(cells)}] {cell.name}: " + " ".join(f"T={r['steps']}:{100 * r['accuracy']:.1f}"
+                                                            for r in report["by_depth"]), flush=True)
+    grid_report.main([str(run_dir)])
+    return done, failed
 
 
 def _counts(values: list[int]) -> dict[str, int]:
@@ -390,6 +456,14 @@ def main(argv=None) -> int:
     if args.steps and min(args.steps) < 1:
         print(f"evaluate: --steps must be loop depths >= 1, got {args.steps}", file=sys.stderr)
         return 2
+    if not (args.run_dir / "config.yaml").is_file() and any(args.run_dir.glob("*/config.yaml")):
+        try:
+            _, failed = evaluate_grid(args.run_dir, args.steps, args.split, args.limit, args.show, args.batch_size,
+                                      data=args.data, ood=args.ood, rerun=args.rerun)
+        except FileNotFoundError as err:
+            print(f"evaluate: {err}", file=sys.stderr)
+            return 2
+        return 1 if failed else 0
     try:
         report = evaluate(args.run_dir, args.steps, args.split, args.limit, args.show, args.batch_size,
                           data=args.data, ood=args.ood)

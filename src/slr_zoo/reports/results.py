@@ -105,10 +105,21 @@ def collect(run_dir: Path, cells: Iterable, keys: list[str]) -> list[dict]:
             row["hop_accuracy"] = summary.get("hop_accuracy", {})
             row["_loss_blocks"] = loss_blocks(run_dir / label / "train_curve.csv")  # read once: table and plot
             row["steps_to_fit"] = fit_step(row["_loss_blocks"])
+            row["by_depth"] = _depth_accuracy(run_dir / label / "eval.json")
         else:
             row["status"] = "missing"
         rows.append(row)
     return rows
+
+
+def _depth_accuracy(path: Path) -> dict[int, float]:
+    """Accuracy at each inference depth from a cell's ``eval.json`` (``evaluate``), or nothing when the
+    cell was not evaluated or the file is unreadable: the table is still written without it."""
+    try:
+        report = json.loads(path.read_text())
+        return {int(r["steps"]): float(r["accuracy"]) for r in report.get("by_depth") or []}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def write_csv(rows: list[dict], keys: list[str], path: Path) -> str:
@@ -150,6 +161,7 @@ def summarise(rows: list[dict], keys: list[str]) -> list[dict]:
             _accuracy=statistics.fmean([r["val_accuracy"] for r in ok]) if ok else None,
             _std=statistics.stdev([r["val_accuracy"] for r in ok]) if len(ok) > 1 else 0.0,
             _hops=_mean_hops(ok),
+            _depth=_by_depth(ok),
             _cost={key: statistics.fmean(r[key] for r in ok) for key in COSTS
                    if ok and all(r.get(key) is not None for r in ok)},
         )
@@ -161,6 +173,16 @@ def _fit_column(ok: list[dict]) -> str:
     fitted = [r["steps_to_fit"] for r in ok if r.get("steps_to_fit") is not None]
     text = _mean_std(fitted, digits=0)
     return text if len(fitted) == len(ok) else f"{text} ({len(fitted)}/{len(ok)} fit)"
+
+
+def _by_depth(rows: list[dict]) -> dict:
+    """Mean ± std over the evaluated seeds of the accuracy at each inference depth they all have."""
+    evaluated = [r["by_depth"] for r in rows if r.get("by_depth")]
+    if not evaluated:
+        return {}
+    depths = sorted(set.intersection(*(set(d) for d in evaluated)))
+    return {"seeds": f"{len(evaluated)}/{len(rows)}",
+            "accuracy": {t: _mean_std([d[t] for d in evaluated], 100) for t in depths}}
 
 
 def _mean_hops(rows: list[dict]) -> dict[str, float]:
@@ -195,6 +217,17 @@ def write_markdown(name: str, table: list[dict], keys: list[str], rows: list[dic
                   "|" + "---|" * (len(group_keys) + len(hop_sets))]
         for e in table:
             cells = [str(e[k]) for k in group_keys] + [f"{100 * e['_hops'].get(h, float('nan')):.1f}" for h in hop_sets]
+            lines.append("| " + " | ".join(cells) + " |")
+    evaluated = [e for e in table if e["_depth"]]
+    depths = sorted({t for e in evaluated for t in e["_depth"]["accuracy"]})
+    if depths:
+        lines += ["", "Validation accuracy (%) by loop iterations at inference (`python -m slr_zoo.evaluate`, "
+                  "greedy decoding at each depth; mean ± std over the evaluated seeds):", ""]
+        lines += ["| " + " | ".join([*(k.split(".")[-1] for k in group_keys), "seeds", *map(str, depths)]) + " |",
+                  "|" + "---|" * (len(group_keys) + 1 + len(depths))]
+        for e in evaluated:
+            cells = [str(e[k]) for k in group_keys] + [e["_depth"]["seeds"]]
+            cells += [e["_depth"]["accuracy"].get(t, "—") for t in depths]
             lines.append("| " + " | ".join(cells) + " |")
     costed = [e for e in table if "passes_per_answer" in e["_cost"]]
     if costed:

@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--ranks", type=int, nargs="+", default=[0, 8, 16, 32, 64, 128])
     p.add_argument("--iterations", type=int, nargs="+", default=[1, 4, 8, 11, 12, 13, 14, 16, 20, 26])
     p.add_argument("--texts", type=int, default=24, help="validation questions of each task in the fixed text")
-    p.add_argument("--rounds", type=int, default=15, help="alternating timing rounds of overhead (5 gave 1.02-1.13 on a busy CPU)")
+    p.add_argument("--rounds", type=int, default=15, help="alternating timing rounds of overhead: on a shared CPU the median needs many")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)

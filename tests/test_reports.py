@@ -74,7 +74,8 @@ def test_the_report_command_regenerates_a_2x2_grid_with_means_stds_and_named_plo
             "train_steps": 10, "params": 100, "hop_accuracy": {}}))
         (folder / "val_curve.csv").write_text("step,accuracy,mean_steps\n5,0.3,4.0\n10,0.5,4.0\n")
         # evaluate's accuracy by inference depth: 0.2 + 0.01 i at one iteration, 0.6 + 0.02 i at four
-        (folder / "eval.json").write_text(json.dumps({"by_depth": [{"steps": 1, "accuracy": 0.2 + 0.01 * i},
+        (folder / "eval.json").write_text(json.dumps({"split": "val",
+                                                      "by_depth": [{"steps": 1, "accuracy": 0.2 + 0.01 * i},
                                                                    {"steps": 4, "accuracy": 0.6 + 0.02 * i}]}))
     assert report.main([str(run_dir)]) == 0
     text = (run_dir / "results.md").read_text()
@@ -93,6 +94,12 @@ def test_the_report_command_regenerates_a_2x2_grid_with_means_stds_and_named_plo
     for png in ("accuracy.png", "accuracy_vs_step.png", "accuracy_vs_depth.png"):
         assert (run_dir / png).stat().st_size > 10_000
     assert any((run_dir / "hparams").rglob("events.out.tfevents.*"))
+    # an evaluation of another split is not validation accuracy: it leaves the table
+    for folder in run_dir.glob("combine=*"):
+        report_of = json.loads((folder / "eval.json").read_text())
+        (folder / "eval.json").write_text(json.dumps({**report_of, "split": "ood"}))
+    assert report.main([str(run_dir)]) == 0
+    assert "by loop iterations at inference" not in (run_dir / "results.md").read_text()
     from slr_zoo.reports.results import variant_name
 
     assert variant_name({"loop.combine": "none", "loop.max_steps": 6}, ["loop.combine", "loop.max_steps"]) == \

@@ -113,10 +113,13 @@ def collect(run_dir: Path, cells: Iterable, keys: list[str]) -> list[dict]:
 
 
 def _depth_accuracy(path: Path) -> dict[int, float]:
-    """Accuracy at each inference depth from a cell's ``eval.json`` (``evaluate``), or nothing when the
-    cell was not evaluated or the file is unreadable: the table is still written without it."""
+    """Validation accuracy at each inference depth from a cell's ``eval.json`` (``evaluate``), or
+    nothing when the cell was not evaluated on its validation split (``--ood``, ``--data``, train)
+    or the file is unreadable: the table is still written without it."""
     try:
         report = json.loads(path.read_text())
+        if report.get("split") != "val":
+            return {}
         return {int(r["steps"]): float(r["accuracy"]) for r in report.get("by_depth") or []}
     except (OSError, ValueError, KeyError, TypeError):
         return {}

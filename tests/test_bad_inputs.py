@@ -45,6 +45,8 @@ def world(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("bad")
     (base / "a_directory").mkdir()
+    (base / "unfinished" / "seed=0").mkdir(parents=True)  # a grid whose one cell never finished
+    write(base / "unfinished" / "seed=0" / "config.yaml", TINY)
     files = {
         "recipe": write(base / "tiny.yaml", TINY),
         "string": write(base / "string.yaml", "just some words\n"),
@@ -70,6 +72,7 @@ def world(tmp_path_factory):
     done = run(["fit", str(files["recipe"]), f"output_dir={runs}"], base)
     assert done.returncode == 0, done.stderr[-2000:]
     files["finished"] = runs / "bad" / "default"
+    files["unfinished"] = base / "unfinished"
     return base, files, runs
 
 
@@ -140,6 +143,8 @@ ROWS = [
     # ------------------------------------------------------------- evaluate and generate
     ("evaluate nowhere", lambda f: ["evaluate", "/no/such/run"], 2, r"/no/such/run is not a cell directory \(no config\.yaml\)"),
     ("evaluate depth zero", lambda f: ["evaluate", f["finished"], "--steps", "0"], 2, r"--steps must be loop depths >= 1"),
+    ("evaluate an unfinished grid", lambda f: ["evaluate", f["unfinished"]], 2,
+     r"unfinished holds no finished cells \(no \*/summary\.json\); train it with python -m slr_zoo\.fit first"),
     ("generate bad halting", lambda f: ["generate", f["finished"], "--prompt", "1 2 ?", "--halting", "act"], 2, r"--halting act has learned parameters"),
     ("generate unknown halting", lambda f: ["generate", f["finished"], "--prompt", "1 2 ?", "--halting", "kl", "treshold=1"], 2, r"--halting\.treshold: unknown key for halting 'kl' \(did you mean 'threshold'"),
 ]

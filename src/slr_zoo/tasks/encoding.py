@@ -114,20 +114,14 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         starts = [e.prompt_length + 1 for e in batch]  # the first slot follows the prompt and [BOT]
         shift = [max(starts) - s for s in starts]
         width = max(len(e.input_ids) + d for e, d in zip(batch, shift))
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    real = torch.zeros((len(batch), width), dtype=torch.bool)
-    query = torch.zeros((len(batch), width), dtype=torch.bool)
-    for row, (e, d) in enumerate(zip(batch, shift)):
-        n = len(e.input_ids)
-        ids[row, d : d + n] = torch.tensor(e.input_ids)
-        labels[row, d : d + n] = torch.tensor(e.labels)
-        real[row, d : d + n] = True
-        if e.prompt_length is not None:
-            query[row, d : d + e.prompt_length] = True
+    ids = padded([e.input_ids for e in batch], width, pad_id, shift)
+    labels = padded([e.labels for e in batch], width, IGNORE, shift)
+    column = torch.arange(width)
+    start = torch.tensor(shift)[:, None]
+    real = (column >= start) & (column < start + torch.tensor([len(e.input_ids) for e in batch])[:, None])
     out = {"input_ids": ids, "labels": labels, "real_mask": real}
     if all(e.prompt_length is not None for e in batch):
-        out["query_mask"] = query
+        out["query_mask"] = (column >= start) & (column < start + torch.tensor([e.prompt_length for e in batch])[:, None])
     if any(shift) or any(e.slots for e in batch):
         out["attention_mask"] = real.long()
     if any(e.slots for e in batch):
@@ -136,37 +130,34 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         slot_mask[:, first : first + batch[0].slots] = True
         out["slot_mask"] = slot_mask
     if any(e.text_labels is not None for e in batch):
-        text = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        for row, (e, d) in enumerate(zip(batch, shift)):
-            if e.text_labels is not None:
-                text[row, d : d + len(e.text_labels)] = torch.tensor(e.text_labels)
-        out["text_labels"] = text
+        out["text_labels"] = padded([e.text_labels or [] for e in batch], width, IGNORE, shift)
     if all(e.teacher_ids is not None for e in batch):
         out.update(teacher_batch(batch, pad_id))
     if all(e.step_targets is not None for e in batch):
         out["step_labels"] = step_labels(batch, labels)
     if all(e.reach is not None for e in batch):
-        reach = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        for row, e in enumerate(batch):
-            reach[row, : len(e.reach)] = torch.tensor(e.reach)
-        out["reach"] = reach
+        out["reach"] = padded([e.reach for e in batch], width, IGNORE)
     return out
+
+
+def padded(rows: list[list[int]], width: int, fill: int, shift: list[int] | None = None) -> torch.Tensor:
+    """[len(rows), width] long: row i starts at column ``shift[i]`` (0 by default), ``fill``
+    around it. Built as lists and converted once: a small tensor per row dominated the collate."""
+    shift = shift or [0] * len(rows)
+    return torch.tensor([[fill] * d + list(r) + [fill] * (width - d - len(r)) for r, d in zip(rows, shift)],
+                        dtype=torch.long).view(len(rows), width)
 
 
 def teacher_batch(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """The CoT encodings a distillation teacher reads (right-padded), its question extent, and
     [B, K] the position where each reasoning step ends (-1 past a record's last step)."""
     width = max(len(e.teacher_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    real = torch.zeros((len(batch), width), dtype=torch.bool)
-    query = torch.zeros((len(batch), width), dtype=torch.bool)
+    ids = padded([e.teacher_ids for e in batch], width, pad_id)
+    column = torch.arange(width)
+    real = column < torch.tensor([len(e.teacher_ids) for e in batch])[:, None]
+    query = column < torch.tensor([e.prompt_length for e in batch])[:, None]
     steps = max(1, max(len(e.teacher_step_ends) for e in batch))
-    ends = torch.full((len(batch), steps), -1, dtype=torch.long)
-    for row, e in enumerate(batch):
-        ids[row, : len(e.teacher_ids)] = torch.tensor(e.teacher_ids)
-        real[row, : len(e.teacher_ids)] = True
-        query[row, : e.prompt_length] = True
-        ends[row, : len(e.teacher_step_ends)] = torch.tensor(e.teacher_step_ends, dtype=torch.long)
+    ends = padded([e.teacher_step_ends for e in batch], steps, -1)
     return {"teacher_ids": ids, "teacher_real_mask": real, "teacher_query_mask": query, "teacher_step_ends": ends}
 
 
@@ -300,13 +291,13 @@ def step_labels(batch: list[Encoded], labels: torch.Tensor) -> torch.Tensor:
     """[B, H, S]: for hop h, the labels with the answer tokens replaced by the answer after hop h;
     samples with fewer hops repeat their final answer, so iteration t reads row min(t, H) - 1."""
     hops = max(len(e.step_targets) for e in batch)
-    out = labels[:, None, :].repeat(1, hops, 1)
-    for row, e in enumerate(batch):
+    rows = []  # built as lists and converted once: a tensor per (sample, hop) dominated the collate
+    for e, row_labels in zip(batch, labels.tolist()):
         start = next(i for i, x in enumerate(e.labels) if x != IGNORE)
         for h in range(hops):
             target = e.step_targets[min(h, len(e.step_targets) - 1)]
-            out[row, h, start : start + len(target)] = torch.tensor(target)
-    return out
+            rows.append(row_labels[:start] + list(target) + row_labels[start + len(target):])
+    return torch.tensor(rows, dtype=labels.dtype).view(len(batch), hops, labels.size(1))
 
 
 def answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

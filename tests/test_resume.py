@@ -185,3 +185,32 @@ def test_killed_run_resumes_to_exactly_the_weights_of_an_uninterrupted_run(tmp_p
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     # the step-by-step record is the same too (rows after the last checkpoint were redone)
     assert read_curve(straight / "train_curve.csv") == read_curve(killed / "train_curve.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's progress bar
+# ---------------------------------------------------------------------------------------------
+def test_progress_bar_spans_every_epoch_of_the_run_without_restarting_its_clock(tmp_path):
+    """One bar over trainer.max_steps: an epoch boundary must not reset its elapsed time and rate
+    (Lightning resets its own bar at every epoch, which restarted the ETA of a multi-epoch run)."""
+    import lightning as L
+
+    from slr_zoo.training.trainer import StepProgressBar, make_trainer
+
+    seen = []
+
+    class EpochStarts(L.Callback):
+        def on_train_epoch_start(self, trainer, *_):
+            bar = trainer.progress_bar_callback.train_progress_bar
+            seen.append((id(bar), bar.start_t, bar.n, bar.total, trainer.global_step))
+
+    recipe = tiny_recipe(trainer__max_steps=20, trainer__progress_bar=True)  # 64 records of batch 8: 3 epochs
+    parts = build_cell(recipe, tmp_path)
+    trainer = make_trainer(parts.trainer, tmp_path, enable_checkpointing=False)
+    assert isinstance(trainer.progress_bar_callback, StepProgressBar)
+    trainer.callbacks.append(EpochStarts())
+    trainer.fit(parts.module, datamodule=parts.data)
+    assert len(seen) == 3
+    assert len({(bar, start) for bar, start, *_ in seen}) == 1
+    assert all(n == step and total == 20 for _, _, n, total, step in seen)
+    assert trainer.progress_bar_callback.train_progress_bar.n == 20

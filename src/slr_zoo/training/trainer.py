@@ -217,13 +217,21 @@ class ValCurve(_StepCsv):
 
 class StepProgressBar(TQDMProgressBar):
     """One bar over the whole run, 0..trainer.max_steps, counted in training steps: a resumed run's
-    bar starts where it resumed instead of at the start of a (partial) epoch."""
+    bar starts where it resumed instead of at the start of a (partial) epoch. Lightning resets its
+    bar at every epoch, which would restart the elapsed time and the rate (and so the ETA) of a
+    bar that spans epochs; this one is set up once, at the first epoch this process trains."""
+
+    _bar_trainer = None  # the trainer whose run the bar was set up for
 
     def on_train_epoch_start(self, trainer, *_) -> None:
+        if self.train_progress_bar is not None and self._bar_trainer is trainer:
+            return
+        self._bar_trainer = trainer
         super().on_train_epoch_start(trainer)
         bar = self.train_progress_bar
         bar.total = trainer.max_steps
-        bar.n = bar.last_print_n = trainer.global_step
+        # the rate counts from where this process started, not from step 0 of a resumed run
+        bar.n = bar.last_print_n = bar.initial = trainer.global_step
         bar.set_description("train")
         bar.refresh()
 

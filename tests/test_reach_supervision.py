@@ -23,6 +23,7 @@ from slr_zoo.training.objectives.reach import ReachProbe
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_PROSQA = ROOT.parent / "shared/data/prosqa/valid.json"
+SHARED_PRONTOQA = ROOT.parent / "shared/data/prontoqa/valid.json"
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -82,6 +83,26 @@ def test_prosqa_reach_steps_are_distances_from_the_root():
         for parent, child in r["edges"]:   # one hop further at most
             if reach[symbols[parent]] != UNREACHED:
                 assert reach[symbols[child]] <= reach[symbols[parent]] + 1
+
+
+def test_prontoqa_reach_steps_follow_the_entity_up_its_chain_of_concepts():
+    """Generated records know their chain; published ones are only text, and their chain of
+    thought names the concepts in the order the reasoning reaches them."""
+    from slr_zoo.tasks.prontoqa import ProntoQATask, plural
+
+    task = ProntoQATask(n_train=200, hops=[1, 5])
+    for r in task.records("train"):
+        reach = task.reach_steps(r)
+        assert reach[r["entity"]] == 0
+        for t, concept in enumerate(r["chain"], start=1):
+            assert reach[concept] == reach[plural(concept)] == reach[plural(concept).capitalize()] == t
+        mentioned = {w.lower().rstrip(".") for w in r["question"].split()}
+        never = [w for w, step in reach.items() if step == UNREACHED and w in mentioned]
+        assert never  # the subtype and the distractor concept: named, never reached
+    for r in read_records(str(SHARED_PRONTOQA)):
+        reach = task.reach_steps(r)
+        concepts = [step.split(". ")[0].rsplit(" ", 1)[-1].rstrip(".") for step in r["steps"][:-1]]
+        assert [reach[c] for c in concepts] == list(range(1, len(concepts) + 1))
 
 
 def test_every_mention_of_a_concept_carries_its_reach_step():

@@ -6,6 +6,7 @@ A record is a dict with ``question`` (str), ``steps`` (list of str: the chain of
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Iterable
 
 from slr_zoo.registry import Registry
@@ -54,6 +55,19 @@ class Task:
 
 
 UNREACHED = 999  # a reach step beyond any loop depth (fits the int16 storage of encoded data)
+
+
+def distances(children: list[list[int]], source: int) -> dict[int, int]:
+    """Breadth-first hop counts from ``source`` over a graph given as each node's children: the
+    reach steps of the graph tasks."""
+    dist, queue = {source: 0}, deque([source])
+    while queue:
+        node = queue.popleft()
+        for child in children[node]:
+            if child not in dist:
+                dist[child] = dist[node] + 1
+                queue.append(child)
+    return dist
 
 TASKS = Registry("task", Task)
 

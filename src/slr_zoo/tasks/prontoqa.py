@@ -24,10 +24,11 @@ templates. The properties are the published files' adjectives.
 from __future__ import annotations
 
 import random
+import re
 from typing import Optional
 
 from slr_zoo.registry import ArgumentError
-from slr_zoo.tasks.base import TASKS, Record, Task
+from slr_zoo.tasks.base import TASKS, UNREACHED, Record, Task, distances
 
 CONCEPTS = (
     "wumpus yumpus zumpus dumpus rompus numpus tumpus vumpus impus jompus gorpus shumpus lempus sterpus "
@@ -68,6 +69,44 @@ def property_rule(rng: random.Random, concept: str, prop: str, positive: bool) -
         f"Each {concept} {verb} {prop}.",
         f"{plural(concept).capitalize()} are {'' if positive else 'not '}{prop}.",
     ])
+
+
+def concept_graph(question: str) -> tuple[list[str], list[list[int]]]:
+    """(nodes, each node's children) of the question's "is a" facts: node 0 is the entity, whose
+    children are the concepts it is said to belong to; a subtype rule adds an edge from the
+    subtype to its supertype. Properties are not nodes. Read from the text, so published records
+    (question, steps and answer only) have the same graph as generated ones."""
+    singular = {form: c for c in CONCEPTS for form in (c, plural(c))}
+    nodes, children, index = [], [], {}
+
+    def node(name: str) -> int:
+        if name not in index:
+            index[name] = len(nodes)
+            nodes.append(name)
+            children.append([])
+        return index[name]
+
+    entity = None
+    edges = []
+    for sentence in re.split(r"(?<=\.)\s+", question):
+        sentence = sentence.split(":")[-1].strip().rstrip(".")
+        if m := re.fullmatch(r"(?:Every|Each) (\w+) is an? (\w+)", sentence):
+            a, b = m.groups()
+        elif m := re.fullmatch(r"(\w+) are (\w+)", sentence):
+            a, b = m.group(1).lower(), m.group(2)
+        elif m := re.fullmatch(r"(\w+) is an? (\w+)", sentence):  # a membership: "Max is a wumpus"
+            entity = m.group(1)
+            a, b = entity, m.group(2)
+        else:
+            continue
+        if b in singular and (a == entity or a in singular):
+            edges.append((a if a == entity else singular[a], singular[b]))
+    if entity is None:
+        return [], []
+    node(entity)
+    for a, b in edges:
+        children[node(a)].append(node(b))
+    return nodes, children
 
 
 def generate(rng: random.Random, hops: tuple[int, int] = (1, 5)) -> Record:
@@ -137,6 +176,25 @@ class ProntoQATask(Task):
                              f"{len(CONCEPTS) - 2 - EXTRA_CHAIN}, got {hops}")
         self.n = {"train": n_train, "val": n_val}
         self.hops, self.seed, self.val_file = tuple(hops), seed, val_file
+
+    def reach_steps(self, record):
+        """The entity at hop 0, each concept it belongs to at hop 1, and a concept t subtype rules
+        further up at hop t + 1: after t hops, the mentions (singular or plural, capitalised or not)
+        of concepts the entity is known to be are reached. Concepts the entity is not (a subtype of
+        its concept, a distractor with the queried property) are never reached."""
+        nodes, children = concept_graph(record["question"])
+        if not nodes:
+            return None
+        dist = distances(children, 0)
+        steps = {nodes[0]: 0}
+        for i, concept in enumerate(nodes[1:], start=1):
+            for form in (concept, plural(concept)):
+                steps[form] = steps[form.capitalize()] = dist.get(i, UNREACHED)
+        for concept in CONCEPTS:  # named only in a property rule: never an "is a" target
+            for form in (concept, plural(concept)):
+                steps.setdefault(form, UNREACHED)
+                steps.setdefault(form.capitalize(), UNREACHED)
+        return steps
 
     def records(self, split):
         if split == "val" and self.val_file:

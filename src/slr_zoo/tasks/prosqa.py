@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections import deque
 from typing import Optional
 
 from slr_zoo.registry import ArgumentError
-from slr_zoo.tasks.base import TASKS, UNREACHED, Record, Task
+from slr_zoo.tasks.base import TASKS, UNREACHED, Record, Task, distances
 
 # The made-up names of the published data, so a word-level vocabulary built from generated
 # training records covers the real validation split.
@@ -91,17 +90,6 @@ def grow_graph(rng: random.Random, n_nodes: int) -> tuple[list[list[int]], list[
             reach[node] |= reach[p]
         depth.append(1 + max(depth[p] for p in chosen) if chosen else 0)
     return parents, reach
-
-
-def distances(children: list[list[int]], source: int) -> dict[int, int]:
-    dist, queue = {source: 0}, deque([source])
-    while queue:
-        node = queue.popleft()
-        for child in children[node]:
-            if child not in dist:
-                dist[child] = dist[node] + 1
-                queue.append(child)
-    return dist
 
 
 def make_record(rng: random.Random, hops: tuple[int, int], nodes: tuple[int, int]) -> Optional[Record]:

@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Callable, Iterable
 
 from slr_zoo.tasks.base import Record
-from slr_zoo.tasks.prosqa import distances
+from slr_zoo.tasks.base import distances
 
 DEFAULT_FILE = "../shared/data/prosqa/valid.json"
 

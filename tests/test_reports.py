@@ -104,3 +104,15 @@ def test_the_report_command_regenerates_a_2x2_grid_with_means_stds_and_named_plo
 
     assert variant_name({"loop.combine": "none", "loop.max_steps": 6}, ["loop.combine", "loop.max_steps"]) == \
         "combine=none, max_steps=6"
+
+
+def test_a_variant_keeps_one_colour_over_its_seeds_which_differ_by_line_style():
+    from slr_zoo.report import line_style
+
+    labels = [f"combine={c}, seed={s}" for c in ("none", "gated") for s in (0, 1, 2)] + ["combine=none, max_steps=1"]
+    styles = {label: line_style(label, labels) for label in labels}
+    plain = [styles[f"combine=none, seed={s}"] for s in (0, 1, 2)]
+    gated = [styles[f"combine=gated, seed={s}"] for s in (0, 1, 2)]
+    assert {c for c, _ in plain} == {0} and {c for c, _ in gated} == {1}
+    assert len({d for _, d in plain}) == 3 and [d for _, d in plain] == [d for _, d in gated]
+    assert styles["combine=none, max_steps=1"] == (2, "-")  # another variant: a colour of its own

@@ -60,6 +60,21 @@ def grid_and_cells(run_dir: Path) -> tuple[dict, list]:
     return recipe, [Cell(i, label, {}, config) for i, (label, config) in enumerate(configs.items())]
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def line_style(label: str, labels: list[str]) -> tuple[int, str]:
+    """(colour index, line style) of one cell's line: a variant keeps one colour over its seeds,
+    and its seeds differ by line style, so a plot over seeds reads by variant at a glance."""
+
+    def variant(name: str) -> str:
+        return ", ".join(part for part in name.split(", ") if not part.startswith("seed="))
+
+    variants = list(dict.fromkeys(variant(name) for name in labels))
+    siblings = [name for name in labels if variant(name) == variant(label)]
+    return variants.index(variant(label)), LINE_STYLES[siblings.index(label) % len(LINE_STYLES)]
+
+
 def _plot_lines(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, path: Path, log: bool = False,
                 ylim=None) -> Path | None:
     series = {k: v for k, v in series.items() if v[0]}
@@ -71,8 +86,10 @@ def _plot_lines(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", ms=3, label=label)
+        colour, dashes = line_style(label, list(series))
+        ax.plot(xs, ys, marker="o", ms=3, label=label, color=colours[colour % len(colours)], linestyle=dashes)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log:

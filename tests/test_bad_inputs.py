@@ -103,6 +103,7 @@ ROWS = [
     ("malformed yaml", lambda f: ["fit", f["broken_yaml"]], 2, r"recipe: cannot parse .*broken\.yaml"),
     ("missing recipe", lambda f: ["fit", "no/such.yaml"], 2, r"no such recipe file: 'no/such\.yaml'"),
     ("bad override", lambda f: ["fit", f["recipe"], "loop.max_steps"], 2, r"override: expected dotted\.key=value"),
+    ("no space after a colon", lambda f: ["fit", f["recipe"], "loop.combine={name:gated}"], 2, r"loop\.combine: cannot parse value .*'name:gated' has no space after its colon; write 'name: gated'"),
     ("zero batch", lambda f: ["fit", f["recipe"], "trainer.batch_size=0"], 2, r"trainer\.batch_size: must be >= 1"),
     ("missing pretrained", lambda f: ["fit", f["recipe"], "backbone.pretrained=/no/such/model"], 2, r"backbone\.pretrained: no such file or directory: '/no/such/model'"),
     ("missing data file", lambda f: ["fit", f["recipe"], "task={name: json, train: /no/train.json, val: /no/val.json}"], 2, r"task\.train: no such file or directory"),

@@ -83,7 +83,28 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = OmegaConf.to_container(OmegaConf.create(f"v: {text}"), resolve=True)["v"] if text.strip() else ""
     except (OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
         raise RecipeError(key.strip(), f"cannot parse value {text!r}: {_one_line(err)}") from None
+    glued = _glued_key(value)
+    if glued is not None:  # YAML reads {name:fixed} as one key "name:fixed" with no value
+        raise RecipeError(key.strip(), f"cannot parse value {text!r}: {glued!r} has no space after its colon; "
+                                       f"write {glued.replace(':', ': ', 1)!r}")
     return key.strip(), value
+
+
+def _glued_key(value: Any) -> str | None:
+    """The first mapping key of the form "key:value" with no value, anywhere in ``value``."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if v is None and isinstance(k, str) and ":" in k:
+                return k
+            found = _glued_key(v)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for v in value:
+            found = _glued_key(v)
+            if found is not None:
+                return found
+    return None
 
 
 def set_key(recipe: dict, dotted: str, value: Any) -> dict:

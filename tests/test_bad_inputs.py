@@ -147,6 +147,8 @@ ROWS = [
     ("evaluate an unfinished grid", lambda f: ["evaluate", f["unfinished"]], 2,
      r"unfinished holds no finished cells \(no \*/summary\.json\); train it with python -m slr_zoo\.fit first"),
     ("generate bad halting", lambda f: ["generate", f["finished"], "--prompt", "1 2 ?", "--halting", "act"], 2, r"--halting act has learned parameters"),
+    ("generate empty prompt", lambda f: ["generate", f["finished"], "--prompt", "1 2 ?", "--prompt", " "], 2, r"--prompt 2 is empty"),
+    ("generate unknown words", lambda f: ["generate", f["finished"], "--prompt", "1 zebra 2 ? quagga"], 0, r"warning: --prompt 1 has 2 word\(s\) the model's vocabulary lacks, read as \[UNK\]: zebra, quagga"),
     ("generate unknown halting", lambda f: ["generate", f["finished"], "--prompt", "1 2 ?", "--halting", "kl", "treshold=1"], 2, r"--halting\.treshold: unknown key for halting 'kl' \(did you mean 'threshold'"),
 ]
 

@@ -133,6 +133,18 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """The words of ``text`` that the tokenizer can only read as its unknown token (a word-level
+    vocabulary built from a task's records knows nothing else), in order, once each."""
+    from slr_zoo.tasks.tokenizer import text_ids, token_words
+
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return []
+    ids = text_ids(tokenizer, text)
+    return list(dict.fromkeys(w or "?" for w, i in zip(token_words(tokenizer, text), ids) if i == unk))
+
+
 def halting_from_args(words: list[str], model):
     """A policy named on the command line. One with learned parameters must be the run's own
     (its trained parameters are kept, the given keys change its settings)."""
@@ -162,7 +174,15 @@ def main(argv=None) -> int:
     try:
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be a loop depth >= 1, got {args.steps}")
+        empty = [i for i, prompt in enumerate(args.prompt, start=1) if not prompt.strip()]
+        if empty:
+            raise ValueError(f"--prompt {empty[0]} is empty; give the question to answer")
         parts = load_cell(args.run_dir)
+        for i, prompt in enumerate(args.prompt, start=1):
+            unknown = unknown_words(parts.tokenizer, prompt)
+            if unknown:
+                print(f"generate: warning: --prompt {i} has {len(unknown)} word(s) the model's vocabulary lacks, "
+                      f"read as {parts.tokenizer.unk_token}: {', '.join(unknown[:8])}", file=sys.stderr)
         model = parts.module.model.to(device)
         precision = parts.trainer.precision
         if precision in ("bf16-true", "16-true"):

@@ -69,6 +69,7 @@ def distances(children: list[list[int]], source: int) -> dict[int, int]:
                 queue.append(child)
     return dist
 
+
 TASKS = Registry("task", Task)
 
 

@@ -105,6 +105,21 @@ def test_prontoqa_reach_steps_follow_the_entity_up_its_chain_of_concepts():
         assert [reach[c] for c in concepts] == list(range(1, len(concepts) + 1))
 
 
+def test_prontoqa_properties_are_reached_exactly_when_the_entity_has_them():
+    """Read from the question alone, checked against the answer: the statement's property is
+    reached iff the entity has it, so the statement is true iff it is reached and not negated."""
+    from slr_zoo.tasks.prontoqa import ProntoQATask
+
+    task = ProntoQATask(n_train=300, hops=[1, 5])
+    for r in list(task.records("train")) + list(read_records(str(SHARED_PRONTOQA))):
+        reach = task.reach_steps(r)
+        statement = r["question"].rsplit(":", 1)[1].strip().rstrip(".").split()
+        has = ("not" not in statement) == (r["answer"] == "True")
+        assert (reach[statement[-1]] != UNREACHED) == has
+        if has and "hops" in r and "chain" in r:  # one hop after the concept that gives it
+            assert reach[statement[-1]] == r["hops"] + 1
+
+
 def test_every_mention_of_a_concept_carries_its_reach_step():
     task, records = prosqa_records()
     tokenizer = build_word_tokenizer(records)

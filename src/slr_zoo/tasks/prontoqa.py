@@ -71,11 +71,12 @@ def property_rule(rng: random.Random, concept: str, prop: str, positive: bool) -
     ])
 
 
-def concept_graph(question: str) -> tuple[list[str], list[list[int]]]:
-    """(nodes, each node's children) of the question's "is a" facts: node 0 is the entity, whose
-    children are the concepts it is said to belong to; a subtype rule adds an edge from the
-    subtype to its supertype. Properties are not nodes. Read from the text, so published records
-    (question, steps and answer only) have the same graph as generated ones."""
+def read_facts(question: str) -> tuple[list[str], list[list[int]], list[tuple[str, str, bool]]]:
+    """The question's facts: (nodes, each node's children, property rules). Node 0 is the entity,
+    whose children are the concepts it is said to belong to; a subtype rule adds an edge from the
+    subtype to its supertype. A property rule is (concept, property, positive). The statement
+    asked about (after "True or false:") is not a fact. Read from the text, so published records
+    (question, steps and answer only) give the same facts as generated ones."""
     singular = {form: c for c in CONCEPTS for form in (c, plural(c))}
     nodes, children, index = [], [], {}
 
@@ -87,13 +88,23 @@ def concept_graph(question: str) -> tuple[list[str], list[list[int]]]:
         return index[name]
 
     entity = None
-    edges = []
+    edges, rules = [], []
     for sentence in re.split(r"(?<=\.)\s+", question):
-        sentence = sentence.split(":")[-1].strip().rstrip(".")
+        sentence = sentence.strip().rstrip(".")
+        if ":" in sentence:
+            continue
         if m := re.fullmatch(r"(?:Every|Each) (\w+) is an? (\w+)", sentence):
             a, b = m.groups()
-        elif m := re.fullmatch(r"(\w+) are (\w+)", sentence):
-            a, b = m.group(1).lower(), m.group(2)
+        elif m := re.fullmatch(r"(?:Every|Each) (\w+) is (not )?(\w+)", sentence):
+            if m.group(1) in singular:
+                rules.append((singular[m.group(1)], m.group(3), m.group(2) is None))
+            continue
+        elif m := re.fullmatch(r"(\w+) are (not )?(\w+)", sentence):
+            a, b = m.group(1).lower(), m.group(3)
+            if b not in singular:
+                if a in singular:
+                    rules.append((singular[a], b, m.group(2) is None))
+                continue
         elif m := re.fullmatch(r"(\w+) is an? (\w+)", sentence):  # a membership: "Max is a wumpus"
             entity = m.group(1)
             a, b = entity, m.group(2)
@@ -102,11 +113,11 @@ def concept_graph(question: str) -> tuple[list[str], list[list[int]]]:
         if b in singular and (a == entity or a in singular):
             edges.append((a if a == entity else singular[a], singular[b]))
     if entity is None:
-        return [], []
+        return [], [], []
     node(entity)
     for a, b in edges:
         children[node(a)].append(node(b))
-    return nodes, children
+    return nodes, children, rules
 
 
 def generate(rng: random.Random, hops: tuple[int, int] = (1, 5)) -> Record:
@@ -178,22 +189,26 @@ class ProntoQATask(Task):
         self.hops, self.seed, self.val_file = tuple(hops), seed, val_file
 
     def reach_steps(self, record):
-        """The entity at hop 0, each concept it belongs to at hop 1, and a concept t subtype rules
-        further up at hop t + 1: after t hops, the mentions (singular or plural, capitalised or not)
-        of concepts the entity is known to be are reached. Concepts the entity is not (a subtype of
-        its concept, a distractor with the queried property) are never reached."""
-        nodes, children = concept_graph(record["question"])
+        """The entity at hop 0, each concept it belongs to at hop 1, a concept t subtype rules
+        further up at hop t + 1, and a property one hop after the first concept that gives it to
+        the entity: after t hops, the mentions (singular or plural, capitalised or not) of the
+        concepts the entity is known to be, and of the properties it is known to have, are
+        reached. What the entity is not (a subtype of its concept, a distractor) and the properties
+        it lacks (negated for it, or another concept's) are never reached. A property is labelled at
+        every mention, the statement asked about included, so the probe asks the loop to hold
+        there whether the entity has it."""
+        nodes, children, rules = read_facts(record["question"])
         if not nodes:
             return None
         dist = distances(children, 0)
+        hop = {name: dist.get(i, UNREACHED) for i, name in enumerate(nodes)}
         steps = {nodes[0]: 0}
-        for i, concept in enumerate(nodes[1:], start=1):
+        for concept in CONCEPTS:
             for form in (concept, plural(concept)):
-                steps[form] = steps[form.capitalize()] = dist.get(i, UNREACHED)
-        for concept in CONCEPTS:  # named only in a property rule: never an "is a" target
-            for form in (concept, plural(concept)):
-                steps.setdefault(form, UNREACHED)
-                steps.setdefault(form.capitalize(), UNREACHED)
+                steps[form] = steps[form.capitalize()] = hop.get(concept, UNREACHED)
+        for concept, prop, positive in rules:
+            has = hop.get(concept, UNREACHED) + 1 if positive and concept in hop else UNREACHED
+            steps[prop] = min(steps.get(prop, UNREACHED), has)
         return steps
 
     def records(self, split):

@@ -155,6 +155,33 @@ def test_prontoqa_answers_follow_from_the_rules():
         assert r["steps"][0].split(". ")[0] + "." in r["question"]  # the entity's concept is given
 
 
+def test_prontoqa_generates_at_every_allowed_depth_and_refuses_a_deeper_one():
+    from slr_zoo.tasks.prontoqa import MAX_HOPS
+
+    deepest = list(build({"name": "prontoqa", "n_train": 40, "n_val": 1, "hops": [MAX_HOPS, MAX_HOPS]}).records("train"))
+    for r in deepest:
+        assert r["hops"] == MAX_HOPS and prontoqa_solve(r["question"]) == r["answer"]
+    with pytest.raises(ValueError, match=f"task.hops.*<= {MAX_HOPS}"):
+        build({"name": "prontoqa", "hops": [1, MAX_HOPS + 1]})
+
+
+def test_prontoqa_questions_have_the_published_files_shape():
+    """Like the published files' ontologies: every concept of the chain has a branch supertype the
+    entity also reaches, so about 26 sentences, 14 concepts and 12 property rules at 5 hops."""
+    from slr_zoo.tasks.prontoqa import read_facts
+
+    records = list(build({"name": "prontoqa", "n_train": 100, "n_val": 1, "hops": [5, 5]}).records("train"))
+    sentences, concepts, properties = [], [], []
+    for r in records:
+        nodes, _, rules = read_facts(r["question"])
+        sentences.append(len(re.findall(r"[^.:]+[.:]", r["question"])) - 1)  # "True or false:" is not one
+        concepts.append(len(nodes))
+        properties.append(len(rules))
+    assert 24 <= sum(sentences) / len(records) <= 29
+    assert 13 <= sum(concepts) / len(records) <= 16
+    assert 11 <= sum(properties) / len(records) <= 14
+
+
 @pytest.mark.parametrize("order", ["lsd", "msd"])
 def test_multiplication_steps_are_partial_products(order):
     task = build({"name": "multiplication", "n_train": 30, "n_val": 1, "digits": [4, 5], "order": order})

@@ -44,6 +44,9 @@ PROPERTIES = [f.split() for f in (
 )]
 ENTITIES = "Alex Bob Fae Max Polly Rex Sally Sam Stella Wren".split()
 EXTRA_CHAIN = 2  # the chain continues up to this many concepts past the queried one
+FIXED_CONCEPTS = 4  # the unreached subtype, the distractor, the entity's other concept and its supertype
+MAX_HOPS = len(CONCEPTS) - FIXED_CONCEPTS - EXTRA_CHAIN
+BRANCH_PROPERTY = 0.75  # how often a branch concept has a property of its own
 
 
 def article(noun: str) -> str:
@@ -123,10 +126,14 @@ def read_facts(question: str) -> tuple[list[str], list[list[int]], list[tuple[st
 def generate(rng: random.Random, hops: tuple[int, int] = (1, 5)) -> Record:
     k = rng.randint(*hops)
     n_chain = k + rng.randint(0, EXTRA_CHAIN)
-    names = rng.sample(CONCEPTS, n_chain + 3)
-    chain, child, other, also = names[:n_chain], names[n_chain], names[n_chain + 1], names[n_chain + 2]
-    props = [rng.choice(family) for family in rng.sample(PROPERTIES, n_chain + 2)]
-    polarity = [rng.random() < 0.5 for _ in range(n_chain + 2)]
+    # the entity also belongs to a branch supertype of each concept of its chain up to the queried
+    # one, as in the published files' ontologies, as far as fresh names and properties allow
+    n_branch = min(k, len(CONCEPTS) - n_chain - FIXED_CONCEPTS, len(PROPERTIES) - n_chain - 2)
+    names = rng.sample(CONCEPTS, n_chain + FIXED_CONCEPTS + n_branch)
+    chain, (child, other, also, also_super) = names[:n_chain], names[n_chain:n_chain + FIXED_CONCEPTS]
+    branches = names[n_chain + FIXED_CONCEPTS:]
+    props = [rng.choice(family) for family in rng.sample(PROPERTIES, n_chain + 2 + n_branch)]
+    polarity = [rng.random() < 0.5 for _ in props]
     entity = rng.choice(ENTITIES)
     queried, positive = props[k - 1], polarity[k - 1]
 
@@ -141,6 +148,13 @@ def generate(rng: random.Random, hops: tuple[int, int] = (1, 5)) -> Record:
         property_rule(rng, other, queried, not positive),           # same property, opposite polarity
         property_rule(rng, also, props[n_chain + 1], polarity[n_chain + 1]),  # the entity's other concept
     ]
+    if rng.random() < 0.5:
+        facts.append(subtype_rule(rng, also, also_super))
+    for i, branch in enumerate(branches):  # reached, with properties of their own, never the queried one
+        facts.append(subtype_rule(rng, chain[i], branch))
+        if rng.random() < BRANCH_PROPERTY:
+            j = n_chain + 2 + i
+            facts.append(property_rule(rng, branch, props[j], polarity[j]))
     rng.shuffle(facts)
 
     def member(concept: str) -> str:
@@ -182,9 +196,8 @@ class ProntoQATask(Task):
         val_file: Optional[str] = None,
         seed: int = 0,
     ):
-        if len(hops) != 2 or not 1 <= hops[0] <= hops[1] <= len(CONCEPTS) - 2 - EXTRA_CHAIN:
-            raise ArgumentError("hops", f"must be [min, max] with 1 <= min <= max <= "
-                             f"{len(CONCEPTS) - 2 - EXTRA_CHAIN}, got {hops}")
+        if len(hops) != 2 or not 1 <= hops[0] <= hops[1] <= MAX_HOPS:
+            raise ArgumentError("hops", f"must be [min, max] with 1 <= min <= max <= {MAX_HOPS}, got {hops}")
         self.n = {"train": n_train, "val": n_val}
         self.hops, self.seed, self.val_file = tuple(hops), seed, val_file
 

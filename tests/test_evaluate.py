@@ -183,3 +183,22 @@ def test_evaluating_a_grid_evaluates_each_cell_resumes_and_reports_accuracy_by_d
     assert evaluate.main([str(grid), "--steps", "1", "2", "3", "--show", "0"]) == 1
     assert capsys.readouterr().out.count("already evaluated") == 2
     assert (grid / "seed=0" / "eval.json").stat().st_mtime_ns == written
+
+
+def test_answer_cost_benchmark_reproduces_the_cells_own_validation_figures(prosqa_cell, tmp_path):
+    """benchmarks/answer_cost.py answers as validation does: the accuracy, tokens and passes the run
+    wrote in summary.json, and a cell against itself costs a ratio of 1 in passes."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import answer_cost
+
+    out = tmp_path / "cost.json"
+    assert answer_cost.main([str(prosqa_cell), str(prosqa_cell), "--rounds", "1", "--json", str(out)]) == 0
+    summary = json.loads((prosqa_cell / "summary.json").read_text())
+    rows = json.loads(out.read_text())["rows"]
+    for row in rows:
+        assert row["accuracy"] == pytest.approx(summary["val_accuracy"], abs=1e-4)
+        assert row["tokens_per_answer"] == pytest.approx(summary["tokens_per_answer"], abs=1e-3)
+        assert row["passes_per_answer"] == pytest.approx(summary["passes_per_answer"], abs=1e-3)
+    assert rows[1]["passes_ratio"] == 1.0 and rows[0]["seconds_per_example"] > 0

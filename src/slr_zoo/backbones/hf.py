@@ -346,8 +346,19 @@ class Backbone(nn.Module):
     def make_config(self, **dims: Any):
         raise NotImplementedError
 
+    # the family's transformers classes, by name, so that transformers is imported only when a model is built
+    hf_model_class: str = ""
+    hf_config_class: str = ""
+
     def model_class(self) -> type:
-        raise NotImplementedError
+        import transformers
+
+        return getattr(transformers, self.hf_model_class)
+
+    def config_class(self) -> type:
+        import transformers
+
+        return getattr(transformers, self.hf_config_class)
 
     def layers_of(self, hf: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
@@ -560,15 +571,8 @@ class LlamaBackbone(Backbone):
         "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     }
 
-    def model_class(self):
-        from transformers import LlamaForCausalLM
-
-        return LlamaForCausalLM
-
-    def config_class(self):
-        from transformers import LlamaConfig
-
-        return LlamaConfig
+    hf_model_class = "LlamaForCausalLM"
+    hf_config_class = "LlamaConfig"
 
     def make_config(self, *, vocab_size, hidden_size, heads, kv_heads, intermediate_size, num_layers, max_positions, dropout, init_std):
         return self.config_class()(
@@ -607,30 +611,16 @@ class LlamaBackbone(Backbone):
 class Qwen2Backbone(LlamaBackbone):
     model_types = frozenset({"qwen2"})
 
-    def model_class(self):
-        from transformers import Qwen2ForCausalLM
-
-        return Qwen2ForCausalLM
-
-    def config_class(self):
-        from transformers import Qwen2Config
-
-        return Qwen2Config
+    hf_model_class = "Qwen2ForCausalLM"
+    hf_config_class = "Qwen2Config"
 
 
 @BACKBONES.register("mistral")
 class MistralBackbone(LlamaBackbone):
     model_types = frozenset({"mistral"})
 
-    def model_class(self):
-        from transformers import MistralForCausalLM
-
-        return MistralForCausalLM
-
-    def config_class(self):
-        from transformers import MistralConfig
-
-        return MistralConfig
+    hf_model_class = "MistralForCausalLM"
+    hf_config_class = "MistralConfig"
 
 
 @BACKBONES.register("gpt2")
@@ -647,15 +637,11 @@ class GPT2Backbone(Backbone):
     }
     lora_fan_in_fan_out = True
 
-    def model_class(self):
-        from transformers import GPT2LMHeadModel
-
-        return GPT2LMHeadModel
+    hf_model_class = "GPT2LMHeadModel"
+    hf_config_class = "GPT2Config"
 
     def make_config(self, *, vocab_size, hidden_size, heads, kv_heads, intermediate_size, num_layers, max_positions, dropout, init_std):
-        from transformers import GPT2Config
-
-        return GPT2Config(
+        return self.config_class()(
             vocab_size=vocab_size,
             n_embd=hidden_size,
             n_head=heads,

@@ -444,10 +444,13 @@ def _plot_probes(rows: list[dict], trained: int, path: Path) -> None:
         ax.plot(ts, [r["shuffled_accuracy"] for r in rows], ls="--", label="shuffled labels")
         ax.plot(ts, [r["chance"] for r in rows], ls=":", color="grey", label="majority class")
         ax.axvline(trained, color="grey", ls=":")
+        ax.legend(fontsize=7)
+    else:  # the records have no per-step entity (too few labelled records, or no steps at all)
+        ax.text(0.5, 0.5, "no step entities to probe in these records", ha="center", va="center",
+                transform=ax.transAxes)
     ax.set_xlabel("loop iteration t")
     ax.set_ylabel("held-out accuracy: step t's entity")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7)
     _save(fig, path)
 
 

@@ -202,3 +202,25 @@ def test_answer_cost_benchmark_reproduces_the_cells_own_validation_figures(prosq
         assert row["tokens_per_answer"] == pytest.approx(summary["tokens_per_answer"], abs=1e-3)
         assert row["passes_per_answer"] == pytest.approx(summary["passes_per_answer"], abs=1e-3)
     assert rows[1]["passes_ratio"] == 1.0 and rows[0]["seconds_per_example"] > 0
+
+
+def test_the_reach_probes_option_choice_is_scored_only_where_the_answer_names_an_option():
+    """ProntoQA's published records carry a target and a neg_target like ProsQA's, but the answer is
+    True or False: a 'choice between the two options' there would score something nobody asked."""
+    from slr_zoo.evaluate import _reach_batch
+    from slr_zoo.tasks import TASKS
+    from slr_zoo.tasks.json_file import read_records
+    from slr_zoo.tasks.tokenizer import build_word_tokenizer, text_ids
+
+    prosqa, prontoqa = TASKS.get("prosqa")(), TASKS.get("prontoqa")()
+    asks = next(prosqa.records("train"))
+    # a record that mentions both its target and its neg_target by name
+    tells = list(read_records(str(Path(__file__).resolve().parents[2] / "shared/data/prontoqa/valid.json")))[3]
+    tokenizer = build_word_tokenizer([asks, tells])
+    probe = torch.nn.Module()
+    probe.probe = torch.nn.Linear(4, 1)
+    for task, record, scored in ((prosqa, asks, 1), (prontoqa, tells, 0)):
+        ids = torch.tensor([text_ids(tokenizer, record["question"])])
+        query = torch.ones_like(ids, dtype=torch.bool)
+        batch = _reach_batch(probe, [torch.randn(1, ids.size(1), 4)], [record], tokenizer, task, ids, query)
+        assert len(batch["chosen"]) == scored, task

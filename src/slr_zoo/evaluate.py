@@ -340,7 +340,10 @@ def _reach_batch(probe, states, records, tokenizer, task, ids, query) -> dict:
             if word is not None and word in steps:
                 reach[row, start + i] = steps[word]
         symbols = record.get("idx_to_symbol")
-        if symbols and "target" in record and "neg_target" in record:
+        # a choice between two options only where the answer names one (ProsQA); ProntoQA's files
+        # carry a target and a neg_target too, but its answer is True or False
+        if (symbols and "target" in record and "neg_target" in record
+                and symbols[record["target"]] in record.get("answer", "")):
             where = {name: [start + i for i, w in enumerate(words) if w == name]
                      for name in (symbols[record["target"]], symbols[record["neg_target"]])}
             options.append((row, *where.values()))
@@ -494,7 +497,8 @@ def main(argv=None) -> int:
     if reach:
         print("reach probe, fraction marked reached: " + "; ".join(
             f"t={r['t']} reached {r['reached']} unreached {r['unreached']} never {r['never']}" for r in reach["table"]))
-        print(f"reach probe's choice between the two options: {reach['option_choice_accuracy']}")
+        if reach["option_choice_accuracy"] is not None:
+            print(f"reach probe's choice between the two options: {reach['option_choice_accuracy']}")
     print(f"\nwrote {args.run_dir}/eval.json, accuracy_vs_steps.png, depth_histogram.png, stability.png, probes.png")
     return 0
 

@@ -15,13 +15,14 @@ SLR depth loop with CoT: ``passes_ratio`` <= 0.2 and ``seconds_ratio`` <= 1 are 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from slr_zoo.files import write_json
 
 
 def parse_args(argv=None):
@@ -101,8 +102,7 @@ def main(argv=None) -> int:
               f"{row['passes_per_answer']:.1f} | {1000 * row['seconds_per_example']:.2f} | "
               f"{row['passes_ratio']:.3f} | {row['seconds_ratio']:.3f} |")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"threads": args.threads, "rounds": args.rounds, "rows": rows}, indent=2))
+        write_json(args.json, {"threads": args.threads, "rounds": args.rounds, "rows": rows})
     return 0
 
 

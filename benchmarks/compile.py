@@ -11,12 +11,13 @@ Rounds alternate between the two models and the median is reported (a shared mac
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from slr_zoo.files import write_json
 
 
 def build(args, compiled: bool):
@@ -44,7 +45,7 @@ def step_seconds(model, ids, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv=None) -> None:
     from torch._dynamo.utils import counters
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -57,7 +58,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     eager, compiled = build(args, False), build(args, True)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
@@ -82,7 +83,7 @@ def main() -> None:
     print(f"speedup {figures['speedup']}x; compile time {figures['compile_seconds']} s; "
           f"graphs compiled over 2 depths and 2 batch shapes: {graphs}")
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+        write_json(args.json, figures)
         print(f"wrote {args.json}")
 
 

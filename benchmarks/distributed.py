@@ -1,6 +1,6 @@
 """Data-parallel throughput and per-rank memory on this machine.
 
-    python benchmarks/distributed.py [--hidden 256] [--steps 12] [--batch 32] [--depth 4]
+    python benchmarks/distributed.py [--hidden 256] [--steps 12] [--batch 32] [--depth 4] [--json PATH]
 
 Runs the same training (a looped Llama-style model on the iterate task, one global batch per step)
 as 1 process, DDP over 2 processes, and FSDP2 over 2 processes, through the real path
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from slr_zoo.files import write_json
 from slr_zoo.recipe import build_cell, set_key, validate
 from slr_zoo.recipe.schema import defaults
 from slr_zoo.training.trainer import fork_workers, make_trainer
@@ -141,6 +142,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=32, help="global batch")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,6 +160,8 @@ def main(argv=None) -> None:
     print("sampled during training steps (after malloc_trim); exact bytes of parameters + gradients + AdamW state")
     print(f"{'run':<22} {'tokens/s':>9} {'peak RSS':>9} {'RSS in steps':>13} {'model states':>13}")
     rows = {}
+    figures = {"setting": {k: v for k, v in vars(args).items() if k != "json"}, "cpu_count": os.cpu_count(),
+               "torch": torch.__version__}
     for name, ranks in results.items():
         seconds = max(r["step_seconds"] for r in ranks)
         tokens = sum(r["tokens"] for r in ranks)
@@ -165,6 +169,8 @@ def main(argv=None) -> None:
         step_rss = max(r["step_rss_growth_mib"] for r in ranks)
         states = max(r["param_mib"] + r["grad_mib"] + r["optimizer_mib"] for r in ranks)
         rows[name] = (tokens / seconds, rss, step_rss, states)
+        figures[name] = {"tokens_per_second": round(tokens / seconds, 1), "peak_rss_growth_mib": round(rss, 1),
+                         "step_rss_growth_mib": round(step_rss, 1), "model_states_mib": round(states, 1)}
         print(f"{name:<22} {tokens / seconds:>9.0f} {rss:>9.1f} {step_rss:>13.1f} {states:>13.1f}")
     best = max(rows["1 process, 1 thread"][0], rows["1 process, 2 threads"][0])
     ddp, fsdp = rows["DDP x2"], rows["FSDP2 x2"]
@@ -172,6 +178,12 @@ def main(argv=None) -> None:
           f"(/ 1 thread: {ddp[0] / rows['1 process, 1 thread'][0]:.2f}x)")
     print(f"FSDP2 / DDP per rank: peak RSS {fsdp[1] / ddp[1]:.2f}, RSS in steps {fsdp[2] / ddp[2]:.2f}, "
           f"model states {fsdp[3] / ddp[3]:.2f}; throughput {fsdp[0] / ddp[0]:.2f}x")
+    if args.json:
+        figures["ratio_ddp_over_best_single"] = round(ddp[0] / best, 3)
+        figures["ratio_fsdp_over_ddp"] = {"peak_rss": round(fsdp[1] / ddp[1], 3), "step_rss": round(fsdp[2] / ddp[2], 3),
+                                          "model_states": round(fsdp[3] / ddp[3], 3), "throughput": round(fsdp[0] / ddp[0], 3)}
+        write_json(args.json, figures)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

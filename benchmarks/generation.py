@@ -25,7 +25,6 @@ into a temporary directory first (~2 minutes).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from slr_zoo.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -216,8 +217,7 @@ def main(argv=None) -> None:
     if "adaptive" not in args.skip:
         figures["adaptive"] = part_two(args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2))
+        write_json(args.json, figures)
         print(f"wrote {args.json}")
 
 

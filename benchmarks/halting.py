@@ -1,6 +1,6 @@
 """Does halting save real compute, and does learned halting spend it where it is needed?
 
-    python benchmarks/halting.py [--recipe recipes/quickstart.yaml] [--minutes 4] [key=value ...]
+    python benchmarks/halting.py [--recipe recipes/quickstart.yaml] [--minutes 4] [--json PATH] [key=value ...]
 
 Part 1, halting at inference. One model is trained once (the recipe as it is: the quickstart trains
 every iteration toward the answer after that many hops, so the state is decodable at every depth
@@ -17,14 +17,13 @@ and its mean steps per hop count are printed: samples with more hops should use 
 trains with ``loop.step_supervision=0.5`` (before your overrides): a learned policy learns when to
 stop only through the answer loss, which a weight of 1 would switch off.
 
-Each training stops after ``--minutes`` (Lightning's Timer). Results go to ``--out``/results.json.
+Each training stops after ``--minutes`` (Lightning's Timer). Results go to ``--json`` (default ``--out``/results.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Timer
 
+from slr_zoo.files import write_json
 from slr_zoo.halting import HALTING
 from slr_zoo.recipe import build_cell, build_task, load, validate
 from slr_zoo.tasks.encoding import answer_correct, collate
@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--learned", default="exit_gate", choices=["act", "exit_gate", "ponder"])
     p.add_argument("--skip", choices=["inference", "learned"], action="append", default=[])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="runs/benchmark_halting")
+    p.add_argument("--out", default="runs/benchmark_halting", help="the trained models and logs")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here (default: OUT/results.json)")
     p.add_argument("overrides", nargs="*", help="recipe overrides for both trainings (dotted.key=value)")
     return p.parse_args(argv)
 
@@ -239,8 +240,9 @@ def main(argv=None) -> int:
         report["inference"] = part_inference(args, out)
     if "learned" not in args.skip:
         report["learned"] = part_learned(args, out)
-    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
-    print(f"\nwrote {out / 'results.json'}")
+    path = args.json or out / "results.json"
+    write_json(path, report, default=str)
+    print(f"\nwrote {path}")
     return 0
 
 

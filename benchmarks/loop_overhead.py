@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from slr_zoo.files import write_json
+
 
 def build(args):
     from same_flops import looped_and_plain
@@ -34,7 +36,7 @@ def step_seconds(model, ids, labels) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
@@ -46,7 +48,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the figures here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -72,13 +74,10 @@ def main() -> None:
     print(f"  step (fwd+bwd): looped {med['looped'] * 1e3:.1f} ms, plain {med['plain'] * 1e3:.1f} ms")
     print(f"  ratio looped / plain = {med['looped'] / med['plain']:.3f}   (target <= 1.05)")
     if args.json:
-        import json
-        from pathlib import Path
-
         figures = {"setting": {k: v for k, v in vars(args).items() if k != "json"},
                    "threads": torch.get_num_threads(), "looped_ms": round(med["looped"] * 1e3, 2),
                    "plain_ms": round(med["plain"] * 1e3, 2), "ratio": round(med["looped"] / med["plain"], 4)}
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+        write_json(args.json, figures)
         print(f"wrote {args.json}")
 
 

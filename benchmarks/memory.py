@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from slr_zoo.files import write_json
+
 SETTINGS = {
     "T4": {"steps": 4, "backprop": None, "checkpoint": False},
     "T32_backprop4": {"steps": 32, "backprop": 4, "checkpoint": False},
@@ -120,7 +122,7 @@ def main(argv=None) -> None:
                "ratio_T32_full_over_T4": round(rows["T32_full_backprop"]["step_peak_mib"] / base, 3)}
     print(f"ratio T=32 (backprop {args.backprop}) / T=4: {figures['ratio_T32_over_T4']} (target <= 1.2)")
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+        write_json(args.json, figures)
         print(f"wrote {args.json}")
 
 

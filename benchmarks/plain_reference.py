@@ -1,6 +1,6 @@
 """Does slr_zoo's looped model learn like a hand-written one? A learnability check, not a speed one.
 
-    python benchmarks/plain_reference.py [--steps 1500 --loop-steps 6 --backbone gpt2]
+    python benchmarks/plain_reference.py [--steps 1500 --loop-steps 6 --backbone gpt2] [--json PATH]
 
 Trains two models of the same dims on the same fresh batches of the default ``iterate`` task, step
 for step: slr_zoo's ``LoopedLM`` (built through the recipe path, every stabiliser ``none``) and a
@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import random
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slr_zoo.files import write_json
 from slr_zoo.tasks.iterate import IterateTask
 
 VOCAB = [str(d) for d in range(10)] + ["?"]
@@ -89,7 +91,7 @@ def accuracy(forward, ids, answers, hops):
     return right.mean().item(), by_hops
 
 
-def main():
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--loop-steps", type=int, default=6)
@@ -104,7 +106,8 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, default=None, help="write the validation curves here")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     task = IterateTask(hops=[1, 6])
@@ -119,6 +122,7 @@ def main():
 
     rng = random.Random("train")
     print("step | slr_zoo acc | reference acc | slr_zoo by hops 1..6 | reference by hops 1..6")
+    curves = []
     for step in range(1, args.steps + 1):
         ids, answers, _ = batch(task, rng, args.batch)
         for name, (forward, module) in models.items():
@@ -136,6 +140,10 @@ def main():
             (a, ah), (b, bh) = rows["slr_zoo"], rows["reference"]
             fmt = lambda xs: " ".join(f"{x:.2f}" for x in xs)  # noqa: E731
             print(f"{step} | {a:.3f} | {b:.3f} | {fmt(ah)} | {fmt(bh)}", flush=True)
+            curves.append({"step": step, "slr_zoo": round(a, 4), "reference": round(b, 4),
+                           "slr_zoo_by_hops": [round(x, 4) for x in ah], "reference_by_hops": [round(x, 4) for x in bh]})
+            if args.json:  # after every evaluation, so that a run stopped early keeps its curve
+                write_json(args.json, {"setting": {k: v for k, v in vars(args).items() if k != "json"}, "curves": curves})
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from slr_zoo.files import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "2 + 2 =",
@@ -276,8 +278,7 @@ def main(argv=None) -> None:
         figures[part] = {"exact": part_exact, "retrofit": part_retrofit, "overhead": part_overhead,
                          "zeroshot": part_zeroshot, "finetuned": part_finetuned}[part](args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2))
+        write_json(args.json, figures)
         print(f"wrote {args.json}")
 
 

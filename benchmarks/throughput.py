@@ -18,12 +18,13 @@ layers (the loop's own work, or memory traffic that grows with depth).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from slr_zoo.files import write_json
 
 
 def parse_args(argv=None):
@@ -141,8 +142,7 @@ def main(argv=None) -> int:
                                "backprop_steps": args.backprop or None, "threads": torch.get_num_threads(),
                                "rounds": args.rounds},
                    "rows": rows}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(args.json, figures)
         print(f"figures written to {args.json}")
     return 0
 

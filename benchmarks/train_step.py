@@ -14,13 +14,14 @@ the two so that a change in the machine's load touches both alike; medians are r
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from slr_zoo.files import write_json
 
 
 def parse_args(argv=None):
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
         out = {"recipe": args.recipe, "cell": cell.label, "threads": torch.get_num_threads(), "ms": figures}
         if gpt2:
             out["ratio_gelu_new_over_built"] = round(figures["gelu_new"]["step"] / base, 4)
-        args.json.write_text(json.dumps(out, indent=2))
+        write_json(args.json, out)
         print(f"wrote {args.json}")
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from slr_zoo.files import atomic_write
+from slr_zoo.files import write_json
 from slr_zoo.generate import precision_context
 from slr_zoo.recipe import load_cell
 from slr_zoo.tasks.encoding import prompt_ids
@@ -207,7 +207,7 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
         "logit_lens": lens,
         "probes": {"entity": _entity_probes(states_by_t, records), "reach": _reach_summary(probe_rows, trained)},
     }
-    atomic_write(run_dir / "eval.json", json.dumps(report, indent=2))
+    write_json(run_dir / "eval.json", report)
     _plot(rows, trained, run_dir / "accuracy_vs_steps.png")
     _plot_histogram(histogram, run_dir / "depth_histogram.png")
     _plot_stability(report["stability"], trained, run_dir / "stability.png")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -16,3 +18,8 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     else:
         tmp.write_text(data)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any, default=None) -> None:
+    """``obj`` as indented JSON, written atomically; ``default`` as in ``json.dumps``."""
+    atomic_write(path, json.dumps(obj, indent=2, default=default) + "\n")

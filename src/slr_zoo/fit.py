@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from slr_zoo.files import atomic_write
+from slr_zoo.files import atomic_write, write_json
 from slr_zoo.recipe import check_cell, differences, expand, load, resolve_stored, validate
 from slr_zoo.registry import ComponentError
 from slr_zoo.training.checkpoint import CheckpointError, check_finished
@@ -265,7 +265,7 @@ def _run_guarded(cell, directory: Path) -> dict:
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write(directory / "error.log", traceback.format_exc())
         if _is_global_zero():
-            atomic_write(directory / "summary.json", json.dumps(summary, indent=2))
+            write_json(directory / "summary.json", summary)
         return summary
 
 

@@ -6,7 +6,6 @@ recipe itself; the resolved recipe is only saved, as the cell's ``config.yaml``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 import yaml
 
-from slr_zoo.files import atomic_write
+from slr_zoo.files import atomic_write, write_json
 from slr_zoo.tasks.base import Task
 from slr_zoo.training.checkpoint import remove_stale_temporaries, resume_point, sha256_of
 from slr_zoo.training.data import ReasoningDataModule
@@ -91,7 +90,7 @@ def run_cell(parts: CellParts, directory: Path, keys: dict[str, Any] | None = No
     if last.is_file():  # what a later run checks before it trusts this finished one
         summary["checkpoint_sha256"] = sha256_of(last)
     if trainer.is_global_zero:
-        atomic_write(directory / "summary.json", json.dumps(summary, indent=2))
+        write_json(directory / "summary.json", summary)
     return summary
 
 

@@ -1,0 +1,39 @@
+"""The benchmarks' shared contract: each takes ``--json PATH`` and writes its figures there, whole or
+not at all."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from slr_zoo.files import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if '__name__ == "__main__"' in p.read_text())
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_every_benchmark_takes_a_json_path(script, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # benchmarks import their shared helpers
+    spec = importlib.util.spec_from_file_location(f"benchmark_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0 and "--json" in capsys.readouterr().out
+
+
+def test_figures_are_written_into_a_new_folder_and_a_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "not" / "yet" / "figures.json"
+    write_json(path, {"ratio": 0.5})
+    assert json.loads(path.read_text()) == {"ratio": 0.5}
+    with pytest.raises(TypeError):
+        write_json(path, {"ratio": object()})
+    assert json.loads(path.read_text()) == {"ratio": 0.5}
+    assert [p.name for p in path.parent.iterdir()] == ["figures.json"]  # no temporary file left behind
+    write_json(path, {"device": sys.platform, "when": Path("x")}, default=str)
+    assert json.loads(path.read_text())["when"] == "x"

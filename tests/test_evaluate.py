@@ -91,7 +91,7 @@ def test_stability_matches_a_hand_computation_on_a_two_step_run():
         torch.testing.assert_close(got, want)
     real = mask.bool()
     by_hand = {"delta": [], "norm": []}
-    for prev, h in ((h0, h1), (h1, h2)):
+    for prev, h in ((h0.detach(), h1.detach()), (h1.detach(), h2.detach())):
         m = real[..., None].double()
         change = [((h - prev) * m)[b].norm() / (prev * m)[b].norm() for b in range(3)]
         norm = [(h * m)[b].norm() / real[b].sum().double().sqrt() for b in range(3)]

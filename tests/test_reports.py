@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from slr_zoo.recipe import expand, load
 from slr_zoo.reports.results import steps_to_fit, write_reports
 
@@ -116,3 +118,26 @@ def test_a_variant_keeps_one_colour_over_its_seeds_which_differ_by_line_style():
     assert {c for c, _ in plain} == {0} and {c for c, _ in gated} == {1}
     assert len({d for _, d in plain}) == 3 and [d for _, d in plain] == [d for _, d in gated]
     assert styles["combine=none, max_steps=1"] == (2, "-")  # another variant: a colour of its own
+
+
+@pytest.mark.filterwarnings("error::UserWarning")  # matplotlib's "tight layout not applied": names cut off
+def test_a_union_grid_over_components_is_named_as_the_grid_wrote_it(tmp_path):
+    """compare_training-style grids: a component set in one part of the grid and left alone in
+    another is named by what the grid wrote there, not by every default of the resolved recipe,
+    and two keys that end alike ("loop.max_steps", "trainer.max_steps") are told apart."""
+    recipe = load(str(ROOT / "recipes/quickstart.yaml"))
+    recipe["grid"] = [{"training": [{"encoding": "cot"}], "loop.max_steps": [1]},
+                      {"loop": [{"max_steps": 6, "reach_supervision": 0.0}], "trainer.max_steps": [30]}]
+    cells = expand(recipe)
+    run_dir = tmp_path / "union"
+    for cell in cells:
+        write_curve(run_dir / cell.label / "train_curve.csv", [2.0] * 100)
+        (run_dir / cell.label / "summary.json").write_text(json.dumps({
+            "status": "ok", "val_accuracy": 0.5, "mean_steps": 6.0, "train_seconds": 10.0, "train_steps": 100,
+            "params": 1000, "hop_accuracy": {"1": 0.5, "2": 0.5}}))
+    text = write_reports(recipe, cells, run_dir)
+    header = next(line for line in text.splitlines() if line.startswith("| training"))
+    assert header.startswith("| training | loop.max_steps | loop | trainer.max_steps |")
+    assert "| encodingcot | 1 | (recipe's) |" in text
+    assert "| (recipe's) | 6 | max_steps6-reach_supervision0.0 | 30 |" in text
+    assert max(len(line) for line in text.splitlines() if line.startswith("| ")) < 200

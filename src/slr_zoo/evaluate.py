@@ -410,15 +410,20 @@ def _plot(rows, trained: int, path: Path) -> None:
 
 def _plot_histogram(histogram: dict, path: Path) -> None:
     fig, ax = _axes()
+    drawn = False
     for key, label in (("first_token", "first answer token (per sample)"), ("every_token", "every generated token")):
         counts = histogram.get(key) or {}
         if counts:
             total = sum(counts.values())
             ax.bar([int(k) + (-0.2 if key == "first_token" else 0.2) for k in counts], [v / total for v in counts.values()],
                    width=0.4, label=label)
+            drawn = True
     ax.set_xlabel("loop iterations used (recipe's halting policy)")
     ax.set_ylabel("fraction")
-    ax.legend(fontsize=7)
+    if drawn:
+        ax.legend(fontsize=7)
+    else:  # the trained depth was not among the evaluated ones (--steps)
+        ax.text(0.5, 0.5, "the trained depth was not evaluated", ha="center", va="center", transform=ax.transAxes)
     _save(fig, path)
 
 

@@ -23,6 +23,7 @@ import argparse
 import csv
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -85,42 +86,42 @@ def _plot_lines(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for label, (xs, ys) in series.items():
         colour, dashes = line_style(label, list(series))
-        ax.plot(xs, ys, marker="o", ms=3, label=label, color=colours[colour % len(colours)], linestyle=dashes)
+        ax.plot(xs, ys, marker="o", ms=3, label=textwrap.fill(label, 48), color=colours[colour % len(colours)],
+                linestyle=dashes)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
     if ylim:
         ax.set_ylim(*ylim)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: names are long
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def _name(cell_dir: Path, keys: list[str]) -> str:
-    """The cell's variant, named by its grid keys' values in its stored config."""
-    from slr_zoo.recipe.grid import value_label
-    from slr_zoo.reports.results import lookup
+def _name(cell_dir: Path, keys: list[str], chosen: dict | None) -> str:
+    """The cell's variant, named by its grid keys: as the grid wrote them (``chosen``) where the cell
+    is one of the grid's, else from its stored config."""
+    from slr_zoo.reports.results import lookup, shown_values, variant_name
 
     config = yaml.safe_load((cell_dir / "config.yaml").read_text()) or {}
-    parts = []
-    for key in keys:
-        value = lookup(config, key)
-        parts.append(f"{key.split('.')[-1]}={value_label(value) if isinstance(value, (dict, list)) else value}")
-    return ", ".join(parts) or cell_dir.name
+    if chosen is None:
+        chosen = {k: lookup(config, k) for k in keys}
+    return variant_name(shown_values(chosen, config, keys), keys) if keys else cell_dir.name
 
 
-def extra_plots(run_dir: Path, keys: list[str]) -> list[Path]:
+def extra_plots(run_dir: Path, keys: list[str], grid_cells: list = ()) -> list[Path]:
+    chosen = {cell.label: cell.keys for cell in grid_cells}
     cells = sorted(p.parent for p in run_dir.glob("*/summary.json") if not p.parent.name.startswith("."))
     depth, steps, change, histograms = {}, {}, {}, {}
     for cell in cells:
-        name = _name(cell, keys)
+        name = _name(cell, keys, chosen.get(cell.name))
         evaluation = cell / "eval.json"
         if evaluation.is_file():
             report = json.loads(evaluation.read_text())
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
 
     keys = [k for k in grid_keys(recipe.get("grid"))]
     print(write_reports(recipe, cells, args.run_dir))
-    plots = extra_plots(args.run_dir, keys)  # one line per cell, so seeds are named too
+    plots = extra_plots(args.run_dir, keys, cells)  # one line per cell, so seeds are named too
     cells_logged = write_hparams(args.run_dir, keys)
     print(f"wrote {args.run_dir}/results.csv, results.md, {', '.join(p.name for p in plots) or 'no extra plots'}; "
           f"hparams of {cells_logged} cell(s) in {args.run_dir}/hparams")

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -71,31 +72,43 @@ def lookup(recipe: dict, dotted: str) -> Any:
     return node
 
 
+def shown_values(chosen: dict, recipe: dict, keys: list[str]) -> dict[str, Any]:
+    """A cell's value of each grid key as the grid wrote it (``chosen``); a component or group of keys
+    that the cell's part of the grid leaves alone would show every default of ``recipe``, so it
+    reads "(recipe's)"."""
+    from slr_zoo.recipe.grid import value_label
+
+    out = {}
+    for key in keys:
+        value = chosen[key] if key in chosen else lookup(recipe, key)
+        if isinstance(value, (dict, list)):
+            value = value_label(value) if key in chosen else "(recipe's)"
+        out[key] = value
+    return out
+
+
 def collect(run_dir: Path, cells: Iterable, keys: list[str]) -> list[dict]:
     """One row per cell, in grid order (cells not run yet are ``missing``), then one per other
     finished cell folder under ``run_dir``: a smaller grid or a single run under the same name
     adds to the table instead of hiding what is already there."""
     import yaml
 
-    from slr_zoo.recipe.grid import value_label
-
-    def shown(value):
-        return value_label(value) if isinstance(value, (dict, list)) else value
 
     rows = []
     cells = list(cells)
     others = sorted(p.parent.name for p in run_dir.glob("*/summary.json") if not p.parent.name.startswith("."))
     known = {cell.label for cell in cells}
-    listed = [(cell.label, cell.recipe) for cell in cells]
+    listed = [(cell.label, cell.recipe, cell.keys) for cell in cells]
     for label in others:
         if label not in known:
             try:
-                listed.append((label, yaml.safe_load((run_dir / label / "config.yaml").read_text()) or {}))
+                config = yaml.safe_load((run_dir / label / "config.yaml").read_text()) or {}
             except (OSError, yaml.YAMLError):
-                listed.append((label, {}))
-    for label, recipe in listed:
+                config = {}
+            listed.append((label, config, {k: lookup(config, k) for k in keys}))
+    for label, recipe, chosen in listed:
         row = {"cell": label}
-        row.update({k: shown(lookup(recipe, k)) for k in keys})
+        row.update(shown_values(chosen, recipe, keys))
         path = run_dir / label / "summary.json"
         if path.is_file():
             summary = json.loads(path.read_text())
@@ -199,7 +212,7 @@ def _mean_hops(rows: list[dict]) -> dict[str, float]:
 def write_markdown(name: str, table: list[dict], keys: list[str], rows: list[dict], path: Path,
                    description: str = "") -> str:
     group_keys = [k for k in keys if k != "seed"]
-    header = [*(k.split(".")[-1] for k in group_keys), "seeds", "val accuracy (%)", "mean steps",
+    header = [*key_names(group_keys).values(), "seeds", "val accuracy (%)", "mean steps",
               "steps to fit", "train s", "params"]
     lines = [f"# {name}", ""]
     if description:
@@ -259,9 +272,17 @@ def _cost_text(key: str, value: float) -> str:
     return f"{value:.2f}"
 
 
+def key_names(keys: list[str]) -> dict[str, str]:
+    """Each dotted grid key by its last part ("combine"), or whole where two keys share that part
+    ("loop.max_steps" beside "trainer.max_steps")."""
+    last = [k.split(".")[-1] for k in keys]
+    return {k: (short if last.count(short) == 1 else k) for k, short in zip(keys, last)}
+
+
 def variant_name(entry: dict, keys: list[str]) -> str:
     """A legend entry that says what varies: "combine=gated, max_steps=6"."""
-    return ", ".join(f"{k.split('.')[-1]}={entry[k]}" for k in keys) or "run"
+    names = key_names(keys)
+    return ", ".join(f"{names[k]}={entry[k]}" for k in keys) or "run"
 
 
 def plot(table: list[dict], keys: list[str], directory: Path, rows: list[dict] = ()) -> list[Path]:
@@ -277,26 +298,30 @@ def plot(table: list[dict], keys: list[str], directory: Path, rows: list[dict] =
     if not done:
         return []
     labels = [variant_name(e, group_keys) for e in done]
+    # horizontal bars with wrapped names: a grid over components or tasks has names of 100 characters
+    wrapped = [textwrap.fill(label, 48) for label in labels]
+    lines = sum(w.count("\n") + 1 for w in wrapped)
     written = []
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(done) + 2), 4))
-    ax.bar(range(len(done)), [100 * e["_accuracy"] for e in done], yerr=[100 * e["_std"] for e in done], capsize=4)
-    ax.set_xticks(range(len(done)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(" × ".join(k.split(".")[-1] for k in group_keys) or "accuracy")
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.17 * lines + 0.12 * len(done) + 1.2)))
+    ax.barh(range(len(done)), [100 * e["_accuracy"] for e in done], xerr=[100 * e["_std"] for e in done], capsize=3)
+    ax.set_yticks(range(len(done)), wrapped, fontsize=7)
+    ax.invert_yaxis()  # the grid's order, top to bottom
+    ax.set_xlabel("validation accuracy (%)")
+    ax.set_xlim(0, 100)
+    ax.set_title(textwrap.fill(" × ".join(key_names(group_keys).values()) or "accuracy", 80), fontsize=9)
     fig.tight_layout()
     written.append(directory / "accuracy.png")
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
     if any(e["_hops"] for e in done):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for e, label in zip(done, labels):
+        fig, ax = plt.subplots(figsize=(9, 4))
+        for e, label in zip(done, wrapped):
             hops = list(e["_hops"])
             ax.plot([int(h) for h in hops], [100 * e["_hops"][h] for h in hops], marker="o", label=label)
         ax.set_xlabel("hops")
         ax.set_ylabel("validation accuracy (%)")
         ax.set_ylim(0, 102)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.tight_layout()
         written.append(directory / "accuracy_by_hops.png")
         fig.savefig(written[-1], dpi=120)

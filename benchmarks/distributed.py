@@ -174,14 +174,15 @@ def main(argv=None) -> None:
         print(f"{name:<22} {tokens / seconds:>9.0f} {rss:>9.1f} {step_rss:>13.1f} {states:>13.1f}")
     best = max(rows["1 process, 1 thread"][0], rows["1 process, 2 threads"][0])
     ddp, fsdp = rows["DDP x2"], rows["FSDP2 x2"]
+    figures["ratio_ddp_over_best_single"] = round(ddp[0] / best, 3)
+    fsdp_over_ddp = figures["ratio_fsdp_over_ddp"] = {
+        "throughput": round(fsdp[0] / ddp[0], 3), "peak_rss": round(fsdp[1] / ddp[1], 3),
+        "step_rss": round(fsdp[2] / ddp[2], 3), "model_states": round(fsdp[3] / ddp[3], 3)}
     print(f"DDP x2 / best single process throughput: {ddp[0] / best:.2f}x "
           f"(/ 1 thread: {ddp[0] / rows['1 process, 1 thread'][0]:.2f}x)")
-    print(f"FSDP2 / DDP per rank: peak RSS {fsdp[1] / ddp[1]:.2f}, RSS in steps {fsdp[2] / ddp[2]:.2f}, "
-          f"model states {fsdp[3] / ddp[3]:.2f}; throughput {fsdp[0] / ddp[0]:.2f}x")
+    print(f"FSDP2 / DDP per rank: peak RSS {fsdp_over_ddp['peak_rss']:.2f}, RSS in steps {fsdp_over_ddp['step_rss']:.2f}, "
+          f"model states {fsdp_over_ddp['model_states']:.2f}; throughput {fsdp_over_ddp['throughput']:.2f}x")
     if args.json:
-        figures["ratio_ddp_over_best_single"] = round(ddp[0] / best, 3)
-        figures["ratio_fsdp_over_ddp"] = {"peak_rss": round(fsdp[1] / ddp[1], 3), "step_rss": round(fsdp[2] / ddp[2], 3),
-                                          "model_states": round(fsdp[3] / ddp[3], 3), "throughput": round(fsdp[0] / ddp[0], 3)}
         write_json(args.json, figures)
         print(f"wrote {args.json}")
 

@@ -93,7 +93,6 @@ def collect(run_dir: Path, cells: Iterable, keys: list[str]) -> list[dict]:
     adds to the table instead of hiding what is already there."""
     import yaml
 
-
     rows = []
     cells = list(cells)
     others = sorted(p.parent.name for p in run_dir.glob("*/summary.json") if not p.parent.name.startswith("."))

@@ -224,3 +224,16 @@ def test_the_reach_probes_option_choice_is_scored_only_where_the_answer_names_an
         query = torch.ones_like(ids, dtype=torch.bool)
         batch = _reach_batch(probe, [torch.randn(1, ids.size(1), 4)], [record], tokenizer, task, ids, query)
         assert len(batch["chosen"]) == scored, task
+
+
+@pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--batch-size", "-4"), ("--limit", "-1"),
+                                           ("--limit", "0"), ("--limit", "many")])
+def test_a_count_below_one_is_refused_by_its_option_name(option, value, tmp_path, capsys):
+    """A negative --limit would slice from the end (7 of 8 records, silently) and a batch size
+    below one divides by zero: both are refused before the cell loads."""
+    from slr_zoo import evaluate
+
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main([str(tmp_path), option, value])
+    assert exit_.value.code == 2
+    assert f"argument {option}: must be an integer >= 1, got '{value}'" in capsys.readouterr().err

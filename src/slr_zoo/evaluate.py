@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from slr_zoo.files import write_json
-from slr_zoo.generate import precision_context
+from slr_zoo.generate import positive_int, precision_context
 from slr_zoo.recipe import load_cell
 from slr_zoo.tasks.encoding import prompt_ids
 from slr_zoo.training.checkpoint import CheckpointError
@@ -50,9 +50,9 @@ def parse_args(argv):
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", type=Path, default=None, help="a Coconut-format json file to evaluate instead")
     source.add_argument("--ood", action="store_true", help="the task's harder generated split")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N records only")
     parser.add_argument("--show", type=int, default=3, help="examples whose intermediate states are shown")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--rerun", action="store_true",
                         help="on a grid: evaluate cells again that already have an eval.json of these arguments")
     return parser.parse_args(argv)

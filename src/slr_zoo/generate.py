@@ -113,17 +113,30 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 32, steps: int 
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    """argparse type of a count or a size (records, a batch, rounds, threads, tokens): 0 or a
+    negative number is refused with the option's name (exit status 2) before anything loads, not
+    met later as a division by zero, a loop that never runs, or a slice from the end."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m slr_zoo.generate", description=__doc__.split("\n\n")[1])
     parser.add_argument("run_dir", type=Path, help="a trained cell directory: runs/<name>/<cell>")
     parser.add_argument("--prompt", action="append", required=True, help="a question (repeat for a batch)")
-    parser.add_argument("--steps", type=int, default=None, help="loop depth (default: the trained max_steps)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="loop depth (default: the trained max_steps)")
     parser.add_argument("--halting", nargs="+", default=None, metavar=("NAME", "KEY=VALUE"),
                         help="halting policy at inference and its arguments, e.g. kl threshold=1e-3")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-k", type=positive_int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     parser.add_argument("--cache-strategy", default="latest", help="what later tokens read where a token exited "
@@ -172,8 +185,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        if args.steps is not None and args.steps < 1:
-            raise ValueError(f"--steps must be a loop depth >= 1, got {args.steps}")
         empty = [i for i, prompt in enumerate(args.prompt, start=1) if not prompt.strip()]
         if empty:
             raise ValueError(f"--prompt {empty[0]} is empty; give the question to answer")

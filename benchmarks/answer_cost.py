@@ -23,15 +23,17 @@ from pathlib import Path
 import torch
 
 from slr_zoo.files import write_json
+from slr_zoo.generate import positive_int
+from slr_zoo.training.checkpoint import CheckpointError
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("cells", type=Path, nargs="+", help="trained cell directories; the first is the baseline")
-    p.add_argument("--limit", type=int, default=200, help="validation records answered by every cell")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--limit", type=positive_int, default=200, help="validation records answered by every cell")
+    p.add_argument("--rounds", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=100)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = p.parse_args(argv)
     if len(args.cells) < 2:
@@ -67,10 +69,16 @@ class Cell:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    cells = [Cell(path, args.limit, args.batch_size) for path in args.cells]
+    try:
+        cells = [Cell(path, args.limit, args.batch_size) for path in args.cells]
+    except (FileNotFoundError, ValueError, CheckpointError) as err:  # a folder that is not a trained cell
+        print(f"answer_cost: {err}", file=sys.stderr)
+        return 2
     questions = {tuple(r["question"] for r in cell.records) for cell in cells}
     if len(questions) != 1:
-        sys.exit("the cells validate on different records; compare cells of one task and validation file")
+        print("answer_cost: the cells validate on different records; compare cells of one task and validation file",
+              file=sys.stderr)
+        return 2
     for cell in cells:  # warm-up, and the figures that do not depend on time
         cell.correct, cell.passes, cell.tokens = cell.answer()
     seconds = {cell.path: [] for cell in cells}

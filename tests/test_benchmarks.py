@@ -37,3 +37,25 @@ def test_figures_are_written_into_a_new_folder_and_a_failed_write_keeps_the_old_
     assert [p.name for p in path.parent.iterdir()] == ["figures.json"]  # no temporary file left behind
     write_json(path, {"device": sys.platform, "when": Path("x")}, default=str)
     assert json.loads(path.read_text())["when"] == "x"
+
+
+def _answer_cost(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import answer_cost
+
+    return answer_cost
+
+
+@pytest.mark.parametrize("option, value", [("--limit", "0"), ("--limit", "-1"), ("--rounds", "0"),
+                                           ("--batch-size", "0"), ("--threads", "0")])
+def test_answer_cost_refuses_a_count_below_one_by_its_option_name(option, value, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_:
+        _answer_cost(monkeypatch).main([str(tmp_path), str(tmp_path), option, value])
+    assert exit_.value.code == 2
+    assert f"argument {option}: must be an integer >= 1, got '{value}'" in capsys.readouterr().err
+
+
+def test_answer_cost_names_a_folder_that_is_not_a_trained_cell(tmp_path, capsys, monkeypatch):
+    (tmp_path / "grid" / "seed=0").mkdir(parents=True)  # a grid's folder, not one of its cells
+    assert _answer_cost(monkeypatch).main([str(tmp_path / "grid"), str(tmp_path / "nothing")]) == 2
+    assert f"answer_cost: {tmp_path / 'grid'} is not a cell directory (no config.yaml)" in capsys.readouterr().err

@@ -141,3 +141,64 @@ def test_a_union_grid_over_components_is_named_as_the_grid_wrote_it(tmp_path):
     assert "| encodingcot | 1 | (recipe's) |" in text
     assert "| (recipe's) | 6 | max_steps6-reach_supervision0.0 | 30 |" in text
     assert max(len(line) for line in text.splitlines() if line.startswith("| ")) < 200
+
+
+def _seed_grid(tmp_path: Path) -> Path:
+    """A two-seed grid of finished cells, written as fit writes it."""
+    import yaml
+
+    from slr_zoo.recipe.grid import expand
+
+    recipe = {"name": "g", "seed": 0, "task": {"name": "iterate"}, "grid": {"seed": [0, 1]}}
+    run_dir = tmp_path / "g"
+    run_dir.mkdir()
+    (run_dir / "grid.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    for cell in expand(recipe):
+        (run_dir / cell.label).mkdir()
+        (run_dir / cell.label / "config.yaml").write_text(yaml.safe_dump(cell.recipe))
+        (run_dir / cell.label / "summary.json").write_text(json.dumps({
+            "status": "ok", "val_accuracy": 0.5, "mean_steps": 4.0, "train_seconds": 1.0, "train_steps": 10,
+            "params": 100, "hop_accuracy": {}}))
+    return run_dir
+
+
+@pytest.mark.parametrize("damage", ["{bad", '"ok"', "[1, 2]"])
+def test_a_damaged_summary_is_skipped_and_named_while_the_other_cells_are_reported(damage, tmp_path, capsys):
+    from slr_zoo import evaluate, report
+
+    run_dir = _seed_grid(tmp_path)
+    (run_dir / "seed=1" / "summary.json").write_text(damage)
+    assert report.main([str(run_dir)]) == 0
+    assert f"report: seed=1: skipped ({run_dir / 'seed=1' / 'summary.json'} " in capsys.readouterr().err
+    rows = {r["cell"]: r for r in csv.DictReader((run_dir / "results.csv").open())}
+    assert rows["seed=0"]["status"] == "ok" and rows["seed=1"]["status"] == "unreadable"
+    assert "| 1/2 | 50.0 |" in (run_dir / "results.md").read_text()
+    # evaluate on the grid passes the cell by the same reading: no cell has weights, nothing is evaluated
+    evaluate.evaluate_grid(run_dir, depths=[1])
+    assert f"seed=1: skipped ({run_dir / 'seed=1' / 'summary.json'} " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grid, message", [
+    ("", r"grid\.yaml holds nothing, not the grid's recipe; remove it"),
+    ("[1, 2]", r"grid\.yaml holds a list, not the grid's recipe"),
+    ("name: [a: b\n", r"cannot parse .*g/grid\.yaml"),
+    ("name: g\ngrid: [3]\n", r"g/grid\.yaml: grid\[0\]: expected a mapping"),
+])
+def test_a_damaged_grid_yaml_is_named_with_exit_status_2(grid, message, tmp_path, capsys):
+    import re
+
+    from slr_zoo import report
+
+    run_dir = _seed_grid(tmp_path)
+    (run_dir / "grid.yaml").write_text(grid)
+    assert report.main([str(run_dir)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_grid_yaml_without_a_name_is_titled_by_its_folder(tmp_path):
+    from slr_zoo import report
+
+    run_dir = _seed_grid(tmp_path)
+    (run_dir / "grid.yaml").write_text("grid: {seed: [0, 1]}\n")
+    assert report.main([str(run_dir)]) == 0
+    assert (run_dir / "results.md").read_text().startswith("# g\n")

@@ -244,6 +244,7 @@ def evaluate_grid(run_dir: Path, depths=None, split="val", limit=None, show=3, b
     it again skips cells already evaluated with the same arguments. Returns the evaluated and the
     failed cells."""
     from slr_zoo import report as grid_report
+    from slr_zoo.reports.results import read_summary
 
     cells = sorted(p.parent for p in run_dir.glob("*/summary.json") if not p.parent.name.startswith("."))
     if not cells:
@@ -253,9 +254,9 @@ def evaluate_grid(run_dir: Path, depths=None, split="val", limit=None, show=3, b
     done, failed = [], []
     for i, cell in enumerate(cells, start=1):
         try:
-            summary = json.loads((cell / "summary.json").read_text())
+            summary = read_summary(cell / "summary.json")
         except ValueError as err:
-            print(f"[{i}/{len(cells)}] {cell.name}: skipped (unreadable summary.json: {err})", file=sys.stderr)
+            print(f"[{i}/{len(cells)}] {cell.name}: skipped ({err})", file=sys.stderr)
             continue
         if summary.get("status", "ok") != "ok":
             print(f"[{i}/{len(cells)}] {cell.name}: skipped (status {summary.get('status')!r})")

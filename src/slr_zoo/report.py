@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from slr_zoo.recipe.grid import Cell, expand
-from slr_zoo.reports.results import METRICS, write_reports
+from slr_zoo.reports.results import METRICS, read_summary, write_reports
 
 
 def _leaves(node, prefix=""):
@@ -44,12 +44,19 @@ def grid_and_cells(run_dir: Path) -> tuple[dict, list]:
     """The grid recipe and its cells: from ``grid.yaml``, else derived from the cell folders."""
     stored = run_dir / "grid.yaml"
     if stored.is_file():
-        recipe = yaml.safe_load(stored.read_text())
-        return recipe, expand(recipe)
+        recipe = _read_yaml(stored)
+        if not isinstance(recipe, dict):
+            raise ValueError(f"{stored} holds {'nothing' if recipe is None else 'a ' + type(recipe).__name__}, "
+                             "not the grid's recipe; remove it to name the variants from the cells' config.yaml")
+        recipe["name"] = recipe.get("name") or run_dir.name  # the report's title alone
+        try:
+            return recipe, expand(recipe)
+        except ValueError as err:
+            raise ValueError(f"{stored}: {err}") from None
     folders = sorted(p.parent for p in run_dir.glob("*/config.yaml") if not p.parent.name.startswith("."))
     if not folders:
         raise FileNotFoundError(f"{run_dir} holds no cells (no */config.yaml); pass runs/<name>")
-    configs = {f.name: yaml.safe_load((f / "config.yaml").read_text()) or {} for f in folders}
+    configs = {f.name: _read_yaml(f / "config.yaml") or {} for f in folders}
     values: dict[str, set] = {}
     for config in configs.values():
         for key, value in _leaves(config):
@@ -59,6 +66,13 @@ def grid_and_cells(run_dir: Path) -> tuple[dict, list]:
     recipe = {"name": first.get("name", run_dir.name), "description": first.get("description", ""),
               "grid": {k: [] for k in keys}}
     return recipe, [Cell(i, label, {}, config) for i, (label, config) in enumerate(configs.items())]
+
+
+def _read_yaml(path: Path):
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"cannot parse {path}: {err}") from None
 
 
 LINE_STYLES = ("-", "--", ":", "-.")
@@ -158,7 +172,10 @@ def write_hparams(run_dir: Path, keys: list[str]) -> int:
     count = 0
     for summary_path in sorted(run_dir.glob("*/summary.json")):
         cell = summary_path.parent
-        summary = json.loads(summary_path.read_text())
+        try:
+            summary = read_summary(summary_path)
+        except ValueError:  # the table's rows have said so
+            continue
         config = yaml.safe_load((cell / "config.yaml").read_text()) or {}
         hparams = {}
         for key in keys:
@@ -177,7 +194,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe, cells = grid_and_cells(args.run_dir)
-    except (FileNotFoundError, yaml.YAMLError) as err:
+    except (FileNotFoundError, ValueError) as err:
         print(f"report: {err}", file=sys.stderr)
         return 2
     from slr_zoo.reports.results import grid_keys

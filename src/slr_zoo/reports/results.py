@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import statistics
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,6 +20,19 @@ FIT_WINDOW, FIT_FRACTION = 50, 0.05
 COSTS = {"thoughts_per_answer": "thoughts", "mean_steps": "iterations per token",
          "tokens_per_answer": "tokens generated", "passes_per_answer": "sequential passes",
          "flops_per_answer": "FLOPs", "seconds_per_example": "ms per example"}
+
+
+def read_summary(path: Path) -> dict:
+    """A cell's ``summary.json``; a ValueError naming the file when it does not hold a JSON object
+    (cut short by a crash, or edited by hand), so that a report or a grid evaluation can skip that
+    cell and say why."""
+    try:
+        summary = json.loads(Path(path).read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path} holds {json.dumps(summary)[:60]}, not a cell's summary (a JSON object)")
+    return summary
 
 
 def read_curve(path: Path) -> tuple[list[int], list[float]]:
@@ -109,8 +123,12 @@ def collect(run_dir: Path, cells: Iterable, keys: list[str]) -> list[dict]:
         row = {"cell": label}
         row.update(shown_values(chosen, recipe, keys))
         path = run_dir / label / "summary.json"
-        if path.is_file():
-            summary = json.loads(path.read_text())
+        try:
+            summary = read_summary(path) if path.is_file() else None
+        except ValueError as err:  # out of every mean, and its reason in the error column
+            print(f"report: {label}: skipped ({err})", file=sys.stderr)
+            summary = {"status": "unreadable", "error": str(err)}
+        if summary is not None:
             row["status"] = summary.get("status", "ok")
             row.update({m: summary.get(m) for m in METRICS})
             row["error"] = summary.get("error", "")

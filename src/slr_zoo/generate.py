@@ -126,6 +126,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def torch_device(text: str) -> torch.device:
+    """argparse type of ``--device``: a device this machine can put a tensor on, refused by name
+    before the model loads (torch itself would fail at the first ``.to``, far from the option)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available ({why}); use cpu")
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError("'meta' tensors hold no values to generate from; use cpu or cuda")
+    try:
+        torch.empty(0, device=device)
+    except Exception as err:  # each backend fails in its own way; any failure means it is not usable here
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise argparse.ArgumentTypeError(f"{text!r} is not available on this machine ({first})") from None
+    return device
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m slr_zoo.generate", description=__doc__.split("\n\n")[1])
     parser.add_argument("run_dir", type=Path, help="a trained cell directory: runs/<name>/<cell>")
@@ -142,7 +162,7 @@ def parse_args(argv):
     parser.add_argument("--cache-strategy", default="latest", help="what later tokens read where a token exited "
                         "early: latest (Huginn's default) or frozen (exactly the uncached loop)")
     parser.add_argument("--no-cache", action="store_true", help="re-run the loop on the whole sequence per token")
-    parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    parser.add_argument("--device", type=torch_device, default=None, help="default: cuda when present, else cpu")
     return parser.parse_args(argv)
 
 
@@ -183,7 +203,7 @@ def main(argv=None) -> int:
     from slr_zoo.training.checkpoint import CheckpointError
 
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         empty = [i for i, prompt in enumerate(args.prompt, start=1) if not prompt.strip()]
         if empty:

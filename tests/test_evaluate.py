@@ -237,3 +237,25 @@ def test_a_count_below_one_is_refused_by_its_option_name(option, value, tmp_path
         evaluate.main([str(tmp_path), option, value])
     assert exit_.value.code == 2
     assert f"argument {option}: must be an integer >= 1, got '{value}'" in capsys.readouterr().err
+
+
+def test_a_data_file_is_named_its_unknown_words_warned_and_an_unevaluated_trained_depth_not_scored(
+        prosqa_cell, tmp_path, capsys):
+    """A file of another vocabulary scores near zero for that reason alone: the warning names the
+    words, the header the file; with --steps leaving the trained depth (2) out, no count of its
+    mistakes is claimed, and eval.json holds null there, not an empty list."""
+    from slr_zoo import evaluate
+
+    records = list(_task(prosqa_cell).records("val"))[:3]
+    records[1] = {**records[1], "question": "zebra " + records[1]["question"]}
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(records))
+    capsys.readouterr()
+    assert evaluate.main([str(prosqa_cell), "--data", str(path), "--steps", "1", "--show", "0"]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: 1 of 3 records of {path} have words the model's vocabulary lacks, read as [UNK]: zebra" \
+        in captured.err
+    assert f"3 records of {path}, trained at max_steps=2" in captured.out
+    assert "the trained depth (2) was not among --steps: no mistakes listed" in captured.out
+    assert "answered wrongly" not in captured.out
+    assert json.loads((prosqa_cell / "eval.json").read_text())["mistakes"] is None

@@ -9,7 +9,8 @@ states. ``eval.json`` has the sections:
   the iterations every generated token used (RQ2);
 - ``depth_histogram``: iterations used under the recipe's halting policy at the trained depth;
 - ``mistakes``: the records answered wrongly at the trained depth (index, hops, gold answer and
-  the generated text), so that what a model misses can be read without a script;
+  the generated text), so that what a model misses can be read without a script; null when
+  ``--steps`` leaves the trained depth out (an empty list would claim none was wrong);
 - ``stability``: per iteration, the relative change and norm of the state, the fraction of samples
   that diverge, and whether and when the state converges (``metrics/states.py``), run to twice the
   trained depth; with Parcae's diagonal injection, its contraction factor;
@@ -147,9 +148,10 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
     records = records[:limit]
     if not records:
         raise ValueError(f"no records to evaluate in {source!r}")
+    _warn_unknown_words(tokenizer, records, str(data) if data is not None else f"the {source} split")
     trained = model.max_steps
     depths = depths or _default_depths(trained)
-    rows, histogram, mistakes = [], {}, []
+    rows, histogram, mistakes = [], {}, None
     device = next(model.parameters()).device
     with precision_context(parts.trainer.precision, device):
         for steps in tqdm(depths, desc="accuracy by depth", file=sys.stderr):
@@ -213,6 +215,22 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
     _plot_stability(report["stability"], trained, run_dir / "stability.png")
     _plot_probes(report["probes"]["entity"], trained, run_dir / "probes.png")
     return report
+
+
+def _warn_unknown_words(tokenizer, records: list[dict], source: str) -> None:
+    """A word the cell's vocabulary lacks is read as its unknown token, so a file of another task
+    scores near zero for that reason alone: said before the accuracy is (as generate says it of a
+    prompt). The answer counts too: a word the model cannot write is an answer it cannot give."""
+    from slr_zoo.generate import unknown_words
+
+    words, affected = {}, 0
+    for record in records:
+        found = unknown_words(tokenizer, f"{record['question']} {record['answer']}")
+        affected += bool(found)
+        words.update(dict.fromkeys(found))
+    if affected:
+        print(f"evaluate: warning: {affected} of {len(records)} records of {source} have words the model's "
+              f"vocabulary lacks, read as {tokenizer.unk_token}: {', '.join(list(words)[:8])}", file=sys.stderr)
 
 
 def _arguments(depths, source: str, limit) -> dict:
@@ -482,13 +500,17 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
-    print(f"{report['records']} {args.split} records, trained at max_steps={report['trained_max_steps']}")
+    records = f"records of {args.data}" if args.data is not None else f"{report['split']} records"
+    print(f"{report['records']} {records}, trained at max_steps={report['trained_max_steps']}")
     print("| steps | accuracy | iterations per generated token | by hops |")
     print("|---|---|---|---|")
     for r in report["by_depth"]:
         hops = " ".join(f"{h}:{a:.2f}" for h, a in r["accuracy_by_hops"].items())
         print(f"| {r['steps']} | {r['accuracy']:.3f} | {r['mean_steps']:.2f} | {hops} |")
-    print(f"{len(report['mistakes'])} answered wrongly at the trained depth (eval.json: mistakes)")
+    if report["mistakes"] is None:
+        print(f"the trained depth ({report['trained_max_steps']}) was not among --steps: no mistakes listed")
+    else:
+        print(f"{len(report['mistakes'])} answered wrongly at the trained depth (eval.json: mistakes)")
     for question, item in report["logit_lens"].items():
         print(f"\n{question}  -> gold {item['answer']}")
         print("\n".join(item["states"]))

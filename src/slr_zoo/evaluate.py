@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from slr_zoo.files import write_json
-from slr_zoo.generate import positive_int, precision_context
+from slr_zoo.generate import check_thoughts_inference, positive_int, precision_context
 from slr_zoo.recipe import load_cell
 from slr_zoo.tasks.encoding import prompt_ids
 from slr_zoo.training.checkpoint import CheckpointError
@@ -46,7 +46,8 @@ def parse_args(argv):
     parser.add_argument("run_dir", type=Path, help="a cell directory, runs/<name>/<cell>, or a grid's folder, "
                         "runs/<name>, to evaluate each finished cell and write the grid's report")
     parser.add_argument("--steps", type=int, nargs="+", default=None,
-                        help="loop depths to evaluate (default: 1 .. 2 x the trained max_steps)")
+                        help="loop depths to evaluate (default: 1 .. 2 x the trained max_steps; a "
+                        "loop.mode: thoughts cell, its trained depth alone)")
     parser.add_argument("--split", default="val", choices=["train", "val"])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", type=Path, default=None, help="a Coconut-format json file to evaluate instead")
@@ -144,13 +145,15 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
     parts = load_cell(run_dir)
     task, tokenizer, model = parts.task, parts.tokenizer, parts.module.model
     encoding = parts.module.answer_scorer.encoding  # the prompt, thoughts and answer format it was trained with
+    trained = model.max_steps
+    depths = depths or _default_depths(trained, model.mode)
+    for steps in depths:
+        check_thoughts_inference(model, steps)
     records, source = _records(task, split, data, ood)
     records = records[:limit]
     if not records:
         raise ValueError(f"no records to evaluate in {source!r}")
     _warn_unknown_words(tokenizer, records, str(data) if data is not None else f"the {source} split")
-    trained = model.max_steps
-    depths = depths or _default_depths(trained)
     rows, histogram, mistakes = [], {}, None
     device = next(model.parameters()).device
     with precision_context(parts.trainer.precision, device):
@@ -238,8 +241,10 @@ def _arguments(depths, source: str, limit) -> dict:
     return {"steps": list(depths), "split": source, "limit": limit}
 
 
-def _default_depths(trained: int) -> list[int]:
-    return sorted({1, *range(1, 2 * trained + 1)})
+def _default_depths(trained: int, mode: str = "depth") -> list[int]:
+    """1 .. twice the trained depth; a thoughts-mode cell has no depth but its trained one
+    (``generate.check_thoughts_inference``)."""
+    return [trained] if mode == "thoughts" else sorted({1, *range(1, 2 * trained + 1)})
 
 
 def _evaluated(cell: Path, depths, source: str, limit) -> bool:
@@ -248,10 +253,11 @@ def _evaluated(cell: Path, depths, source: str, limit) -> bool:
 
     try:
         stored = json.loads((cell / "eval.json").read_text()).get("arguments")
-        trained = (yaml.safe_load((cell / "config.yaml").read_text())["loop"])["max_steps"]
+        loop = yaml.safe_load((cell / "config.yaml").read_text())["loop"]
+        default = _default_depths(loop["max_steps"], loop.get("mode", "depth"))
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
         return False
-    return stored == _arguments(depths or _default_depths(trained), source, limit)
+    return stored == _arguments(depths or default, source, limit)
 
 
 def evaluate_grid(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_size=64,

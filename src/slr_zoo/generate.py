@@ -178,6 +178,23 @@ def unknown_words(tokenizer, text: str) -> list[str]:
     return list(dict.fromkeys(w or "?" for w, i in zip(token_words(tokenizer, text), ids) if i == unk))
 
 
+def check_thoughts_inference(model, steps: int | None = None, halting: str | None = None) -> None:
+    """A ``loop.mode: thoughts`` cell (Coconut) was trained to make every thought in a pass of its
+    max_steps T with fixed halting, as fit requires: pass i runs at the stabiliser indices
+    i·T + 1 .. i·T + T. At another depth T', inference puts pass i at i·T' + 1 .. i·T' + T', the
+    step embeddings and loop LoRAs of another thought (or past the trained ones), and a halting
+    policy would end passes that training never ended; both are refused by name."""
+    if model.mode != "thoughts":
+        return
+    if halting is not None and halting != "fixed":
+        raise ValueError(f"--halting {halting}: a loop.mode: thoughts cell runs every thought at its trained depth "
+                         "(fit allows fixed halting only there); use --halting fixed or leave it out")
+    if steps is not None and steps != model.max_steps:
+        raise ValueError(f"--steps {steps}: a loop.mode: thoughts cell makes every thought in its trained "
+                         f"{model.max_steps} iterations; at another depth a thought would read the step embeddings "
+                         f"and loop LoRAs of another; use --steps {model.max_steps}")
+
+
 def halting_from_args(words: list[str], model):
     """A policy named on the command line. One with learned parameters must be the run's own
     (its trained parameters are kept, the given keys change its settings)."""
@@ -218,6 +235,7 @@ def main(argv=None) -> int:
         precision = parts.trainer.precision
         if precision in ("bf16-true", "16-true"):
             model = model.to(torch.bfloat16 if precision.startswith("bf16") else torch.float16)
+        check_thoughts_inference(model, args.steps, args.halting[0] if args.halting else None)
         policy = halting_from_args(args.halting, model) if args.halting else None
         result = generate(model, parts.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, steps=args.steps,
                           halting=policy, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,

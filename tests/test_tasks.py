@@ -298,6 +298,31 @@ def test_a_file_without_records_is_named(tmp_path, text):
         list(read_records(path))
 
 
+@pytest.mark.parametrize("text, message", [
+    (json.dumps({"records": [{"question": "q ?", "answer": "a"}]}),
+     r"obj\.json holds a JSON object with its records under 'records'; a records file is a JSON list of records, "
+     r"or JSON Lines"),
+    (json.dumps({"records": [{"question": "q ?", "answer": "a"}]}, indent=2),
+     r"obj\.json holds a JSON object with its records under 'records'"),
+    (json.dumps([{"question": "q ?", "answer": "a", "hops": "two"}]),
+     r"^record 0 of .*obj\.json: field 'hops' is not a Python literal: 'two'$"),
+], ids=["object", "pretty-printed object", "hops a word"])
+def test_a_file_that_is_not_a_list_of_records_or_a_bad_literal_is_told_as_written(tmp_path, text, message):
+    path = tmp_path / "obj.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        list(read_records(path))
+
+
+def test_a_directory_is_named_as_one_not_as_a_missing_file(tmp_path):
+    (tmp_path / "tiny").mkdir()
+    with pytest.raises(ValueError, match=r"tiny is a directory, not a records file"):
+        list(read_records(tmp_path / "tiny"))
+    task = build({"name": "json", "train": str(tmp_path / "tiny"), "val": str(tmp_path / "tiny")})
+    with pytest.raises(ValueError, match=r"tiny is a directory, not a records file"):  # what fit's check reads
+        next(iter(task.records("train")))
+
+
 def test_json_task_paths_are_checked_at_validation(tmp_path):
     recipe = load(REPO / "recipes" / "quickstart.yaml", [f"task={{name: json, train: {tmp_path}/no.json, val: x}}"])
     with pytest.raises(ComponentError, match=r"task\.train: no such file"):

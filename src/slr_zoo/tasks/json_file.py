@@ -38,12 +38,42 @@ def _raw_records(path: Path) -> Iterator[object]:
         for line_no, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    value = json.loads(line)
                 except json.JSONDecodeError as err:
+                    whole = _whole_file(path) if not found and head.startswith("{") else None
+                    if isinstance(whole, dict):  # one object spread over lines
+                        raise _object_error(path, _records_key(whole)) from None
                     raise ValueError(f"{path} line {line_no}: not valid JSON ({err})") from None
+                if not found and _records_key(value):
+                    raise _object_error(path, _records_key(value))
+                yield value
                 found = True
         if not found:
             raise ValueError(f"{path} holds no records (the file is empty)")
+
+
+def _records_key(value: object) -> str | None:
+    """The key of an object that holds the records rather than being one (``{"records": [...]}``,
+    as some exports wrap them): a field without a question whose value is a list of objects."""
+    if isinstance(value, dict) and "question" not in value:
+        return next((key for key, v in value.items()
+                     if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)), None)
+    return None
+
+
+def _whole_file(path: Path) -> object:
+    """The file parsed whole, or None: read only when its first line is not JSON, to tell a
+    pretty-printed object from a broken JSON Lines file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def _object_error(path: Path, key: str | None) -> ValueError:
+    where = f" with its records under {key!r}" if key else ""
+    return ValueError(f"{path} holds a JSON object{where}; a records file is a JSON list of records, or JSON "
+                      "Lines with one record per line")
 
 
 def clean_record(raw: object, index: int, source: str, literal_fields=LITERAL_FIELDS) -> Record:
@@ -58,7 +88,9 @@ def clean_record(raw: object, index: int, source: str, literal_fields=LITERAL_FI
             try:
                 record[key] = ast.literal_eval(value)
             except (ValueError, SyntaxError, MemoryError, RecursionError) as err:
-                raise ValueError(f"{where}: field {key!r} is not a Python literal ({err}): {value[:80]!r}") from None
+                # literal_eval's ValueError shows a parse-tree node (<ast.Name object at 0x...>), not the text
+                why = f" ({err.msg})" if isinstance(err, SyntaxError) else ""
+                raise ValueError(f"{where}: field {key!r} is not a Python literal{why}: {value[:80]!r}") from None
     answer = record.get("answer")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         record["answer"] = str(answer)
@@ -70,6 +102,8 @@ def clean_record(raw: object, index: int, source: str, literal_fields=LITERAL_FI
 def read_records(path: str | Path, literal_fields=LITERAL_FIELDS) -> Iterator[Record]:
     """The checked records of a Coconut-format file, in file order."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a records file (a JSON list of records, or JSON Lines)")
     if not path.is_file():
         raise FileNotFoundError(f"no such records file: {path}")
     for i, raw in enumerate(_raw_records(path)):

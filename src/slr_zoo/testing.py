@@ -125,16 +125,30 @@ def write_gguf(model, tokenizer, path: Path) -> Path:
 def main(argv=None) -> int:
     import argparse
 
+    from slr_zoo.generate import positive_int
+
     parser = argparse.ArgumentParser(prog="python -m slr_zoo.testing", description=__doc__.split("\n\n")[0])
-    parser.add_argument("directory", type=Path)
+    parser.add_argument("directory", type=Path, help="the Hugging Face directory to write; with --gguf, a path "
+                        "ending in .gguf names the GGUF file instead, and the directory is that path without it")
     parser.add_argument("--family", default="llama", choices=FAMILIES)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=positive_int, default=4)
     parser.add_argument("--gguf", action="store_true", help="also write DIRECTORY.gguf (llama only)")
     args = parser.parse_args(argv)
-    model, tokenizer = save_tiny_pretrained(args.directory, args.family, args.layers)
-    print(f"wrote a tiny random {args.family} ({args.layers} layers) and its tokenizer to {args.directory}")
+    directory, gguf = args.directory, args.directory.with_suffix(".gguf")
+    if args.directory.suffix == ".gguf":  # the GGUF file is what was named: the directory goes beside it
+        if not args.gguf:
+            parser.error(f"{args.directory} ends in .gguf: add --gguf to write a GGUF file there")
+        directory = args.directory.with_suffix("")
+    if args.gguf and args.family != "llama":
+        parser.error(f"--gguf writes llama.cpp's llama layout only; use --family llama (got {args.family})")
+    if directory.exists() and not directory.is_dir():
+        parser.error(f"{directory} is a file; give a directory to write the Hugging Face files to")
+    if args.gguf and gguf.is_dir():
+        parser.error(f"{gguf} is a directory; the GGUF file cannot be written there")
+    model, tokenizer = save_tiny_pretrained(directory, args.family, args.layers)
+    print(f"wrote a tiny random {args.family} ({args.layers} layers) and its tokenizer to {directory}")
     if args.gguf:
-        print(f"wrote {write_gguf(model, tokenizer, args.directory.with_suffix('.gguf'))}")
+        print(f"wrote {write_gguf(model, tokenizer, gguf)}")
     return 0
 
 

@@ -300,8 +300,8 @@ def test_a_file_without_records_is_named(tmp_path, text):
 
 @pytest.mark.parametrize("text, message", [
     (json.dumps({"records": [{"question": "q ?", "answer": "a"}]}),
-     r"obj\.json holds a JSON object with its records under 'records'; a records file is a JSON list of records, "
-     r"or JSON Lines"),
+     (r"obj\.json holds a JSON object with its records under 'records'; a records file is a JSON list of "
+      r"records, or JSON Lines")),
     (json.dumps({"records": [{"question": "q ?", "answer": "a"}]}, indent=2),
      r"obj\.json holds a JSON object with its records under 'records'"),
     (json.dumps([{"question": "q ?", "answer": "a", "hops": "two"}]),

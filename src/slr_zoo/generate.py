@@ -140,7 +140,7 @@ def torch_device(text: str) -> torch.device:
         raise argparse.ArgumentTypeError("'meta' tensors hold no values to generate from; use cpu or cuda")
     try:
         torch.empty(0, device=device)
-    except Exception as err:  # each backend fails in its own way; any failure means it is not usable here
+    except Exception as err:  # noqa: BLE001  (each backend fails in its own way: any failure means unusable)
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise argparse.ArgumentTypeError(f"{text!r} is not available on this machine ({first})") from None
     return device

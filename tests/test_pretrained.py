@@ -209,7 +209,8 @@ def test_finetune_needs_a_pretrained_base_and_lora_a_pretrained_model():
 @pytest.mark.parametrize("lora, message", [
     ({"rank": 0}, r"backbone\.lora\.rank: must be >= 1"),
     ({"rnak": 4}, r"backbone\.lora\.rnak: unknown key \(did you mean 'rank'\?\)"),
-    ({"targets": ["nowhere"]}, r"backbone\.lora\.targets: \['nowhere'\] \(nowhere\) match no linear layer"),
+    ({"targets": ["nowhere"]}, r"backbone\.lora\.targets: 'nowhere' matches no linear layer of the model; roles: attention"),
+    ({"targets": ["attention", "mpl"]}, r"backbone\.lora\.targets: 'mpl' matches no linear layer of the model"),
 ])
 def test_bad_lora_settings_are_named(tiny_dir, lora, message):
     recipe = tiny_recipe(backbone={"name": "llama", "pretrained": str(tiny_dir), "prelude_layers": 1,

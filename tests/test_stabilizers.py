@@ -17,7 +17,7 @@ from conftest import VOCAB, tiny_model, tiny_recipe
 from slr_zoo.recipe import build_backbone, build_model, expand, load, validate
 from slr_zoo.registry import ComponentError
 from slr_zoo.stabilizers import COMBINES, INJECTIONS, LOOP_LORAS, STEP_EMBEDDINGS
-from slr_zoo.stabilizers.loop_lora import weight_matrix
+from slr_zoo.linears import weight_matrix
 
 REGISTRIES = {
     "step_embedding": STEP_EMBEDDINGS,

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from slr_zoo.backbones.cache import CacheView, LoopKVCache
-from slr_zoo.backbones.pretrained import (DTYPES, fingerprint, is_gguf, load_causal_lm, model_type,
-                                         pretrained_config)
+from slr_zoo.backbones.pretrained import (DTYPES, fingerprint, is_gguf, load_causal_lm, load_tokenizer,
+                                         model_type, pretrained_config)
+from slr_zoo.linears import find_targets
 from slr_zoo.registry import ArgumentError, Registry, closest
 
 
@@ -186,18 +187,26 @@ class Backbone(nn.Module):
         if dtype not in DTYPES:
             raise ArgumentError("dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
         lora = self._check_lora(lora)
+        if attn_implementation == "flash_attention_2":
+            from transformers.utils import is_flash_attn_2_available
+
+            if not is_flash_attn_2_available():
+                raise ArgumentError("attn_implementation", "flash_attention_2 needs the flash-attn package and a "
+                                    "CUDA GPU, which this machine does not have; use sdpa")
         if pretrained is not None:
-            if init != "normal" or not tie_embeddings:
-                raise ArgumentError("init" if init != "normal" else "tie_embeddings",
-                                    "init and tie_embeddings apply to a model built from scratch, not to a "
-                                    "pretrained one")
+            given = {"hidden_size": hidden_size, "heads": heads, "kv_heads": kv_heads,
+                     "intermediate_size": intermediate_size, "max_positions": max_positions, "dropout": dropout,
+                     "init_std": init_std, "init": init, "tie_embeddings": tie_embeddings}
+            defaults = inspect.signature(Backbone.__init__).parameters
+            for key, value in given.items():  # a shape set beside a checkpoint would be silently ignored
+                if value != defaults[key].default:
+                    raise ArgumentError(key, f"applies to a model built from scratch; a pretrained model's "
+                                        f"{key} comes from its checkpoint ({pretrained}), remove it")
             self.check_pretrained(pretrained)
             if structure_only:  # the configuration, and the tokenizer of a directory (a GGUF's takes seconds)
                 hf = self.model_class()(pretrained_config(pretrained))
                 if not is_gguf(pretrained):
-                    from transformers import AutoTokenizer
-
-                    self.tokenizer = AutoTokenizer.from_pretrained(pretrained, local_files_only=True)
+                    self.tokenizer = load_tokenizer(pretrained)
             else:
                 hf, self.tokenizer = load_causal_lm(pretrained, dtype, attn_implementation)
             rows = hf.get_input_embeddings().num_embeddings
@@ -294,20 +303,28 @@ class Backbone(nn.Module):
             raise ArgumentError("lora.dropout", f"must be in [0, 1), got {settings['dropout']}")
         if not settings["targets"]:
             raise ArgumentError("lora.targets", "needs at least one role or linear name")
+        for target in settings["targets"]:
+            if not isinstance(target, str) or not target:
+                raise ArgumentError("lora.targets", f"each target is a role or a linear's name, got {target!r}")
         return settings
 
     def _inject_lora(self, hf: nn.Module, lora: dict) -> None:
         """peft LoRA on the model's own linears, in place (module paths stay those of the model)."""
         from peft import LoraConfig, inject_adapter_in_model
 
-        names = self.target_names(lora["targets"])
+        try:  # every target must match, where peft is satisfied when any one does
+            find_targets(hf, lora["targets"], self.roles, where="the model")
+        except ArgumentError as err:
+            raise ArgumentError("lora.targets", err.message) from None
+        # peft reads "all-linear" as every linear but the output head, and only as the whole value
+        names = "all-linear" if "all-linear" in lora["targets"] else self.target_names(lora["targets"])
         config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                             target_modules=names, fan_in_fan_out=self.lora_fan_in_fan_out)
         try:
             inject_adapter_in_model(config, hf)
         except ValueError as err:
-            raise ArgumentError("lora.targets", f"{lora['targets']} ({', '.join(names)}) match no linear layer "
-                                f"of the model: {err}; roles: {', '.join(sorted(self.roles))}") from None
+            raise ArgumentError("lora.targets", f"{lora['targets']} match no linear layer of the model: {err}; "
+                                f"roles: {', '.join(sorted(self.roles))}") from None
 
     # ------------------------------------------------------------------ fine-tuning
     def freeze_base(self) -> None:

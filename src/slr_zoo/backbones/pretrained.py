@@ -37,8 +37,9 @@ def model_type(path: str | Path) -> str:
 
         try:
             field = GGUFReader(str(path)).fields["general.architecture"]
-        except (KeyError, ValueError, OSError) as err:
-            raise ArgumentError("pretrained", f"{path} is not a readable GGUF file ({err})") from None
+        except Exception as err:  # a truncated file fails deep inside the reader, with any error type
+            raise ArgumentError("pretrained", f"{path} is not a readable GGUF file "
+                                f"({type(err).__name__}: {err})") from None
         architecture = str(field.contents())
         return GGUF_MODEL_TYPES.get(architecture, architecture)
     config = path / "config.json"
@@ -46,9 +47,31 @@ def model_type(path: str | Path) -> str:
         raise ArgumentError("pretrained", f"{str(path)!r} is not a local model directory (no config.json) or .gguf "
                             "file; save one with save_pretrained(), nothing is downloaded")
     try:
-        return str(json.loads(config.read_text()).get("model_type", ""))
-    except (OSError, ValueError) as err:
-        raise ArgumentError("pretrained", f"{config} is not readable JSON ({err})") from None
+        kind = json.loads(config.read_text()).get("model_type", "")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ArgumentError("pretrained", f"{config} is not a readable JSON object ({err})") from None
+    _check_weights(path)
+    return str(kind)
+
+
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _check_weights(directory: Path) -> None:
+    """A directory's weights exist, and a single safetensors file's header reads: a bad file
+    is named here, before a grid trains, rather than by transformers inside a cell."""
+    found = [directory / name for name in WEIGHTS if (directory / name).is_file()]
+    if not found:
+        raise ArgumentError("pretrained", f"{str(directory)!r} has a config.json but no weights ({', '.join(WEIGHTS)}); "
+                            "save the model with save_pretrained()")
+    if found[0].name == "model.safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(found[0]), framework="pt"):
+                pass
+        except Exception as err:  # the header is read at once; a truncated file fails here
+            raise ArgumentError("pretrained", f"{found[0]} cannot be read ({type(err).__name__}: {err})") from None
 
 
 def pretrained_config(path: str | Path):
@@ -58,22 +81,42 @@ def pretrained_config(path: str | Path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(path).expanduser()
     where, extra = (path.parent, {"gguf_file": path.name}) if is_gguf(path) else (path, {})
-    return AutoConfig.from_pretrained(where, local_files_only=True, **extra)
+    try:
+        return AutoConfig.from_pretrained(where, local_files_only=True, **extra)
+    except Exception as err:  # transformers validates fields with its own error types
+        raise ArgumentError("pretrained", f"the configuration of {path} cannot be read "
+                            f"({type(err).__name__}: {err})") from None
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved beside a checkpoint; a missing or unreadable one is named with its path
+    (transformers' own message suggests installing sentencepiece whatever the cause)."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(path).expanduser()
+    where, extra = (path.parent, {"gguf_file": path.name}) if is_gguf(path) else (path, {})
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
+    except Exception as err:
+        raise ArgumentError("pretrained", f"no tokenizer can be read from {path} ({type(err).__name__}: {err}); "
+                            "save it beside the model with tokenizer.save_pretrained()") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_causal_lm(path: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa"):
     """(model, tokenizer) of a local directory or GGUF file, in train mode: from_pretrained
     returns a model in eval mode, which would silently turn dropout off for fine-tuning."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(path).expanduser()
     where, extra = (path.parent, {"gguf_file": path.name}) if is_gguf(path) else (path, {})
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, dtype=DTYPES[dtype],
                                                  attn_implementation=attn_implementation, **extra)
-    tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model.train(), tokenizer
 
 

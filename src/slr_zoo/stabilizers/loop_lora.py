@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slr_zoo.linears import find_targets, linear_shape, weight_matrix
 from slr_zoo.registry import ArgumentError, Registry
 
 
@@ -59,71 +60,6 @@ LOOP_LORAS = Registry("loop_lora", LoopLoRA, context=("core", "max_steps", "hidd
 @LOOP_LORAS.register("none")
 class NoLoopLoRA(LoopLoRA):
     pass
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding the core's linears
-# ---------------------------------------------------------------------------------------------
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features)."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    return module.weight.shape[1], module.weight.shape[0]  # Conv1D stores [in, out]
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight in the [out, in] convention (a view for Conv1D)."""
-    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
-
-
-def core_linears(core: nn.Module) -> dict[str, tuple[str, nn.Module]]:
-    """name -> (module path, linear) of the core's linears. Under peft's LoRA a target such as
-    ``q_proj`` is a wrapper around ``q_proj.base_layer``: that linear is found under the wrapper's
-    name, and peft's own matrices (``lora_A``, ``lora_B``) are not targets."""
-    found = {}
-    for path, module in core.named_modules():
-        parts = path.split(".")
-        if not is_linear(module) or any(part.startswith("lora_") for part in parts):
-            continue
-        name = ".".join(parts[:-1]) if parts[-1] == "base_layer" else path
-        found[name] = (path, module)
-    return found
-
-
-def find_targets(core: nn.Module, targets: list[str],
-                 roles: dict[str, tuple[str, ...]] | None = None) -> dict[str, tuple[str, nn.Module]]:
-    """The core's linears whose name equals or ends with ``.<target>``, as name -> (module path,
-    linear). A role of the backbone (``query``, ``value``, ``attention``, ``mlp``, ...; ``roles``)
-    stands for its linears, so one recipe ports across families; ``all-linear`` takes every one.
-    An unknown target raises, listing what exists."""
-    linears = core_linears(core)
-    roles = roles or {}
-    if not targets:
-        raise ArgumentError("targets", "needs at least one role or linear name")
-    chosen: dict[str, tuple[str, nn.Module]] = {}
-    for target in targets:
-        if target == "all-linear":
-            chosen.update(linears)
-            continue
-        hits = {n: m for suffix in roles.get(target, (target,)) for n, m in linears.items()
-                if n == suffix or n.endswith("." + suffix)}
-        if not hits:
-            short = sorted({n.split(".", 2)[-1] for n in linears} | {n.rsplit(".", 1)[-1] for n in linears})
-            raise ArgumentError(
-                "targets",
-                f"{target!r} matches no linear layer of the core; roles: {', '.join(sorted(roles)) or 'none'}; "
-                f"linears: {', '.join(short)} (or 'all-linear'); full names: {', '.join(sorted(linears))}",
-            )
-        chosen.update(hits)
-    return dict(sorted(chosen.items()))
 
 
 def _key(name: str) -> str:

@@ -68,12 +68,58 @@ def world(tmp_path_factory):
                                  num_attention_heads=2)).save_pretrained(base / "small_vocab")
     bpe_tokenizer().save_pretrained(base / "small_vocab")
     files["bert"], files["llama"], files["small_vocab"] = base / "bert", base / "llama", base / "small_vocab"
+    broken_checkpoints(base, files)
     runs = base / "runs"
     done = run(["fit", str(files["recipe"]), f"output_dir={runs}"], base)
     assert done.returncode == 0, done.stderr[-2000:]
     files["finished"] = runs / "bad" / "default"
     files["unfinished"] = base / "unfinished"
+    fake_teachers(base, files)
     return base, files, runs
+
+
+def broken_checkpoints(base: Path, files: dict) -> None:
+    """Pretrained directories and files damaged as downloads and copies damage them."""
+    import shutil
+
+    from slr_zoo.testing import save_tiny_pretrained, write_gguf
+
+    for name in ("no_weights", "corrupt_weights", "bad_config"):
+        shutil.copytree(base / "llama", base / name)
+        files[name] = base / name
+    (base / "no_weights" / "model.safetensors").unlink()
+    weights = base / "corrupt_weights" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    config = json.loads((base / "bad_config" / "config.json").read_text())
+    write(base / "bad_config" / "config.json", json.dumps({**config, "hidden_size": "big"}))
+    model, tokenizer = save_tiny_pretrained(base / "with_sep", "llama", layers=3)
+    tokenizer.add_special_tokens({"sep_token": "[SEP]"})  # nothing to add at build time: no new rows
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(base / "with_sep")
+    tokenizer.save_pretrained(base / "with_sep")
+    files["with_sep"] = base / "with_sep"
+    model, tokenizer = save_tiny_pretrained(base / "for_gguf", "llama", layers=3)
+    whole = write_gguf(model, tokenizer, base / "whole.gguf")
+    files["truncated_gguf"] = base / "truncated.gguf"
+    files["truncated_gguf"].write_bytes(whole.read_bytes()[:5000])
+
+
+def fake_teachers(base: Path, files: dict) -> None:
+    """Distillation teachers that are not whole: a CoT cell's files with one part missing or wrong."""
+    import shutil
+
+    cot = tiny(training__encoding="cot")
+    for name in ("teacher_untrained", "teacher_other_task", "teacher_broken_config", "teacher_string_config"):
+        (base / name / "checkpoints").mkdir(parents=True)
+        write(base / name / "config.yaml", cot)
+        shutil.copytree(files["finished"] / "tokenizer", base / name / "tokenizer")
+        (base / name / "checkpoints" / "last.ckpt").write_bytes(b"stands in: only its presence is checked first")
+        files[name] = base / name
+    (base / "teacher_untrained" / "checkpoints" / "last.ckpt").unlink()
+    write(base / "teacher_broken_config" / "config.yaml", "loop: {max_steps: 2\n")
+    write(base / "teacher_string_config" / "config.yaml", "hello\n")
+    files["zebra_records"] = write(base / "zebra.json", json.dumps([{"question": "zebra 1 ?", "answer": "1",
+                                                                    "steps": ["1"]}] * 4))
 
 
 def run(command: list[str], cwd: Path, env: dict | None = None):
@@ -128,7 +174,7 @@ ROWS = [
     ("heads in a grid", lambda f: ["fit", f["recipe"], "grid.backbone.heads=[2,3]"], 2, r"backbone\.heads: hidden_size must be a positive multiple of heads, got hidden_size=32, heads=3 \(in grid cell 1: heads=3\)"),
     ("kv heads", lambda f: ["fit", f["recipe"], "backbone={name: llama, hidden_size: 32, heads: 4, kv_heads: 3, prelude_layers: 1, core_layers: 1, coda_layers: 0}"], 2, r"backbone\.kv_heads: must divide heads"),
     ("lora targets", lambda f: ["fit", f["recipe"], "loop.loop_lora={name: per_step, targets: [nowhere]}"], 2, r"loop\.loop_lora\.targets: 'nowhere' matches no linear layer of the core; roles: attention"),
-    ("init with pretrained", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['llama']}, init: torch, prelude_layers: 1, core_layers: 1, coda_layers: 1}}"], 2, r"backbone\.init: init and tie_embeddings apply to a model built from scratch"),
+    ("init with pretrained", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['llama']}, init: torch, prelude_layers: 1, core_layers: 1, coda_layers: 1}}"], 2, r"backbone\.init: applies to a model built from scratch; a pretrained model's init comes from its checkpoint"),
     ("step supervision without hops", lambda f: ["fit", f["recipe"], "task={name: walk, n_train: 64, n_val: 8}", "loop.step_supervision=0.5"], 2, r"loop\.step_supervision: needs per-hop answers, which task WalkTask does not give"),
     ("hops reversed", lambda f: ["fit", f["recipe"], "task.hops=[6,1]"], 2, r"task\.hops: must be \[min, max\] with 1 <= min <= max, got \[6, 1\]"),
     ("no validation records", lambda f: ["fit", f["recipe"], "task.n_val=0"], 2, r"task: its val split holds no records"),
@@ -136,6 +182,21 @@ ROWS = [
     ("a bert directory", lambda f: ["fit", f["recipe"], f"backbone.pretrained={f['bert']}"], 2, r"backbone\.pretrained: .* holds a 'bert' model, which backbone 'gpt2' cannot split; the supported causal LM model types are gpt2, llama, mistral, qwen2"),
     ("tokenizer larger than the model", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['small_vocab']}, prelude_layers: 1, core_layers: 1, coda_layers: 1}}"], 2, r"backbone\.pretrained: the tokenizer has \d+ tokens but the model's embedding only 20 rows"),
     ("finetune without a base", lambda f: ["fit", f["recipe"], "training.mode=finetune"], 2, r"training\.mode: finetune freezes a pretrained base"),
+    # ------------------------------------------------------------- refused before any cell trains (the second review)
+    ("teacher never trained", lambda f: ["fit", f["recipe"], f"training.distill={{teacher: {f['teacher_untrained']}}}"], 2, r"training\.distill\.teacher: .*teacher_untrained' has no checkpoint"),
+    ("teacher config not yaml", lambda f: ["fit", f["recipe"], f"training.distill={{teacher: {f['teacher_broken_config']}}}"], 2, r"training\.distill\.teacher: .*config\.yaml is not readable YAML"),
+    ("teacher config a string", lambda f: ["fit", f["recipe"], f"training.distill={{teacher: {f['teacher_string_config']}}}"], 2, r"training\.distill\.teacher: .*config\.yaml does not hold a recipe"),
+    ("teacher of another task", lambda f: ["fit", f["recipe"], f"training.distill={{teacher: {f['teacher_other_task']}}}", f"task={{name: json, train: {f['zebra_records']}, val: {f['zebra_records']}}}"], 2, r"training\.distill\.teacher: the teacher's vocabulary lacks 'zebra', a word of the student's train record 0"),
+    ("cot without steps", lambda f: ["fit", f["recipe"], "training.encoding=cot", f"task={{name: json, train: {f['records_ok']}, val: {f['records_ok']}}}"], 2, r"training\.encoding: encoding 'cot' needs the written reasoning steps of every training record"),
+    ("slots past the positions", lambda f: ["fit", f["recipe"], "training.encoding=pause", "training.curriculum.max_latent_stage=1000"], 2, r"training\.curriculum\.max_latent_stage: its last stage puts 1000 thought slots .* 512 positions"),
+    ("lora target misspelt beside a good one", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['llama']}, prelude_layers: 1, core_layers: 1, coda_layers: 1, lora: {{targets: [attention, mpl]}}}}"], 2, r"backbone\.lora\.targets: 'mpl' matches no linear layer of the model; roles: attention"),
+    ("lora target not a name", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['llama']}, prelude_layers: 1, core_layers: 1, coda_layers: 1, lora: {{targets: [3]}}}}"], 2, r"backbone\.lora\.targets: each target is a role or a linear's name, got 3"),
+    ("a width beside a pretrained model", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['llama']}, hidden_size: 64, prelude_layers: 1, core_layers: 1, coda_layers: 1}}"], 2, r"backbone\.hidden_size: applies to a model built from scratch"),
+    ("pretrained without weights", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['no_weights']}, prelude_layers: 1, core_layers: 1, coda_layers: 1}}"], 2, r"backbone\.pretrained: .*no_weights' has a config\.json but no weights"),
+    ("pretrained weights cut short", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['corrupt_weights']}, prelude_layers: 1, core_layers: 1, coda_layers: 1}}"], 2, r"backbone\.pretrained: .*corrupt_weights/model\.safetensors cannot be read"),
+    ("pretrained config with a bad field", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['bad_config']}, prelude_layers: 1, core_layers: 1, coda_layers: 1}}"], 2, r"backbone\.pretrained: the configuration of .*bad_config cannot be read .*hidden_size"),
+    ("gguf cut short", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['truncated_gguf']}, prelude_layers: 1, core_layers: 1, coda_layers: 1}}"], 2, r"backbone\.pretrained: .*truncated\.gguf is not a readable GGUF file"),
+    ("finetune with nothing to train", lambda f: ["fit", f["recipe"], "training.mode=finetune", f"backbone={{name: llama, pretrained: {f['with_sep']}, prelude_layers: 1, core_layers: 1, coda_layers: 1}}", "decoder={name: coda}"], 2, r"training\.mode: finetune freezes the pretrained base, and nothing else has weights to train"),
     # ------------------------------------------------------------- failures at run time: exit 1, named
     ("a later record broken", lambda f: ["fit", f["recipe"], f"task={{name: json, train: {f['late_bad_record']}, val: {f['records_ok']}}}"], 1, r"record 3 of .*late\.json: field 'steps' must be a list of strings"),
     ("a record longer than the positions", lambda f: ["fit", f["recipe"], "backbone.max_positions=64", f"task={{name: json, train: {f['long_record']}, val: {f['records_ok']}}}"], 1, r"record 4 of the train split is 303 tokens long .* more than the model's 64 positions"),
@@ -151,6 +212,9 @@ ROWS = [
     ("generate unknown words", lambda f: ["generate", f["finished"], "--prompt", "1 zebra 2 ? quagga"], 0, r"warning: --prompt 1 has 2 word\(s\) the model's vocabulary lacks, read as \[UNK\]: zebra, quagga"),
     ("generate unknown halting", lambda f: ["generate", f["finished"], "--prompt", "1 2 ?", "--halting", "kl", "treshold=1"], 2, r"--halting\.treshold: unknown key for halting 'kl' \(did you mean 'threshold'"),
 ]
+
+if not __import__("transformers.utils", fromlist=["x"]).is_flash_attn_2_available():
+    ROWS.append(("flash attention without flash-attn", lambda f: ["fit", f["recipe"], "backbone.attn_implementation=flash_attention_2"], 2, r"backbone\.attn_implementation: flash_attention_2 needs the flash-attn package"))
 
 
 @pytest.fixture(scope="module")

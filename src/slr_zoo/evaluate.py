@@ -224,7 +224,7 @@ def _warn_unknown_words(tokenizer, records: list[dict], source: str) -> None:
     """A word the cell's vocabulary lacks is read as its unknown token, so a file of another task
     scores near zero for that reason alone: said before the accuracy is (as generate says it of a
     prompt). The answer counts too: a word the model cannot write is an answer it cannot give."""
-    from slr_zoo.generate import unknown_words
+    from slr_zoo.tasks.tokenizer import unknown_words
 
     words, affected = {}, 0
     for record in records:
@@ -268,7 +268,7 @@ def evaluate_grid(run_dir: Path, depths=None, split="val", limit=None, show=3, b
     it again skips cells already evaluated with the same arguments. Returns the evaluated and the
     failed cells."""
     from slr_zoo import report as grid_report
-    from slr_zoo.reports.results import read_summary
+    from slr_zoo.files import read_summary
 
     cells = sorted(p.parent for p in run_dir.glob("*/summary.json") if not p.parent.name.startswith("."))
     if not cells:

@@ -166,18 +166,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def unknown_words(tokenizer, text: str) -> list[str]:
-    """The words of ``text`` that the tokenizer can only read as its unknown token (a word-level
-    vocabulary built from a task's records knows nothing else), in order, once each."""
-    from slr_zoo.tasks.tokenizer import text_ids, token_words
-
-    unk = tokenizer.unk_token_id
-    if unk is None:
-        return []
-    ids = text_ids(tokenizer, text)
-    return list(dict.fromkeys(w or "?" for w, i in zip(token_words(tokenizer, text), ids) if i == unk))
-
-
 def check_thoughts_inference(model, steps: int | None = None, halting: str | None = None) -> None:
     """A ``loop.mode: thoughts`` cell (Coconut) was trained to make every thought in a pass of its
     max_steps T with fixed halting, as fit requires: pass i runs at the stabiliser indices
@@ -218,6 +206,7 @@ def main(argv=None) -> int:
     from slr_zoo.recipe import load_cell
     from slr_zoo.registry import ComponentError
     from slr_zoo.training.checkpoint import CheckpointError
+    from slr_zoo.tasks.tokenizer import unknown_words
 
     args = parse_args(argv)
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")

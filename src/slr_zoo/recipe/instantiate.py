@@ -7,6 +7,7 @@ component's argument with its node's dotted key).
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 # importing the component packages registers every shipped member
@@ -54,11 +55,51 @@ def check_cell(recipe: dict) -> None:
     for i, (_, stage) in enumerate(build_curriculum(recipe)):
         _first_records(stage, recipe, f"task.curriculum[{i}]")
     _first_records(task, recipe, "task")
+    encoding = build_encoding(recipe)
     with torch.device("meta"):
         backbone = build_backbone(recipe, vocab_size=64, structure_only=True)
         model = build_model(recipe, backbone)
-        build_objectives(recipe, model.backbone.hidden_size, load_teacher=False)
-    teacher_recipe(recipe)  # a distillation teacher: a CoT cell of the same width
+        objectives = build_objectives(recipe, model.backbone.hidden_size, load_teacher=False)
+    slots = encoding.slots(encoding.final_stage)
+    if slots + 2 >= backbone.max_positions:  # [BOT] and [EOT] besides the slots, and the question
+        raise ComponentError("training.curriculum.max_latent_stage", f"its last stage puts {slots} thought slots "
+                             f"(max_latent_stage x thoughts_per_step) in every sequence, and the model has "
+                             f"{backbone.max_positions} positions")
+    if recipe["training"]["mode"] == "finetune":
+        backbone.freeze_base()
+        # rows for added tokens train too: a separator the tokenizer lacks, the CoT markers
+        adds_rows = encoding.kind != "answer" or backbone.tokenizer is None or backbone.tokenizer.sep_token is None
+        if not adds_rows:
+            _check_something_trains(model, objectives)
+    if teacher_recipe(recipe) is not None:  # a distillation teacher: a CoT cell of the same width and words
+        _check_teacher_vocabulary(recipe, task)
+
+
+def _check_something_trains(model, objectives: dict) -> None:
+    parameters = [*model.parameters(), *(p for objective in objectives.values() for p in objective.parameters())]
+    if not any(p.requires_grad for p in parameters):
+        raise ComponentError("training.mode", "finetune freezes the pretrained base, and nothing else has weights "
+                             "to train: add backbone.lora, or a loop component with weights (loop.loop_lora, "
+                             "loop.step_embedding, loop.combine, loop.injection)")
+
+
+def _check_teacher_vocabulary(recipe: dict, task: Task) -> None:
+    """A student built from scratch reads its teacher's word-level vocabulary; words it lacks
+    would become [UNK], answers included, and train on nothing."""
+    if recipe["backbone"].get("pretrained"):
+        return  # both read the pretrained model's own tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from slr_zoo.tasks.tokenizer import record_text, unknown_words
+
+    key, directory = teacher_of(recipe)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(Path(directory) / "tokenizer"))
+    for i, record in enumerate(itertools.islice(task.records("train"), 20)):
+        for text in record_text(record):
+            unknown = unknown_words(tokenizer, text)
+            if unknown:
+                raise ComponentError(key, f"the teacher's vocabulary lacks {unknown[0]!r}, a word of the student's "
+                                     f"train record {i}: a teacher must be trained on the student's task")
 
 
 def _first_records(task: Task, recipe: dict, path: str) -> None:
@@ -75,6 +116,12 @@ def _first_records(task: Task, recipe: dict, path: str) -> None:
             check_record(record, 0, f"the {split} split")
         except ValueError as err:
             raise ComponentError(path, str(err)) from None
+        encoding = recipe["training"]["encoding"]
+        if split == "train" and (encoding != "answer" or teacher_of(recipe)) and not record.get("steps"):
+            key = "training.encoding" if encoding != "answer" else teacher_of(recipe)[0]
+            raise ComponentError(key, f"{'encoding ' + repr(encoding) if encoding != 'answer' else 'distillation'} "
+                                 f"needs the written reasoning steps of every training record; the first record of "
+                                 f"{path} has none (no 'steps' list)")
         if split == "train" and recipe["loop"]["step_supervision"] > 0 and task.step_answers(record) is None:
             raise ComponentError("loop.step_supervision", f"needs per-hop answers, which task "
                                  f"{type(task).__name__} does not give; set it to 0")
@@ -199,7 +246,19 @@ def teacher_recipe(recipe: dict) -> dict | None:
     if not config.is_file():
         raise ComponentError(key, f"{directory!r} is not a trained cell (no config.yaml); pass "
                              "runs/<name>/<cell> of a CoT run")
-    teacher = resolve_stored(yaml.safe_load(config.read_text()) or {})
+    try:
+        stored = yaml.safe_load(config.read_text())
+    except yaml.YAMLError as err:
+        raise ComponentError(key, f"{config} is not readable YAML ({err})") from None
+    if not isinstance(stored, dict) or not stored:
+        raise ComponentError(key, f"{config} does not hold a recipe (a mapping of recipe keys)")
+    checkpoints = [Path(directory) / "checkpoints" / "last.ckpt", *Path(directory).glob("hpc_ckpt_*.ckpt")]
+    if not any(path.is_file() for path in checkpoints):
+        raise ComponentError(key, f"{directory!r} has no checkpoint (checkpoints/last.ckpt): train the teacher first")
+    if not recipe["backbone"].get("pretrained") and not (Path(directory) / "tokenizer" / "tokenizer.json").is_file():
+        raise ComponentError(key, f"{directory!r} has no tokenizer/tokenizer.json, the vocabulary a student "
+                             "built from scratch shares with its teacher")
+    teacher = resolve_stored(stored)
     if teacher["training"]["encoding"] != "cot":
         raise ComponentError(key, f"{directory!r} was trained with encoding {teacher['training']['encoding']!r}; "
                              "a teacher writes its steps (encoding: cot)")
@@ -268,6 +327,8 @@ def build_cell(recipe: dict, directory: Path, load_teacher: bool = True):
     if finetune:
         backbone.freeze_base()
     objectives = build_objectives(recipe, backbone.hidden_size, load_teacher=load_teacher)
+    if finetune:
+        _check_something_trains(model, objectives)
     module = LoopedLMModule(model, objectives, optim, seed=recipe["seed"], on_nonfinite=trainer.on_nonfinite,
                             log_every=trainer.log_every, save_trainable_only=finetune,
                             base_fingerprint=backbone.base_fingerprint,

@@ -170,3 +170,13 @@ def marker_ids(tokenizer) -> dict[str, int]:
                              f"{', '.join(MARKERS)} (Backbone.add_tokens adds them to a pretrained one)")
         ids[token] = i
     return ids
+
+
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """The words of ``text`` that the tokenizer can only read as its unknown token (a word-level
+    vocabulary built from a task's records knows nothing else), in order, once each."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return []
+    ids = text_ids(tokenizer, text)
+    return list(dict.fromkeys(w or "?" for w, i in zip(token_words(tokenizer, text), ids) if i == unk))

@@ -191,6 +191,9 @@ def encode_split(task: Task, split: str, tokenizer, step_answers: bool = False, 
         if reach and reach_steps is None:
             raise ValueError(f"the reach probe needs per-word reach steps, which task "
                              f"{type(task).__name__} does not give (record {i} of the {split} split)")
+        if staged and split == "train" and not record.get("steps"):
+            raise ValueError(f"record {i} of the {split} split has no reasoning steps, which encoding "
+                             f"{dataset.encoding.kind!r} (or distillation) needs in every training record")
         try:
             if staged:
                 pieces = Encoding.pieces(record, tokenizer)

@@ -23,3 +23,26 @@ def atomic_write(path: Path, data: str | bytes) -> None:
 def write_json(path: Path, obj: Any, default=None) -> None:
     """``obj`` as indented JSON, written atomically; ``default`` as in ``json.dumps``."""
     atomic_write(path, json.dumps(obj, indent=2, default=default) + "\n")
+
+
+
+def read_summary(path: Path) -> dict:
+    """A cell's ``summary.json``: OSError when it is missing, a ValueError naming the file when it
+    does not hold a JSON object (cut short by a crash, or edited by hand), so that a report or a
+    grid evaluation can skip that cell and say why."""
+    try:
+        summary = json.loads(Path(path).read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path} holds {json.dumps(summary)[:60]}, not a cell's summary (a JSON object)")
+    return summary
+
+
+def summary_or_none(path: Path) -> dict | None:
+    """``read_summary``, or None when the cell has no readable summary: for deciding whether a
+    cell finished, where a damaged summary means it did not."""
+    try:
+        return read_summary(path)
+    except (OSError, ValueError):
+        return None

@@ -12,7 +12,6 @@ every selected cell is ok, 1 when some failed, 2 for a bad recipe (nothing is tr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from slr_zoo.files import atomic_write, write_json
+from slr_zoo.files import atomic_write, summary_or_none, write_json
 from slr_zoo.recipe import check_cell, differences, expand, load, resolve_stored, validate
 from slr_zoo.registry import ComponentError
 from slr_zoo.training.checkpoint import CheckpointError, check_finished
@@ -150,10 +149,8 @@ def _run_in_processes(args, to_run: list, total: int, run_dir: Path, jobs: int) 
             for process in [p for p in running if p.poll() is not None]:
                 n, cell, log = running.pop(process)
                 log.close()
-                try:
-                    summary = json.loads((run_dir / cell.label / "summary.json").read_text())
-                except (OSError, ValueError):
-                    summary = {"status": "failed", "error": f"exit status {process.returncode}, no summary; see {log.name}"}
+                summary = summary_or_none(run_dir / cell.label / "summary.json") or {
+                    "status": "failed", "error": f"exit status {process.returncode}, no summary; see {log.name}"}
                 failures += not _report(summary, prefix=f"[{n}/{total}] {cell.label}:")
     finally:
         for process in running:  # interrupted: leave no orphan training in the background
@@ -186,10 +183,8 @@ def _warn_grid_overrides(overrides: list[str], recipe: dict) -> None:
 
 
 def _status(directory: Path) -> str | None:
-    try:
-        return json.loads((directory / "summary.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
+    summary = summary_or_none(directory / "summary.json")
+    return None if summary is None else summary.get("status")
 
 
 def _plan(cell, directory: Path, args) -> str:

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import yaml
 
+from slr_zoo.files import read_summary
 from slr_zoo.recipe.grid import Cell, expand
-from slr_zoo.reports.results import METRICS, read_summary, write_reports
+from slr_zoo.reports.results import METRICS, write_reports
 
 
 def _leaves(node, prefix=""):

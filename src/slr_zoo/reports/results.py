@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Iterable
 
-from slr_zoo.files import atomic_write
+from slr_zoo.files import atomic_write, read_summary
 
 METRICS = ("val_accuracy", "mean_steps", "train_seconds", "train_steps", "params", "thoughts_per_answer",
            "tokens_per_answer", "passes_per_answer", "flops_per_answer", "seconds_per_example")
@@ -20,19 +20,6 @@ FIT_WINDOW, FIT_FRACTION = 50, 0.05
 COSTS = {"thoughts_per_answer": "thoughts", "mean_steps": "iterations per token",
          "tokens_per_answer": "tokens generated", "passes_per_answer": "sequential passes",
          "flops_per_answer": "FLOPs", "seconds_per_example": "ms per example"}
-
-
-def read_summary(path: Path) -> dict:
-    """A cell's ``summary.json``; a ValueError naming the file when it does not hold a JSON object
-    (cut short by a crash, or edited by hand), so that a report or a grid evaluation can skip that
-    cell and say why."""
-    try:
-        summary = json.loads(Path(path).read_text())
-    except ValueError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(summary, dict):
-        raise ValueError(f"{path} holds {json.dumps(summary)[:60]}, not a cell's summary (a JSON object)")
-    return summary
 
 
 def read_curve(path: Path) -> tuple[list[int], list[float]]:

@@ -21,6 +21,8 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
+from slr_zoo.files import summary_or_none
+
 TMP_MARK = ".tmp-"
 
 
@@ -79,13 +81,8 @@ def sha256_of(path: Path) -> str:
 def check_finished(directory: Path) -> None:
     """A finished cell's checkpoint is the one its summary names (``checkpoint_sha256``); raise
     CheckpointError, saying what to do, when it was cut short or replaced since."""
-    import json
-
     directory = Path(directory)
-    try:
-        expected = json.loads((directory / "summary.json").read_text()).get("checkpoint_sha256")
-    except (OSError, ValueError):
-        return
+    expected = (summary_or_none(directory / "summary.json") or {}).get("checkpoint_sha256")
     last = directory / "checkpoints" / "last.ckpt"
     if expected is None:
         return

@@ -7,6 +7,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from slr_zoo import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,3 +133,12 @@ def test_a_grid_key_from_the_command_line_is_one_dotted_key_and_reaches_every_pr
     plain = expand(load(str(ROOT / "recipes/ablation_residual_all.yaml")))
     assert len(cells) == 2 * len(plain)
     assert {c.recipe["seed"] for c in cells} == {0, 1} and all("seed" in c.keys for c in cells)
+
+
+def test_loading_a_cell_that_failed_before_training_says_so_with_its_error(tmp_path):
+    from slr_zoo.files import write_json
+    from slr_zoo.recipe import load_cell
+
+    write_json(tmp_path / "summary.json", {"status": "failed", "error": "task.train: no such records file"})
+    with pytest.raises(FileNotFoundError, match=r"a cell that failed before it trained: task\.train: no such records"):
+        load_cell(tmp_path)

@@ -362,12 +362,16 @@ def load_cell(run_dir: Path):
     import torch
     import yaml
 
+    from slr_zoo.files import summary_or_none
     from slr_zoo.recipe.load import resolve_stored
     from slr_zoo.training.checkpoint import check_finished, resume_point
 
     run_dir = Path(run_dir)
     config = run_dir / "config.yaml"
     if not config.is_file():
+        failed = summary_or_none(run_dir / "summary.json")
+        if failed is not None and failed.get("status") == "failed":
+            raise FileNotFoundError(f"{run_dir} is a cell that failed before it trained: {failed.get('error')}")
         raise FileNotFoundError(f"{run_dir} is not a cell directory (no config.yaml); pass runs/<name>/<cell>")
     recipe = resolve_stored(yaml.safe_load(config.read_text()) or {})
     check_finished(run_dir)

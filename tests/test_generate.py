@@ -73,4 +73,6 @@ def test_a_thoughts_cell_refuses_a_halting_policy_and_a_depth_it_was_not_trained
     for extra in ([], ["--steps", "2", "--halting", "fixed"]):
         assert generate.main([str(thoughts_cell), "--prompt", question, "--max-new-tokens", "2", *extra]) == 0
     assert evaluate.main([str(thoughts_cell), "--show", "0"]) == 0
-    assert [row["steps"] for row in json.loads((thoughts_cell / "eval.json").read_text())["by_depth"]] == [2]
+    report = json.loads((thoughts_cell / "eval.json").read_text())
+    assert [row["steps"] for row in report["by_depth"]] == [2]
+    assert len(report["stability"]["delta"]) == 2  # the prompt pass's own iterations, none of thought 1's

@@ -183,7 +183,7 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
                 "generated_tokens": len(every),
                 "accuracy_by_hops": {h: round(sum(v) / len(v), 4) for h, v in sorted(by_hops.items())},
             })
-        depth = 2 * trained
+        depth = trained if model.mode == "thoughts" else 2 * trained  # a thought's pass has T rows of its own
         chunks = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
         states_by_t: list[list[torch.Tensor]] = [[] for _ in range(depth + 1)]
         runs = []

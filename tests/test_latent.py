@@ -308,3 +308,78 @@ def test_the_rq4_grid_runs_shortened_and_reports_what_an_answer_costs(tmp_path):
     assert thoughts["passes_per_answer"] == pytest.approx(1 + 6 + thoughts["tokens_per_answer"] - 1)
     assert written["passes_per_answer"] == pytest.approx(written["tokens_per_answer"])
     assert all(s["flops_per_answer"] > 0 and s["seconds_per_example"] > 0 for s in summaries.values())
+
+
+def _student_and_batches(mode: str, c: int, stages: tuple[int, ...]):
+    from slr_zoo.recipe import build_backbone, build_model
+    from slr_zoo.tasks.tokenizer import build_word_tokenizer
+
+    records = [{"question": "a b c d e f g", "steps": ["s t", "u v w x"], "answer": "z"},
+               {"question": "a b", "steps": ["s t u v w", "x"], "answer": "y z"}]
+    tokenizer = build_word_tokenizer(records)
+    thoughts = mode == "thoughts"
+    recipe = tiny_recipe(loop__mode=mode, training__encoding="latent", loop__max_steps=1 if thoughts else 2 * c,
+                         training__curriculum__max_latent_stage=2, training__curriculum__thoughts_per_step=c)
+    torch.manual_seed(0)
+    model = build_model(recipe, build_backbone(recipe, vocab_size=len(tokenizer))).train()
+    encoding = Encoding("latent", c, 2, continuous=thoughts)
+    batches = {k: collate([encoding.assemble(Encoding.pieces(r, tokenizer), tokenizer, k, teacher=True)
+                           for r in records], tokenizer.pad_token_id) for k in stages}
+    return model, batches
+
+
+def test_distillation_compares_the_last_latent_computation_of_each_replaced_step():
+    """With c latent computations per step, step s's end is the target of the s·c-th (thought or
+    iteration), not of the s-th; a thoughts student at stage 0 has no thought to compare."""
+    from slr_zoo.training.objectives.distill import Distillation
+
+    model, batches = _student_and_batches("thoughts", c=2, stages=(0, 1))
+    objective = Distillation("unused", thoughts_mode=True, thoughts_per_step=2)
+    b = batches[0]
+    out = model(b["input_ids"], query_mask=b["query_mask"], real_mask=b["real_mask"], record={"states"})
+    assert objective.student(b, out).size(1) == 0  # the loop state at [SEP] is no thought
+    b = batches[1]
+    out = model(b["input_ids"], query_mask=b["query_mask"], real_mask=b["real_mask"], slot_mask=b["slot_mask"],
+                record={"states"})
+    slots = b["slot_mask"].any(dim=0).nonzero().squeeze(1)
+    assert len(slots) == 2
+    torch.testing.assert_close(objective.student(b, out), out.features[:, slots[1:] - 1], rtol=0, atol=0)
+
+    model, batches = _student_and_batches("depth", c=2, stages=(2,))
+    b = batches[2]
+    out = model(b["input_ids"], steps=4, query_mask=b["query_mask"], real_mask=b["real_mask"], record=("states",))
+    last = b["query_mask"].size(1) - 1 - b["query_mask"].flip(1).int().argmax(dim=1)
+    rows = torch.arange(2)
+    chosen = Distillation("unused", thoughts_per_step=2).student(b, out)
+    torch.testing.assert_close(chosen, torch.stack([out.states[1][rows, last], out.states[3][rows, last]], dim=1),
+                               rtol=0, atol=0)
+
+
+def test_thoughts_mode_refuses_a_fixed_depth_other_than_its_max_steps():
+    recipe = tiny_recipe(loop__mode="thoughts", training__encoding="latent", loop__max_steps=2,
+                         training__curriculum__max_latent_stage=1)
+    recipe["loop"]["depth_sampler"] = {"name": "fixed", "steps": 1}
+    with pytest.raises(ComponentError, match=r"loop\.depth_sampler\.steps: thoughts mode makes every thought in "
+                                             r"loop\.max_steps = 2 iterations"):
+        validate(recipe)
+
+
+def test_every_curriculum_stage_is_held_to_the_models_positions():
+    """Stage k's length is question + k·c slots + the steps left: not largest at stage 0 or K."""
+    from slr_zoo.tasks.base import Task
+    from slr_zoo.tasks.tokenizer import build_word_tokenizer
+    from slr_zoo.training.data import empty_dataset, encode_split
+
+    record = {"question": "q", "steps": ["s", "t u v w x y z"], "answer": "a"}
+
+    class OneRecord(Task):
+        def records(self, split):
+            yield dict(record)
+
+    tokenizer = build_word_tokenizer([record])
+    encoding = Encoding("pause", 4, 2)
+    lengths = [len(encoding.assemble(Encoding.pieces(record, tokenizer), tokenizer, k).input_ids) for k in range(3)]
+    assert lengths[1] > max(lengths[0], lengths[2]), lengths
+    with pytest.raises(ValueError, match=rf"record 0 of the train split is {lengths[1]} tokens long"):
+        encode_split(OneRecord(), "train", tokenizer, into=empty_dataset(tokenizer, encoding),
+                     max_length=max(lengths[0], lengths[2]), encoding=encoding)

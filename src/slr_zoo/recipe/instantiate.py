@@ -276,7 +276,8 @@ def build_objectives(recipe: dict, hidden_size: int, load_teacher: bool = True) 
     """``load_teacher``: read a distillation teacher's weights (not when only checking a cell)."""
     from slr_zoo.training.objectives import OBJECTIVES
 
-    context: dict = {"hidden_size": hidden_size}
+    context: dict = {"hidden_size": hidden_size, "thoughts_mode": recipe["loop"]["mode"] == "thoughts",
+                     "thoughts_per_step": recipe["training"]["curriculum"]["thoughts_per_step"]}
     if load_teacher and teacher_recipe(recipe) is not None:
         context["teacher_model"] = load_cell(Path(teacher_of(recipe)[1])).module.model
 

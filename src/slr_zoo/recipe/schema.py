@@ -240,6 +240,12 @@ def _check_encoding(recipe: dict) -> None:
             if node.get("name", "fixed") != "fixed" or "_component_" in node:
                 raise ComponentError(f"loop.{key}", "thoughts mode runs every thought at the same depth "
                                      "(loop.max_steps); use {name: fixed}")
+        steps = (loop.get("depth_sampler") or {}).get("steps")
+        if steps is not None and steps != loop.get("max_steps", LoopConfig.max_steps):
+            # pass i reads stabiliser rows i*T + 1 .. i*T + T, and validation and generation run T = max_steps
+            raise ComponentError("loop.depth_sampler.steps", f"thoughts mode makes every thought in loop.max_steps "
+                                 f"= {loop.get('max_steps', LoopConfig.max_steps)} iterations; leave steps out "
+                                 f"(got {steps})")
     elif encoding == "latent":
         depth = max(1, stages["max_latent_stage"] * stages["thoughts_per_step"])
         if loop.get("max_steps", LoopConfig.max_steps) != depth:

@@ -176,8 +176,8 @@ def encode_split(task: Task, split: str, tokenizer, step_answers: bool = False, 
     ``step_answers``: also encode the task's per-hop answers (for step supervision); ``reach``: the
     per-token reach steps (for the reach probe). ``into``: append to this dataset (the stages of
     a curriculum share one). ``max_length``: the model's positions; a longer record stops the run
-    here, before anything trains, with its split, index and length (at its longest stage, stage 0
-    or the final one). ``encoding``: a chain-of-thought encoding (default: answer only)."""
+    here, before anything trains, with its split, index and length (at its longest curriculum
+    stage). ``encoding``: a chain-of-thought encoding (default: answer only)."""
     dataset = into if into is not None else empty_dataset(tokenizer, encoding)
     staged = isinstance(dataset, PieceDataset)
     before = len(dataset)
@@ -197,7 +197,9 @@ def encode_split(task: Task, split: str, tokenizer, step_answers: bool = False, 
         try:
             if staged:
                 pieces = Encoding.pieces(record, tokenizer)
-                stages = (0, dataset.encoding.final_stage) if split == "train" else (dataset.encoding.final_stage,)
+                # a stage's length is not monotone in k when steps differ in length: check each one
+                final = dataset.encoding.final_stage
+                stages = range(final + 1) if split == "train" else (final,)
                 length = max(len(dataset.encoding.assemble(pieces, tokenizer, k).input_ids) for k in stages)
             else:
                 encoded = encode(record, tokenizer, steps, reach_steps)

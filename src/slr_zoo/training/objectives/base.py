@@ -42,4 +42,6 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
-OBJECTIVES = Registry("objective", Objective, context=("hidden_size",))
+# what the cell gives an objective, never recipe keys
+OBJECTIVES = Registry("objective", Objective,
+                      context=("hidden_size", "teacher_model", "thoughts_per_step", "thoughts_mode"))

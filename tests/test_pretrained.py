@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_recipe
+from conftest import tiny_model, tiny_recipe
 from slr_zoo import fit
 from slr_zoo.recipe import build_backbone, build_cell, build_model, train_cell
 from slr_zoo.registry import ComponentError
@@ -277,6 +277,54 @@ def test_the_finetune_recipe_trains_on_a_tiny_pretrained_model(tmp_path):
     assert fit.main(args) == 0
     summary = json.loads((tmp_path / "finetune_lora" / "default" / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["trainable_params"] < summary["params"]
+
+
+def test_run_replaced_is_the_original_forward_through_the_replaced_layers(tmp_path):
+    hf, _ = save_tiny_pretrained(tmp_path, "llama", layers=6)
+    recipe = tiny_recipe(backbone={"name": "llama", "pretrained": str(tmp_path), "prelude_layers": 1,
+                                   "core_layers": 2, "coda_layers": 1, "share": "average", "loops": 2},
+                         loop__max_steps=2)
+    backbone = build_backbone(recipe).eval()
+    tokens = torch.randint(3, hf.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        after_layer_5 = hf(tokens, output_hidden_states=True).hidden_states[5]  # [0] is the embedding
+    torch.testing.assert_close(backbone.run_replaced(tokens), after_layer_5, rtol=0, atol=1e-5)
+
+
+def test_a_calibrated_conversion_starts_closer_to_the_original_on_the_training_text(tmp_path):
+    """loop_lora calibration: N re-initialises the SVD stand-ins from the inputs the replaced layers
+    see on the first N training examples, before the first step; the converted model is then
+    closer to the original's logits on that text than with the plain SVD init, at a low rank."""
+    save_tiny_pretrained(tmp_path / "model", "llama", layers=8)
+    lora = {"name": "per_step", "rank": 2, "alpha": 2, "init": "svd", "targets": ["all-linear"], "norms": True}
+
+    def cell(loop_lora: dict, name: str):
+        return build_cell(finetune_recipe(
+            tmp_path / "model", tmp_path / "runs",
+            backbone={"name": "llama", "pretrained": str(tmp_path / "model"), "prelude_layers": 1, "core_layers": 2,
+                      "coda_layers": 1, "share": "average", "loops": 3},
+            loop__loop_lora=loop_lora, loop__max_steps=3, loop__step_embedding={"name": "none"},
+            loop__combine={"name": "none"}), tmp_path / name)
+
+    parts = cell({**lora, "calibration": 16}, "calibrated")
+    # at full rank with per-step norms the conversion is the original model (the added tokens' rows too)
+    original = cell({**lora, "rank": 256}, "full").module.model.eval()
+    model = parts.module.model.eval()
+    examples = parts.data.calibration_examples(16)
+    assert len(examples) == 16
+
+    def distance() -> float:
+        with torch.no_grad():
+            return sum(float((model(torch.tensor([e.input_ids])).logits - original(torch.tensor([e.input_ids])).logits)
+                             .pow(2).mean()) for e in examples)
+
+    plain = distance()
+    assert parts.module.calibrate(parts.data) == 16
+    calibrated = distance()
+    print(f"calibration distance {plain:.4g} -> {calibrated:.4g}")
+    assert calibrated < 0.8 * plain
+    with pytest.raises(ComponentError, match="loop.loop_lora.calibration: whitens the svd initialisation"):
+        tiny_model(tiny_recipe(loop__loop_lora={"name": "per_step", "calibration": 4}))
 
 
 @pytest.mark.parametrize("name", ["finetune_smollm2", "finetune_smollm2_prosqa", "finetune_smollm2_gsm8k",

@@ -136,3 +136,56 @@ def test_fit_and_evaluate_agree_on_answers_in_any_script(tmp_path):
     fitted, evaluated = _fit_then_evaluate(tmp_path, {"name": "json", "train": str(train), "val": str(val)},
                                            steps=150)
     assert fitted == evaluated and fitted >= 0.9
+
+
+SHAPES = st.tuples(st.integers(2, 12), st.integers(2, 12), st.integers(1, 12), st.integers(0, 2**16))
+
+
+def _planted(out_f: int, in_f: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight difference and inputs spread very unevenly over the input directions."""
+    g = torch.Generator().manual_seed(seed)
+    delta = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    x = torch.randn(4 * in_f + 8, in_f, generator=g, dtype=torch.float64) * torch.logspace(1, -2, in_f, dtype=torch.float64)
+    return delta, x
+
+
+@settings(max_examples=60, deadline=None)
+@given(SHAPES)
+def test_a_whitened_truncation_is_no_worse_on_its_inputs_than_the_plain_one(shape):
+    """On the inputs it was whitened by, the whitened rank-r stand-in errs no more than the
+    Frobenius-optimal one (it is the optimum of exactly that error); without a moment it is the
+    plain truncated SVD (Eckart-Young); at full rank both are exact."""
+    from slr_zoo.linears import low_rank_factors
+
+    out_f, in_f, rank, seed = shape
+    delta, x = _planted(out_f, in_f, seed)
+    moment = x.mT @ x / x.size(0)
+    B, A = low_rank_factors(delta, rank)
+    Bw, Aw = low_rank_factors(delta, rank, moment)
+    k = min(rank, out_f, in_f)
+    assert B.shape == Bw.shape == (out_f, k) and A.shape == Aw.shape == (k, in_f)
+    plain = torch.linalg.norm((delta - B @ A) @ x.mT)
+    whitened = torch.linalg.norm((delta - Bw @ Aw) @ x.mT)
+    assert whitened <= plain * (1 + 1e-6) + 1e-9
+    dropped = torch.linalg.svdvals(delta)[k:].norm()
+    assert torch.linalg.norm(delta - B @ A).item() == pytest.approx(dropped.item(), rel=1e-6, abs=1e-9)
+    if k == min(out_f, in_f):
+        torch.testing.assert_close(Bw @ Aw, delta, rtol=1e-5, atol=1e-6)
+
+
+def test_input_moments_are_the_mean_outer_product_of_every_input_row():
+    from slr_zoo.linears import InputMoments
+
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+    xs = [torch.randn(2, 5, 3), torch.randn(1, 7, 3)]
+    with InputMoments({"first": first, "second": second}) as moments:
+        hidden = [first(x) for x in xs]
+        for h in hidden:
+            second(h)
+    second(torch.randn(9, 4))  # after exit: not counted
+    result = moments.result()
+    rows = torch.cat([x.reshape(-1, 3) for x in xs]).double()
+    torch.testing.assert_close(result["first"], rows.mT @ rows / rows.size(0))
+    rows = torch.cat([h.detach().reshape(-1, 4) for h in hidden]).double()
+    torch.testing.assert_close(result["second"], rows.mT @ rows / rows.size(0))

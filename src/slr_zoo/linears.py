@@ -74,3 +74,63 @@ def find_targets(core: nn.Module, targets: list[str], roles: dict[str, tuple[str
             )
         chosen.update(hits)
     return dict(sorted(chosen.items()))
+
+
+def low_rank_factors(delta: torch.Tensor, rank: int,
+                     input_moment: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B [out, k], A [k, in]), k = min(rank, min(out, in)), with B A the best rank-k stand-in for
+    the [out, in] matrix ``delta``.
+
+    Without ``input_moment`` "best" is in the Frobenius norm (the truncated SVD). With it, the
+    second moment E[x xᵀ] [in, in] of the inputs the matrix will see, "best" is on those inputs,
+    ‖(delta − B A) x‖ over the data: the truncation then spends its rank on the directions the
+    inputs occupy, not on weight directions no input excites (SVD-LLM's whitening, Wang et al.
+    2024, arXiv 2403.07378). The singular values are split evenly between B and A."""
+    delta = delta.double()
+    k = min(rank, *delta.shape)
+    if input_moment is None:
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        return U[:, :k] * S[:k].sqrt(), S[:k].sqrt()[:, None] * Vh[:k]
+    moment = input_moment.double()
+    # a small ridge keeps the factor invertible when some input direction is never excited
+    ridge = 1e-6 * moment.diagonal().mean().clamp_min(1e-12)
+    L = torch.linalg.cholesky(moment + ridge * torch.eye(moment.size(0), dtype=moment.dtype, device=moment.device))
+    U, S, Vh = torch.linalg.svd(delta @ L, full_matrices=False)
+    # B A L = U_k S_k Vh_k, so A = S_k^½ Vh_k L⁻¹
+    right = torch.linalg.solve_triangular(L.mT, Vh[:k].mT, upper=True).mT
+    return U[:, :k] * S[:k].sqrt(), S[:k].sqrt()[:, None] * right
+
+
+class InputMoments:
+    """E[x xᵀ] of the inputs reaching chosen linears while it is entered: for initialising a
+    low-rank stand-in on the inputs a layer really sees (:func:`low_rank_factors`).
+
+    ``modules`` maps any key to a linear. Padding is the caller's business: every row of the
+    input counts."""
+
+    def __init__(self, modules: dict):
+        self.modules = modules
+        self._sums: dict = {}
+        self._counts: dict = {}
+        self._handles: list = []
+
+    def _hook(self, key):
+        def accumulate(module, args, output):
+            x = args[0].detach()
+            flat = x.reshape(-1, x.size(-1)).double()
+            self._sums[key] = self._sums.get(key, 0) + flat.mT @ flat
+            self._counts[key] = self._counts.get(key, 0) + flat.size(0)
+        return accumulate
+
+    def __enter__(self) -> "InputMoments":
+        self._handles = [m.register_forward_hook(self._hook(key)) for key, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def result(self) -> dict:
+        """key -> [in, in] second moment; a linear that saw no input is left out."""
+        return {key: self._sums[key] / self._counts[key] for key in self._sums}

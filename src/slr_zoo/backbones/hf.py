@@ -435,6 +435,20 @@ class Backbone(nn.Module):
             raise ValueError("attention='prefix' needs the question's extent (query_mask) in every forward call")
         return _prefix_mask(prefix.bool().expand(embeds.shape[:2]), attention_mask)
 
+    @torch.no_grad()
+    def run_replaced(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """The pretrained model's own forward through the prelude and the layers the loop stands
+        for (``share: average``), to the hidden state after them: how the originals see real
+        text, which is what calibrating the loop's stand-ins for them needs."""
+        if not self.replaced_layers:
+            raise ValueError("run_replaced needs a backbone with share: average (it replaces no layers)")
+        ctx = self.context(input_ids, attention_mask, prefix)
+        h = self.prelude(self.embed(input_ids, ctx), ctx)
+        for layer in self.replaced_layers:
+            h = self.layer_call(layer, h, ctx)
+        return h
+
     # ------------------------------------------------------------------ shared
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head."""

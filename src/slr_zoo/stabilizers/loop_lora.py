@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slr_zoo.linears import find_targets, linear_shape, weight_matrix
+from slr_zoo.linears import InputMoments, find_targets, linear_shape, low_rank_factors, weight_matrix
 from slr_zoo.registry import ArgumentError, Registry
 
 
@@ -202,7 +202,13 @@ class PerStepLoRA(_HookedLoRA):
     ``norms: true`` gives every step its own change of each norm's gain (and bias): d numbers per
     norm and step. Pretrained layers differ most in their norm gains, which no low-rank change of
     the linears can restore; with ``init: svd`` each step starts from its original layer's norms
-    exactly."""
+    exactly.
+
+    ``calibration: N`` (with ``init: svd``) makes each truncation best on the inputs the original
+    layer sees rather than in the Frobenius norm: before training starts, the first N training
+    examples run through the original layers (:meth:`calibrate`). On SmolLM2-135M looped as
+    2 + 2 x 13 + 2 at rank 64 this takes the next-token loss from 5.6x the original's to 1.04x
+    (docs/pretrained.md)."""
 
     def __init__(
         self,
@@ -216,8 +222,15 @@ class PerStepLoRA(_HookedLoRA):
         replaced_layers: Optional[list] = None,
         roles: Optional[dict] = None,
         norms: bool = False,
+        calibration: int = 0,
     ):
         super().__init__(core, targets, rank, alpha, dropout, max_steps, roles)
+        if calibration < 0:
+            raise ArgumentError("calibration", f"must be >= 0 (training examples), got {calibration}")
+        if calibration and init != "svd":
+            raise ArgumentError("calibration", "whitens the svd initialisation by the inputs of the replaced layers; "
+                                "it needs init: svd")
+        self.calibration = calibration
         self.adapters = nn.ModuleDict(
             {key: _Stack(self.steps, rank, out_f, in_f) for key, (out_f, in_f) in self.shapes.items()}
         )
@@ -228,6 +241,7 @@ class PerStepLoRA(_HookedLoRA):
                                              for n, m in self.norm_modules.items()
                                              if isinstance(getattr(m, "bias", None), torch.Tensor)})
         self._handles += [m.register_forward_hook(_NormHook(self, _key(n))) for n, m in self.norm_modules.items()]
+        self.replaced: list = []  # plain list: the originals are not parameters of the adapter
         if init == "svd":
             self._init_svd(core, replaced_layers or [])
         elif init != "zero":
@@ -249,24 +263,56 @@ class PerStepLoRA(_HookedLoRA):
                 "svd initialises each step from the pretrained layer it replaces, and this backbone "
                 "replaces none (the backbone needs share: average and loops: N)",
             )
-        per_loop = len(core.layers)
-        loops = len(replaced) // per_loop
-        for name, module in self.target_modules.items():
-            prefix, index, rest = self.target_paths[name].split(".", 2)  # "layers.<j>.<path inside the layer>"
+        self.replaced = replaced
+        self.per_loop = len(core.layers)
+        self.init_from_replaced()
+
+    def _original(self, t: int, path: str) -> nn.Module:
+        """The module at ``path`` of the core ("layers.<j>.<path inside the layer>") in the
+        pretrained layer that core layer j stands for at step t."""
+        _, index, rest = path.split(".", 2)
+        return self.replaced[(t - 1) * self.per_loop + int(index)].get_submodule(rest)
+
+    def _replaced_steps(self) -> range:
+        return range(1, min(len(self.replaced) // self.per_loop, self.steps) + 1)
+
+    def replaced_linears(self) -> dict[tuple[int, str], nn.Module]:
+        """(step t, target name) -> the pretrained linear that the target stands for at step t."""
+        return {(t, name): self._original(t, path) for name, path in self.target_paths.items()
+                for t in self._replaced_steps()}
+
+    @torch.no_grad()
+    def calibrate(self, run_originals: Callable[[], Any]) -> None:
+        """Initialise again from the replaced layers, each stand-in best on the inputs its
+        original receives while ``run_originals`` runs them (e.g. ``Backbone.run_replaced`` over
+        some text): see :meth:`init_from_replaced`."""
+        with InputMoments(self.replaced_linears()) as moments:
+            run_originals()
+        self.init_from_replaced(moments.result())
+
+    @torch.no_grad()
+    def init_from_replaced(self, input_moments: Optional[dict] = None) -> None:
+        """Set step t's adapter to the rank-r stand-in for (original layer t's weight - the shared
+        weight), and its norm gains to the original's. ``input_moments`` ((t, target name) ->
+        E[x xᵀ] of that original linear's inputs on some text; :meth:`calibrate` collects them) makes the stand-in best on those inputs rather than in the
+        Frobenius norm: at a rank far below the width, which directions are kept decides how
+        close the converted model stays to the original."""
+        if not self.replaced:
+            raise ValueError("init_from_replaced needs an adapter built with init: svd over a backbone with share: average")
+        root_scale = math.sqrt(self.scale)
+        for (t, name), original in self.replaced_linears().items():
             stack = self.adapters[_key(name)]
-            shared = weight_matrix(module).double()
-            for t in range(1, min(loops, self.steps) + 1):
-                original = weight_matrix(replaced[(t - 1) * per_loop + int(index)].get_submodule(rest))
-                U, S, Vh = torch.linalg.svd(original.double() - shared, full_matrices=False)
-                k = min(self.rank, S.numel())
-                root = (S[:k] / self.scale).sqrt()
-                stack.B[t - 1].zero_()
-                stack.B[t - 1, :, :k].copy_(U[:, :k] * root)
-                stack.A[t - 1, :k].copy_(root[:, None] * Vh[:k])
+            shared = weight_matrix(self.target_modules[name]).double()
+            moment = (input_moments or {}).get((t, name))
+            B, A = low_rank_factors(weight_matrix(original).double() - shared, self.rank, moment)
+            k = A.size(0)
+            stack.B[t - 1].zero_()
+            stack.A[t - 1].zero_()
+            stack.B[t - 1, :, :k].copy_(B / root_scale)
+            stack.A[t - 1, :k].copy_(A / root_scale)
         for name, norm in self.norm_modules.items():
-            _, index, rest = name.split(".", 2)
-            for t in range(1, min(loops, self.steps) + 1):
-                original = replaced[(t - 1) * per_loop + int(index)].get_submodule(rest)
+            for t in self._replaced_steps():
+                original = self._original(t, name)
                 self.norm_gains[_key(name)][t - 1].copy_(original.weight - norm.weight)
                 if _key(name) in self.norm_biases:
                     self.norm_biases[_key(name)][t - 1].copy_(original.bias - norm.bias)

@@ -279,6 +279,12 @@ class ReasoningDataModule(L.LightningDataModule):
                                         encoding=self.encoding)
             self.val_records = [check_record(r, i, "task val split") for i, r in enumerate(self.task.records("val"))]
 
+    def calibration_examples(self, count: int) -> list:
+        """The first ``count`` training examples (encoded, at the final stage): the same on every
+        rank, so a calibration from them starts every rank from the same weights."""
+        self.setup("fit")
+        return [self.train_set[i][0] for i in range(min(count, len(self.train_set)))]
+
     def _collate(self, items):
         batch = collate([item[0] for item in items], self.tokenizer.pad_token_id)
         batch["hops"] = torch.tensor([item[1] for item in items])

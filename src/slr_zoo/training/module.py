@@ -85,6 +85,29 @@ class LoopedLMModule(L.LightningModule):
         params = list(self.parameters())
         return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
+    @torch.no_grad()
+    def calibrate(self, data) -> int:
+        """Show a loop LoRA that asks for it (``calibration: N``) how the layers it stands for see
+        real text: the first N training examples run through the original layers, before the first
+        step (a resumed run has its weights already). Returns the examples used (0: nothing asked)."""
+        lora = self.model.loop_lora
+        count = getattr(lora, "calibration", 0)
+        if not count:
+            return 0
+        examples = data.calibration_examples(count)
+        backbone = self.model.backbone
+        device = next(backbone.parameters()).device
+        prefix = backbone.attention == "prefix"
+
+        def run_originals() -> None:
+            for example in examples:
+                ids = torch.tensor([example.input_ids], device=device)
+                where = question_mask(torch.tensor([example.labels], device=device)) if prefix else None
+                backbone.run_replaced(ids, prefix=where)
+
+        lora.calibrate(run_originals)
+        return len(examples)
+
     # ------------------------------------------------------------------ training
     def losses(self, batch: dict[str, torch.Tensor], out: LoopOutput, detail: bool = False):
         """(loss on the answer tokens, everything else or None, scalars to log). The first is

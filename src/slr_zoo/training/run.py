@@ -54,6 +54,11 @@ def run_cell(parts: CellParts, directory: Path, keys: dict[str, Any] | None = No
     if resume is not None and trainer.is_global_zero:
         step = torch.load(resume, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0)
         print(f"    resumed from step {step} of {parts.trainer.max_steps} ({resume.name})", flush=True)
+    if resume is None:
+        calibrated = module.calibrate(data)
+        if calibrated and trainer.is_global_zero:
+            print(f"    loop LoRA calibrated on the inputs of the replaced layers over {calibrated} training examples",
+                  flush=True)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     last = directory / "checkpoints" / "last.ckpt"
     if _saved_step(last) != trainer.global_step:  # the final weights, not those of the last multiple of checkpoint_every

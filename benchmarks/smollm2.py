@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--calibrate-on", choices=["questions", "prose"], default="questions",
                    help="the whitening text: other questions of the same tasks, or this repository's documentation")
     p.add_argument("--iterations", type=int, nargs="*", default=[1, 4, 8, 11, 12, 13, 14, 16, 20, 26],
-                   help="iterations at inference of the rank-64 conversion (with the last of --inits)")
+                   help="iterations at inference of the first conversion at rank 64 (with the last of --inits)")
     p.add_argument("--texts", type=int, default=24, help="validation questions of each task in the fixed text")
     p.add_argument("--rounds", type=int, default=15, help="alternating timing rounds of overhead: on a shared CPU the median needs many")
     p.add_argument("--threads", type=int, default=None)
@@ -206,7 +206,7 @@ def part_retrofit(args) -> dict:
                 print(f"  {label}, {init if rank else 'no LoRA':8s} rank {rank:4d}: loss {loss:.4f} "
                       f"({loss / base:.3f} x the original; {time.perf_counter() - start:.0f} s)", flush=True)
         entry = {"by_init": by_init}
-        if args.iterations and 64 in args.ranks:
+        if args.iterations and 64 in args.ranks and loops == args.loops[0]:
             init = args.inits[-1]
             model = looped(node, {"max_steps": loops, "loop_lora": {
                 "name": "per_step", "rank": 64, "alpha": 64, "init": "svd", "targets": ["all-linear"], "norms": True}}).eval()

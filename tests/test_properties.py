@@ -174,18 +174,25 @@ def test_a_whitened_truncation_is_no_worse_on_its_inputs_than_the_plain_one(shap
 
 
 def test_input_moments_are_the_mean_outer_product_of_every_input_row():
+    """Linears that read the same tensor (as q, k and v do) share one product, and each still
+    gets its own, complete moment."""
     from slr_zoo.linears import InputMoments
 
     torch.manual_seed(0)
-    first, second = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+    first, sibling, second = torch.nn.Linear(3, 4), torch.nn.Linear(3, 5), torch.nn.Linear(4, 2)
     xs = [torch.randn(2, 5, 3), torch.randn(1, 7, 3)]
-    with InputMoments({"first": first, "second": second}) as moments:
-        hidden = [first(x) for x in xs]
-        for h in hidden:
-            second(h)
+    with InputMoments({"first": first, "sibling": sibling, "second": second}) as moments:
+        hidden = []
+        for x in xs:
+            hidden.append(first(x))
+            sibling(x)
+            second(hidden[-1])
+        sibling(xs[0] + 1)  # the same shape, another tensor: its own product
     second(torch.randn(9, 4))  # after exit: not counted
     result = moments.result()
     rows = torch.cat([x.reshape(-1, 3) for x in xs]).double()
-    torch.testing.assert_close(result["first"], rows.mT @ rows / rows.size(0))
+    torch.testing.assert_close(result["first"], rows.mT @ rows / rows.size(0), rtol=1e-5, atol=1e-6)
+    rows = torch.cat([rows, (xs[0] + 1).reshape(-1, 3).double()])
+    torch.testing.assert_close(result["sibling"], rows.mT @ rows / rows.size(0), rtol=1e-5, atol=1e-6)
     rows = torch.cat([h.detach().reshape(-1, 4) for h in hidden]).double()
-    torch.testing.assert_close(result["second"], rows.mT @ rows / rows.size(0))
+    torch.testing.assert_close(result["second"], rows.mT @ rows / rows.size(0), rtol=1e-5, atol=1e-6)

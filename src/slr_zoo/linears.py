@@ -106,20 +106,32 @@ class InputMoments:
     low-rank stand-in on the inputs a layer really sees (:func:`low_rank_factors`).
 
     ``modules`` maps any key to a linear. Padding is the caller's business: every row of the
-    input counts."""
+    input counts. Linears called one after another on the same tensor (q, k and v of an
+    attention; gate and up of an MLP) share one product, the costly part; products are taken in
+    float32 (or wider) and summed in float64."""
 
     def __init__(self, modules: dict):
         self.modules = modules
         self._sums: dict = {}
         self._counts: dict = {}
+        self._last: tuple | None = None  # (input tensor, its x^T x): reused by the next linear on it
         self._handles: list = []
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
+        flat = x.detach().reshape(-1, x.size(-1))
+        flat = flat.float() if flat.element_size() < 4 else flat
+        product = (flat.mT @ flat).double()
+        self._last = (x, product)
+        return product
 
     def _hook(self, key):
         def accumulate(module, args, output):
-            x = args[0].detach()
-            flat = x.reshape(-1, x.size(-1)).double()
-            self._sums[key] = self._sums.get(key, 0) + flat.mT @ flat
-            self._counts[key] = self._counts.get(key, 0) + flat.size(0)
+            x = args[0]
+            product = self._product(x)
+            self._sums[key] = self._sums.get(key, 0) + product
+            self._counts[key] = self._counts.get(key, 0) + x.numel() // x.size(-1)
         return accumulate
 
     def __enter__(self) -> "InputMoments":
@@ -130,6 +142,7 @@ class InputMoments:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._last = None
 
     def result(self) -> dict:
         """key -> [in, in] second moment; a linear that saw no input is left out."""

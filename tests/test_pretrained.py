@@ -280,15 +280,18 @@ def test_the_finetune_recipe_trains_on_a_tiny_pretrained_model(tmp_path):
 
 
 def test_run_replaced_is_the_original_forward_through_the_replaced_layers(tmp_path):
-    hf, _ = save_tiny_pretrained(tmp_path, "llama", layers=6)
+    """In eval mode whatever the backbone's mode (calibration must not see dropout's noise)."""
+    hf, _ = save_tiny_pretrained(tmp_path, "llama", layers=6, dropout=0.3)
     recipe = tiny_recipe(backbone={"name": "llama", "pretrained": str(tmp_path), "prelude_layers": 1,
                                    "core_layers": 2, "coda_layers": 1, "share": "average", "loops": 2},
                          loop__max_steps=2)
-    backbone = build_backbone(recipe).eval()
+    backbone = build_backbone(recipe)
+    assert backbone.training
     tokens = torch.randint(3, hf.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         after_layer_5 = hf(tokens, output_hidden_states=True).hidden_states[5]  # [0] is the embedding
     torch.testing.assert_close(backbone.run_replaced(tokens), after_layer_5, rtol=0, atol=1e-5)
+    assert backbone.training  # and left as it was
 
 
 def test_a_calibrated_conversion_starts_closer_to_the_original_on_the_training_text(tmp_path):
@@ -310,18 +313,17 @@ def test_a_calibrated_conversion_starts_closer_to_the_original_on_the_training_t
     # at full rank with per-step norms the conversion is the original model (the added tokens' rows too)
     original = cell({**lora, "rank": 256}, "full").module.model.eval()
     model = parts.module.model.eval()
-    examples = parts.data.calibration_examples(16)
-    assert len(examples) == 16
+    batches = parts.data.calibration_batches(16)
+    assert len(batches) == 16 and all(b["input_ids"].size(0) == 1 for b in batches)
 
     def distance() -> float:
         with torch.no_grad():
-            return sum(float((model(torch.tensor([e.input_ids])).logits - original(torch.tensor([e.input_ids])).logits)
-                             .pow(2).mean()) for e in examples)
+            return sum(float((model(b["input_ids"]).logits - original(b["input_ids"]).logits).pow(2).mean())
+                       for b in batches)
 
     plain = distance()
     assert parts.module.calibrate(parts.data) == 16
     calibrated = distance()
-    print(f"calibration distance {plain:.4g} -> {calibrated:.4g}")
     assert calibrated < 0.8 * plain
     with pytest.raises(ComponentError, match="loop.loop_lora.calibration: whitens the svd initialisation"):
         tiny_model(tiny_recipe(loop__loop_lora={"name": "per_step", "calibration": 4}))
@@ -329,7 +331,7 @@ def test_a_calibrated_conversion_starts_closer_to_the_original_on_the_training_t
 
 @pytest.mark.parametrize("name", ["finetune_smollm2", "finetune_smollm2_prosqa", "finetune_smollm2_gsm8k",
                                   "retrofit_smollm2"])
-def test_the_smollm2_recipes_run_two_steps_on_the_cpu(name, tmp_path):
+def test_the_smollm2_recipes_run_two_steps_on_the_cpu(name, tmp_path, capsys):
     """With a tiny stand-in of the same split (the real checkpoint: the slow test below)."""
     from conftest import stand_ins
 
@@ -345,6 +347,8 @@ def test_the_smollm2_recipes_run_two_steps_on_the_cpu(name, tmp_path):
     assert fit.main(args) == 0
     summary = json.loads((tmp_path / name / "default" / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["train_steps"] == 2 and summary["trainable_params"] < summary["params"]
+    if name == "retrofit_smollm2":  # its loop LoRA is calibrated before the first step
+        assert "loop LoRA calibrated on the inputs of the replaced layers over 8 training examples" in capsys.readouterr().out
 
 
 @pytest.mark.slow

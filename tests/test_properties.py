@@ -152,9 +152,9 @@ def _planted(out_f: int, in_f: int, seed: int) -> tuple[torch.Tensor, torch.Tens
 @settings(max_examples=60, deadline=None)
 @given(SHAPES)
 def test_a_whitened_truncation_is_no_worse_on_its_inputs_than_the_plain_one(shape):
-    """On the inputs it was whitened by, the whitened rank-r stand-in errs no more than the
-    Frobenius-optimal one (it is the optimum of exactly that error); without a moment it is the
-    plain truncated SVD (Eckart-Young); at full rank both are exact."""
+    """On the inputs it was whitened by, the whitened rank-r stand-in is the best rank-r map
+    (Eckart-Young on delta's outputs), so no worse than the Frobenius-optimal one; without a
+    moment it is the plain truncated SVD; at full rank both are exact."""
     from slr_zoo.linears import low_rank_factors
 
     out_f, in_f, rank, seed = shape
@@ -167,6 +167,11 @@ def test_a_whitened_truncation_is_no_worse_on_its_inputs_than_the_plain_one(shap
     plain = torch.linalg.norm((delta - B @ A) @ x.mT)
     whitened = torch.linalg.norm((delta - Bw @ Aw) @ x.mT)
     assert whitened <= plain * (1 + 1e-6) + 1e-9
+    # it is the optimum on the data: the error of the best rank-k approximation of delta's outputs
+    best = torch.linalg.svdvals(delta @ x.mT)[k:].norm()
+    assert whitened.item() == pytest.approx(best.item(), rel=1e-3, abs=1e-6 * torch.linalg.norm(delta @ x.mT).item())
+    # each component's halves have equal norms, as the plain SVD's do
+    torch.testing.assert_close(Bw.norm(dim=0), Aw.norm(dim=1), rtol=1e-6, atol=1e-9)
     dropped = torch.linalg.svdvals(delta)[k:].norm()
     assert torch.linalg.norm(delta - B @ A).item() == pytest.approx(dropped.item(), rel=1e-6, abs=1e-9)
     if k == min(out_f, in_f):

@@ -85,20 +85,36 @@ def low_rank_factors(delta: torch.Tensor, rank: int,
     second moment E[x xᵀ] [in, in] of the inputs the matrix will see, "best" is on those inputs,
     ‖(delta − B A) x‖ over the data: the truncation then spends its rank on the directions the
     inputs occupy, not on weight directions no input excites (SVD-LLM's whitening, Wang et al.
-    2024, arXiv 2403.07378). The singular values are split evenly between B and A."""
+    2024, arXiv 2403.07378). Each of the k components is split so that its column of B and its
+    row of A have the same norm, as the plain SVD's are: an optimiser then moves both factors at
+    comparable rates."""
     delta = delta.double()
     k = min(rank, *delta.shape)
     if input_moment is None:
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         return U[:, :k] * S[:k].sqrt(), S[:k].sqrt()[:, None] * Vh[:k]
-    moment = input_moment.double()
-    # a small ridge keeps the factor invertible when some input direction is never excited
-    ridge = 1e-6 * moment.diagonal().mean().clamp_min(1e-12)
-    L = torch.linalg.cholesky(moment + ridge * torch.eye(moment.size(0), dtype=moment.dtype, device=moment.device))
+    moment = input_moment.double().to(delta.device)
+    if not torch.isfinite(moment).all():
+        raise ValueError("the input moment has non-finite entries (an overflow in the calibration forward?)")
+    L = _cholesky(moment)
     U, S, Vh = torch.linalg.svd(delta @ L, full_matrices=False)
-    # B A L = U_k S_k Vh_k, so A = S_k^½ Vh_k L⁻¹
-    right = torch.linalg.solve_triangular(L.mT, Vh[:k].mT, upper=True).mT
-    return U[:, :k] * S[:k].sqrt(), S[:k].sqrt()[:, None] * right
+    # B A L = U_k S_k Vh_k, so B A = U_k (S_k Vh_k L⁻¹); then balance each component's two halves
+    B, A = U[:, :k], S[:k, None] * torch.linalg.solve_triangular(L.mT, Vh[:k].mT, upper=True).mT
+    balance = (A.norm(dim=1) / B.norm(dim=0).clamp_min(1e-30)).sqrt()
+    return B * balance, A / balance[:, None].clamp_min(1e-30)
+
+
+def _cholesky(moment: torch.Tensor) -> torch.Tensor:
+    """L with L Lᵀ = moment + a small ridge: the ridge keeps L invertible when some input
+    direction is never excited, and grows until the factorisation succeeds."""
+    eye = torch.eye(moment.size(0), dtype=moment.dtype, device=moment.device)
+    ridge = 1e-6 * moment.diagonal().mean().clamp_min(1e-12)
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(moment + ridge * eye)
+        if int(info) == 0:
+            return L
+        ridge = ridge * 100
+    raise ValueError("the input moment is not positive semi-definite, even with a ridge")
 
 
 class InputMoments:
@@ -145,5 +161,6 @@ class InputMoments:
         self._last = None
 
     def result(self) -> dict:
-        """key -> [in, in] second moment; a linear that saw no input is left out."""
-        return {key: self._sums[key] / self._counts[key] for key in self._sums}
+        """key -> [in, in] second moment; a linear that saw no input is left out. Divides the
+        sums in place (a moment per linear can be most of the memory), so call it once."""
+        return {key: self._sums[key].div_(self._counts[key]) for key in self._sums}

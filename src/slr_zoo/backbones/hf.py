@@ -438,15 +438,24 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def run_replaced(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """The pretrained model's own forward through the prelude and the layers the loop stands
-        for (``share: average``), to the hidden state after them: how the originals see real
-        text, which is what calibrating the loop's stand-ins for them needs."""
+        """The pretrained model's own forward (in eval mode: no dropout) through the prelude and
+        the layers the loop stands for (``share: average``), to the hidden state after them: how
+        the originals see real text, which is what calibrating the loop's stand-ins needs. The
+        originals are not parameters, so ``.to()`` does not reach them; they follow the
+        embeddings here."""
         if not self.replaced_layers:
             raise ValueError("run_replaced needs a backbone with share: average (it replaces no layers)")
-        ctx = self.context(input_ids, attention_mask, prefix)
-        h = self.prelude(self.embed(input_ids, ctx), ctx)
-        for layer in self.replaced_layers:
-            h = self.layer_call(layer, h, ctx)
+        weight = self.embed_tokens.weight
+        training = self.training
+        self.eval()
+        try:
+            ctx = self.context(input_ids, attention_mask, prefix)
+            h = self.prelude(self.embed(input_ids, ctx), ctx)
+            for layer in self.replaced_layers:
+                layer.to(device=weight.device, dtype=weight.dtype).eval()
+                h = self.layer_call(layer, h, ctx)
+        finally:
+            self.train(training)
         return h
 
     # ------------------------------------------------------------------ shared

@@ -286,9 +286,15 @@ class PerStepLoRA(_HookedLoRA):
         """Initialise again from the replaced layers, each stand-in best on the inputs its
         original receives while ``run_originals`` runs them (e.g. ``Backbone.run_replaced`` over
         some text): see :meth:`init_from_replaced`."""
-        with InputMoments(self.replaced_linears()) as moments:
+        linears = self.replaced_linears()
+        with InputMoments(linears) as moments:
             run_originals()
-        self.init_from_replaced(moments.result())
+        collected = moments.result()
+        missing = [f"step {t} {name}" for (t, name) in linears if (t, name) not in collected]
+        if missing:
+            raise ValueError(f"calibration: the originals of {', '.join(missing[:4])}"
+                             f"{' ...' if len(missing) > 4 else ''} received no input; run_originals must run every replaced layer")
+        self.init_from_replaced(collected)
 
     @torch.no_grad()
     def init_from_replaced(self, input_moments: Optional[dict] = None) -> None:
@@ -304,7 +310,10 @@ class PerStepLoRA(_HookedLoRA):
             stack = self.adapters[_key(name)]
             shared = weight_matrix(self.target_modules[name]).double()
             moment = (input_moments or {}).get((t, name))
-            B, A = low_rank_factors(weight_matrix(original).double() - shared, self.rank, moment)
+            try:
+                B, A = low_rank_factors(weight_matrix(original).double().to(shared.device) - shared, self.rank, moment)
+            except ValueError as error:
+                raise ValueError(f"calibration of step {t}'s {name}: {error}") from None
             k = A.size(0)
             stack.B[t - 1].zero_()
             stack.A[t - 1].zero_()
@@ -313,9 +322,9 @@ class PerStepLoRA(_HookedLoRA):
         for name, norm in self.norm_modules.items():
             for t in self._replaced_steps():
                 original = self._original(t, name)
-                self.norm_gains[_key(name)][t - 1].copy_(original.weight - norm.weight)
+                self.norm_gains[_key(name)][t - 1].copy_(original.weight.to(norm.weight.device) - norm.weight)
                 if _key(name) in self.norm_biases:
-                    self.norm_biases[_key(name)][t - 1].copy_(original.bias - norm.bias)
+                    self.norm_biases[_key(name)][t - 1].copy_(original.bias.to(norm.bias.device) - norm.bias)
 
     @torch.no_grad()
     def monitors(self) -> dict[str, float]:

@@ -279,11 +279,17 @@ class ReasoningDataModule(L.LightningDataModule):
                                         encoding=self.encoding)
             self.val_records = [check_record(r, i, "task val split") for i, r in enumerate(self.task.records("val"))]
 
-    def calibration_examples(self, count: int) -> list:
-        """The first ``count`` training examples (encoded, at the final stage): the same on every
-        rank, so a calibration from them starts every rank from the same weights."""
+    def calibration_batches(self, count: int) -> list[dict]:
+        """``count`` training examples, one collated batch each (no padding), spread evenly over
+        the training set so that every curriculum stage's task is among them; the same on every
+        rank, so a calibration from them starts every rank from the same weights. A
+        chain-of-thought encoding gives its stage-0 text (question, written steps, answer): the
+        text a latent stage's thought slots stand in for."""
         self.setup("fit")
-        return [self.train_set[i][0] for i in range(min(count, len(self.train_set)))]
+        size = len(self.train_set)
+        indices = sorted({i * size // count for i in range(count)}) if count < size else range(size)
+        pieces = isinstance(self.train_set, PieceDataset)
+        return [collate([self.train_set[(i, 0, 0) if pieces else i][0]], self.tokenizer.pad_token_id) for i in indices]
 
     def _collate(self, items):
         batch = collate([item[0] for item in items], self.tokenizer.pad_token_id)

@@ -88,25 +88,27 @@ class LoopedLMModule(L.LightningModule):
     @torch.no_grad()
     def calibrate(self, data) -> int:
         """Show a loop LoRA that asks for it (``calibration: N``) how the layers it stands for see
-        real text: the first N training examples run through the original layers, before the first
-        step (a resumed run has its weights already). Returns the examples used (0: nothing asked)."""
+        real text: N training examples run through the original layers, before the first step (a
+        resumed run has its weights already). Returns the examples used (0: nothing asked)."""
         lora = self.model.loop_lora
         count = getattr(lora, "calibration", 0)
         if not count:
             return 0
-        examples = data.calibration_examples(count)
+        batches = data.calibration_batches(count)
         backbone = self.model.backbone
         device = next(backbone.parameters()).device
         prefix = backbone.attention == "prefix"
 
         def run_originals() -> None:
-            for example in examples:
-                ids = torch.tensor([example.input_ids], device=device)
-                where = question_mask(torch.tensor([example.labels], device=device)) if prefix else None
-                backbone.run_replaced(ids, prefix=where)
+            for batch in batches:
+                where = None
+                if prefix:
+                    where = batch["query_mask"] if "query_mask" in batch else question_mask(batch["labels"])
+                    where = where.to(device)
+                backbone.run_replaced(batch["input_ids"].to(device), prefix=where)
 
         lora.calibrate(run_originals)
-        return len(examples)
+        return len(batches)
 
     # ------------------------------------------------------------------ training
     def losses(self, batch: dict[str, torch.Tensor], out: LoopOutput, detail: bool = False):

@@ -174,6 +174,8 @@ ROWS = [
     ("heads in a grid", lambda f: ["fit", f["recipe"], "grid.backbone.heads=[2,3]"], 2, r"backbone\.heads: hidden_size must be a positive multiple of heads, got hidden_size=32, heads=3 \(in grid cell 1: heads=3\)"),
     ("kv heads", lambda f: ["fit", f["recipe"], "backbone={name: llama, hidden_size: 32, heads: 4, kv_heads: 3, prelude_layers: 1, core_layers: 1, coda_layers: 0}"], 2, r"backbone\.kv_heads: must divide heads"),
     ("lora targets", lambda f: ["fit", f["recipe"], "loop.loop_lora={name: per_step, targets: [nowhere]}"], 2, r"loop\.loop_lora\.targets: 'nowhere' matches no linear layer of the core; roles: attention"),
+    ("calibration below 0", lambda f: ["fit", f["recipe"], "loop.loop_lora={name: per_step, calibration: -1}"], 2, r"loop\.loop_lora\.calibration: must be >= 0 \(training examples\), got -1"),
+    ("calibration without svd", lambda f: ["fit", f["recipe"], "loop.loop_lora={name: per_step, calibration: 8}"], 2, r"loop\.loop_lora\.calibration: whitens the svd initialisation .* it needs init: svd"),
     ("init with pretrained", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['llama']}, init: torch, prelude_layers: 1, core_layers: 1, coda_layers: 1}}"], 2, r"backbone\.init: applies to a model built from scratch; a pretrained model's init comes from its checkpoint"),
     ("step supervision without hops", lambda f: ["fit", f["recipe"], "task={name: walk, n_train: 64, n_val: 8}", "loop.step_supervision=0.5"], 2, r"loop\.step_supervision: needs per-hop answers, which task WalkTask does not give"),
     ("hops reversed", lambda f: ["fit", f["recipe"], "task.hops=[6,1]"], 2, r"task\.hops: must be \[min, max\] with 1 <= min <= max, got \[6, 1\]"),

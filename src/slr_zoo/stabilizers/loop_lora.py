@@ -301,9 +301,10 @@ class PerStepLoRA(_HookedLoRA):
     def init_from_replaced(self, input_moments: Optional[dict] = None) -> None:
         """Set step t's adapter to the rank-r stand-in for (original layer t's weight - the shared
         weight), and its norm gains to the original's. ``input_moments`` ((t, target name) ->
-        E[x xᵀ] of that original linear's inputs on some text; :meth:`calibrate` collects them) makes the stand-in best on those inputs rather than in the
-        Frobenius norm: at a rank far below the width, which directions are kept decides how
-        close the converted model stays to the original."""
+        E[x xᵀ] of that original linear's inputs on some text; :meth:`calibrate` collects them)
+        makes the stand-in best on those inputs rather than in the Frobenius norm: at a rank far
+        below the width, which directions are kept decides how close the converted model stays
+        to the original."""
         if not self.replaced:
             raise ValueError("init_from_replaced needs an adapter built with init: svd over a backbone with share: average")
         root_scale = math.sqrt(self.scale)

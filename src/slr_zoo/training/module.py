@@ -32,6 +32,12 @@ def question_mask(labels: torch.Tensor) -> torch.Tensor:
     return torch.arange(labels.size(1), device=labels.device) <= first[:, None]
 
 
+def batch_question(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's question positions: the encoding's own prompt extent when it has one (a
+    chain-of-thought encoding's written steps are not question), else up to the first label."""
+    return batch["query_mask"] if "query_mask" in batch else question_mask(batch["labels"])
+
+
 class LoopedLMModule(L.LightningModule):
     """Trains a LoopedLM on the weighted sum of its ``objectives`` (name -> Objective)."""
 
@@ -103,8 +109,7 @@ class LoopedLMModule(L.LightningModule):
             for batch in batches:
                 where = None
                 if prefix:
-                    where = batch["query_mask"] if "query_mask" in batch else question_mask(batch["labels"])
-                    where = where.to(device)
+                    where = batch_question(batch).to(device)
                 backbone.run_replaced(batch["input_ids"].to(device), prefix=where)
 
         lora.calibrate(run_originals)
@@ -145,7 +150,7 @@ class LoopedLMModule(L.LightningModule):
         logs: dict[str, float] = {}
         failure, detail_text = 0, ""  # 0: finite; 1: the loss; t + 1: the state at loop iteration t
         try:
-            query = batch["query_mask"] if "query_mask" in batch else question_mask(labels)
+            query = batch_question(batch)
             out = self.model(batch["input_ids"], batch.get("attention_mask"), steps=steps, query_mask=query,
                              real_mask=batch.get("real_mask"), slot_mask=batch.get("slot_mask"),
                              record=self.record | ({"stability"} if detail else set()))

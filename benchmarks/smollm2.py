@@ -164,7 +164,8 @@ def calibrate(model, ids, mask) -> None:
     """The recipe's ``loop_lora.calibration``, on this text: the original layers run over each
     question (unpadded), and the loop LoRA is initialised again from the inputs they saw."""
     backbone = model.backbone
-    model.loop_lora.calibrate(lambda: [backbone.run_replaced(row[m.bool()][None]) for row, m in zip(ids, mask)])
+    rows = [row[m.bool()][None] for row, m in zip(ids, mask)]
+    model.loop_lora.calibrate(lambda watch: backbone.run_replaced(rows, watch=watch))
 
 
 def conversion(loops: int, layers: int = 30, core: int = 2) -> dict:

@@ -290,28 +290,32 @@ def test_run_replaced_is_the_original_forward_through_the_replaced_layers(tmp_pa
     tokens = torch.randint(3, hf.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         after_layer_5 = hf(tokens, output_hidden_states=True).hidden_states[5]  # [0] is the embedding
-    torch.testing.assert_close(backbone.run_replaced(tokens), after_layer_5, rtol=0, atol=1e-5)
+    torch.testing.assert_close(backbone.run_replaced([tokens])[0], after_layer_5, rtol=0, atol=1e-5)
     assert backbone.training  # and left as it was
+
+
+CALIBRATED_LORA = {"name": "per_step", "rank": 2, "alpha": 2, "init": "svd", "targets": ["all-linear"], "norms": True}
+
+
+def conversion_cell(tmp_path: Path, loop_lora: dict, name: str):
+    """A 1 + 2 x 3 + 1 conversion of a tiny saved 8-layer Llama (saved once under tmp_path)."""
+    if not (tmp_path / "model").exists():
+        save_tiny_pretrained(tmp_path / "model", "llama", layers=8)
+    return build_cell(finetune_recipe(
+        tmp_path / "model", tmp_path / "runs",
+        backbone={"name": "llama", "pretrained": str(tmp_path / "model"), "prelude_layers": 1, "core_layers": 2,
+                  "coda_layers": 1, "share": "average", "loops": 3},
+        loop__loop_lora=loop_lora, loop__max_steps=3, loop__step_embedding={"name": "none"},
+        loop__combine={"name": "none"}), tmp_path / name)
 
 
 def test_a_calibrated_conversion_starts_closer_to_the_original_on_the_training_text(tmp_path):
     """loop_lora calibration: N re-initialises the SVD stand-ins from the inputs the replaced layers
     see on the first N training examples, before the first step; the converted model is then
     closer to the original's logits on that text than with the plain SVD init, at a low rank."""
-    save_tiny_pretrained(tmp_path / "model", "llama", layers=8)
-    lora = {"name": "per_step", "rank": 2, "alpha": 2, "init": "svd", "targets": ["all-linear"], "norms": True}
-
-    def cell(loop_lora: dict, name: str):
-        return build_cell(finetune_recipe(
-            tmp_path / "model", tmp_path / "runs",
-            backbone={"name": "llama", "pretrained": str(tmp_path / "model"), "prelude_layers": 1, "core_layers": 2,
-                      "coda_layers": 1, "share": "average", "loops": 3},
-            loop__loop_lora=loop_lora, loop__max_steps=3, loop__step_embedding={"name": "none"},
-            loop__combine={"name": "none"}), tmp_path / name)
-
-    parts = cell({**lora, "calibration": 16}, "calibrated")
+    parts = conversion_cell(tmp_path, {**CALIBRATED_LORA, "calibration": 16}, "calibrated")
     # at full rank with per-step norms the conversion is the original model (the added tokens' rows too)
-    original = cell({**lora, "rank": 256}, "full").module.model.eval()
+    original = conversion_cell(tmp_path, {**CALIBRATED_LORA, "rank": 256}, "full").module.model.eval()
     model = parts.module.model.eval()
     batches = parts.data.calibration_batches(16)
     assert len(batches) == 16 and all(b["input_ids"].size(0) == 1 for b in batches)
@@ -327,6 +331,18 @@ def test_a_calibrated_conversion_starts_closer_to_the_original_on_the_training_t
     assert calibrated < 0.8 * plain
     with pytest.raises(ComponentError, match="loop.loop_lora.calibration: whitens the svd initialisation"):
         tiny_model(tiny_recipe(loop__loop_lora={"name": "per_step", "calibration": 4}))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_calibration_on_the_training_device_matches_the_cpu_and_leaves_the_model_where_it_was(tmp_path):
+    on_cpu, on_gpu = (conversion_cell(tmp_path, {**CALIBRATED_LORA, "calibration": 8}, name) for name in ("a", "b"))
+    on_cpu.module.calibrate(on_cpu.data)
+    on_gpu.module.calibrate(on_gpu.data, device="cuda")
+    assert {p.device.type for p in on_gpu.module.parameters()} == {"cpu"}
+    assert {p.device.type for layer in on_gpu.module.model.backbone.replaced_layers for p in layer.parameters()} == {"cpu"}
+    for (a_name, a), (_, b) in zip(on_cpu.module.model.loop_lora.named_parameters(),
+                                   on_gpu.module.model.loop_lora.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=a_name)
 
 
 @pytest.mark.parametrize("name", ["finetune_smollm2", "finetune_smollm2_prosqa", "finetune_smollm2_gsm8k",

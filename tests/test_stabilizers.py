@@ -432,6 +432,49 @@ def test_whitened_init_gives_each_step_the_stand_in_best_on_its_own_inputs():
         assert whitened_error < plain_error
 
 
+def test_calibration_layer_by_layer_equals_the_moments_of_one_whole_run():
+    """calibrate() holds one replaced layer's input moments at a time (only that layer's linears
+    are hooked while it runs) and gives exactly the adapters that the moments of one whole run,
+    collected at once, give."""
+    from slr_zoo.linears import InputMoments
+
+    model = relaxed(LLAMA, 2, 2, rank=4)
+    lora, backbone = model.loop_lora, model.backbone
+    g = torch.Generator().manual_seed(2)
+    texts = [torch.randint(0, VOCAB, (1, n), generator=g) for n in (7, 12)]
+    with InputMoments(lora.replaced_linears()) as moments:
+        backbone.run_replaced(texts)
+    lora.init_from_replaced(moments.result())
+    at_once = {key: lora.effective_weight(key[1], key[0]).detach().clone() for key in lora.replaced_linears()}
+    lora.init_from_replaced()  # back to the plain SVD
+    assert any(not torch.equal(lora.effective_weight(n, t), w) for (t, n), w in at_once.items())
+
+    originals = [m for layer in backbone.replaced_layers for m in layer.modules()]
+    hooked = {}
+
+    def run_originals(watch):
+        def spying(index):
+            context = watch(index)
+
+            class Spy:
+                def __enter__(self):
+                    context.__enter__()
+                    hooked[index] = sum(len(m._forward_hooks) for m in originals)
+
+                def __exit__(self, *exc):
+                    return context.__exit__(*exc)
+            return Spy()
+        backbone.run_replaced(texts, watch=spying)
+
+    lora.calibrate(run_originals)
+    per_layer = len(lora.target_modules) // 2  # the core's two layers split the targets
+    assert hooked == {0: per_layer, 1: per_layer, 2: per_layer, 3: per_layer}
+    for (t, name), weight in at_once.items():
+        torch.testing.assert_close(lora.effective_weight(name, t), weight, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"replaced layer\(s\) \[0, 1, 2, 3\] were not run under watch"):
+        lora.calibrate(lambda watch: backbone.run_replaced(texts))
+
+
 def test_svd_init_needs_share_average():
     with pytest.raises(ComponentError, match="loop.loop_lora.init: svd initialises"):
         model_with("loop_lora", {"name": "per_step", "init": "svd"})

@@ -9,11 +9,12 @@ rotary tables), so the layers see exactly the inputs the original model would gi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -436,27 +437,38 @@ class Backbone(nn.Module):
         return _prefix_mask(prefix.bool().expand(embeds.shape[:2]), attention_mask)
 
     @torch.no_grad()
-    def run_replaced(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """The pretrained model's own forward (in eval mode: no dropout) through the prelude and
-        the layers the loop stands for (``share: average``), to the hidden state after them: how
-        the originals see real text, which is what calibrating the loop's stand-ins needs. The
-        originals are not parameters, so ``.to()`` does not reach them; they follow the
-        embeddings here."""
+    def run_replaced(self, input_ids: list[torch.Tensor], prefixes: list[torch.Tensor | None] | None = None,
+                     watch: Callable[[int], contextlib.AbstractContextManager] | None = None) -> list[torch.Tensor]:
+        """The pretrained model's own forward (in eval mode: no dropout) of each [B, S] tensor of
+        ``input_ids`` (``prefixes``: each one's question, with ``attention: prefix``) through the
+        prelude and the layers the loop stands for (``share: average``): the hidden states after
+        the last of them. How the originals see real text, which is what calibrating the loop's
+        stand-ins needs.
+
+        Layer by layer: original layer i runs over every input before layer i + 1 does, inside
+        ``watch(i)`` when given, so a caller can observe one layer at a time (and hold one layer's
+        statistics at a time, not the whole model's). The originals are not parameters, so
+        ``.to()`` does not reach them: each runs on the embeddings' device and dtype and goes back
+        where it was, so an accelerator never holds more than one of them."""
         if not self.replaced_layers:
             raise ValueError("run_replaced needs a backbone with share: average (it replaces no layers)")
         weight = self.embed_tokens.weight
+        prefixes = prefixes if prefixes is not None else [None] * len(input_ids)
         training = self.training
         self.eval()
         try:
-            ctx = self.context(input_ids, attention_mask, prefix)
-            h = self.prelude(self.embed(input_ids, ctx), ctx)
-            for layer in self.replaced_layers:
+            contexts = [self.context(ids, None, prefix) for ids, prefix in zip(input_ids, prefixes)]
+            states = [self.prelude(self.embed(ids, ctx), ctx) for ids, ctx in zip(input_ids, contexts)]
+            for index, layer in enumerate(self.replaced_layers):
+                home = next(layer.parameters())
+                home = (home.device, home.dtype)
                 layer.to(device=weight.device, dtype=weight.dtype).eval()
-                h = self.layer_call(layer, h, ctx)
+                with watch(index) if watch is not None else contextlib.nullcontext():
+                    states = [self.layer_call(layer, h, ctx) for h, ctx in zip(states, contexts)]
+                layer.to(*home)
         finally:
             self.train(training)
-        return h
+        return states
 
     # ------------------------------------------------------------------ shared
     def head(self, h: torch.Tensor) -> torch.Tensor:

@@ -282,20 +282,44 @@ class PerStepLoRA(_HookedLoRA):
         return {(t, name): self._original(t, path) for name, path in self.target_paths.items()
                 for t in self._replaced_steps()}
 
+    def _replaced_index(self, t: int, name: str) -> int:
+        """Which of the replaced layers (in order) holds step t's original of target ``name``."""
+        return (t - 1) * self.per_loop + int(self.target_paths[name].split(".", 2)[1])
+
     @torch.no_grad()
-    def calibrate(self, run_originals: Callable[[], Any]) -> None:
-        """Initialise again from the replaced layers, each stand-in best on the inputs its
-        original receives while ``run_originals`` runs them (e.g. ``Backbone.run_replaced`` over
-        some text): see :meth:`init_from_replaced`."""
-        linears = self.replaced_linears()
-        with InputMoments(linears) as moments:
-            run_originals()
-        collected = moments.result()
-        missing = [f"step {t} {name}" for (t, name) in linears if (t, name) not in collected]
-        if missing:
-            raise ValueError(f"calibration: the originals of {', '.join(missing[:4])}"
-                             f"{' ...' if len(missing) > 4 else ''} received no input; run_originals must run every replaced layer")
-        self.init_from_replaced(collected)
+    def calibrate(self, run_originals: Callable[[Callable[[int], Any]], Any]) -> None:
+        """Initialise every stand-in again, each best on the inputs its original receives while
+        ``run_originals(watch)`` runs the replaced layers over some text (e.g.
+        ``Backbone.run_replaced``): it must run them one at a time in order, entering the
+        context ``watch(i)`` while replaced layer i runs. Each layer's input moments are turned
+        into its stand-ins when its ``watch`` exits, so only one layer's moments are held at a
+        time (a [in, in] float64 matrix per replaced linear: 35 MB per SmolLM2 layer, 1.8 GB per
+        7B Llama layer, against the whole model's worth at once). See :meth:`init_from_replaced`."""
+        by_layer: dict[int, dict] = {}
+        for (t, name), original in self.replaced_linears().items():
+            by_layer.setdefault(self._replaced_index(t, name), {})[(t, name)] = original
+        done: set = set()
+
+        @contextlib.contextmanager
+        def watch(index: int):
+            linears = by_layer.get(index, {})
+            with InputMoments(linears) as moments:
+                yield
+            collected = moments.result()
+            missing = [f"step {t} {name}" for (t, name) in linears if (t, name) not in collected]
+            if missing:
+                raise ValueError(f"calibration: the originals of {', '.join(missing[:4])}"
+                                 f"{' ...' if len(missing) > 4 else ''} received no input")
+            for (t, name), moment in collected.items():
+                self._init_step(t, name, moment)
+            done.add(index)
+
+        run_originals(watch)
+        skipped = sorted(set(by_layer) - done)
+        if skipped:
+            raise ValueError(f"calibration: replaced layer(s) {skipped[:4]} were not run under watch(i); "
+                             "run_originals must run every replaced layer")
+        self._init_norms()
 
     @torch.no_grad()
     def init_from_replaced(self, input_moments: Optional[dict] = None) -> None:
@@ -307,20 +331,26 @@ class PerStepLoRA(_HookedLoRA):
         to the original."""
         if not self.replaced:
             raise ValueError("init_from_replaced needs an adapter built with init: svd over a backbone with share: average")
+        for t, name in self.replaced_linears():
+            self._init_step(t, name, (input_moments or {}).get((t, name)))
+        self._init_norms()
+
+    def _init_step(self, t: int, name: str, moment: Optional[torch.Tensor]) -> None:
+        stack = self.adapters[_key(name)]
+        shared = weight_matrix(self.target_modules[name]).double()
+        original = weight_matrix(self._original(t, self.target_paths[name])).double().to(shared.device)
+        try:
+            B, A = low_rank_factors(original - shared, self.rank, moment)
+        except ValueError as error:
+            raise ValueError(f"calibration of step {t}'s {name}: {error}") from None
         root_scale = math.sqrt(self.scale)
-        for (t, name), original in self.replaced_linears().items():
-            stack = self.adapters[_key(name)]
-            shared = weight_matrix(self.target_modules[name]).double()
-            moment = (input_moments or {}).get((t, name))
-            try:
-                B, A = low_rank_factors(weight_matrix(original).double().to(shared.device) - shared, self.rank, moment)
-            except ValueError as error:
-                raise ValueError(f"calibration of step {t}'s {name}: {error}") from None
-            k = A.size(0)
-            stack.B[t - 1].zero_()
-            stack.A[t - 1].zero_()
-            stack.B[t - 1, :, :k].copy_(B / root_scale)
-            stack.A[t - 1, :k].copy_(A / root_scale)
+        k = A.size(0)
+        stack.B[t - 1].zero_()
+        stack.A[t - 1].zero_()
+        stack.B[t - 1, :, :k].copy_(B / root_scale)
+        stack.A[t - 1, :k].copy_(A / root_scale)
+
+    def _init_norms(self) -> None:
         for name, norm in self.norm_modules.items():
             for t in self._replaced_steps():
                 original = self._original(t, name)

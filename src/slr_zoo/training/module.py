@@ -92,27 +92,31 @@ class LoopedLMModule(L.LightningModule):
         return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
     @torch.no_grad()
-    def calibrate(self, data) -> int:
+    def calibrate(self, data, device: torch.device | str | None = None) -> int:
         """Show a loop LoRA that asks for it (``calibration: N``) how the layers it stands for see
         real text: N training examples run through the original layers, before the first step (a
-        resumed run has its weights already). Returns the examples used (0: nothing asked)."""
+        resumed run has its weights already). ``device``: where to run them (the device training
+        will use: the originals' forward over N examples is the costly part); the model goes back
+        where it was afterwards. Returns the examples used (0: nothing asked)."""
         lora = self.model.loop_lora
         count = getattr(lora, "calibration", 0)
         if not count:
             return 0
         batches = data.calibration_batches(count)
         backbone = self.model.backbone
-        device = next(backbone.parameters()).device
-        prefix = backbone.attention == "prefix"
+        home = next(self.model.parameters()).device
+        device = torch.device(device) if device is not None else home
+        input_ids = [batch["input_ids"].to(device) for batch in batches]
+        prefixes = [batch_question(batch).to(device) for batch in batches] if backbone.attention == "prefix" else None
 
-        def run_originals() -> None:
-            for batch in batches:
-                where = None
-                if prefix:
-                    where = batch_question(batch).to(device)
-                backbone.run_replaced(batch["input_ids"].to(device), prefix=where)
+        def run_originals(watch) -> None:
+            backbone.run_replaced(input_ids, prefixes, watch=watch)
 
-        lora.calibrate(run_originals)
+        self.model.to(device)
+        try:
+            lora.calibrate(run_originals)
+        finally:
+            self.model.to(home)
         return len(batches)
 
     # ------------------------------------------------------------------ training

@@ -59,3 +59,16 @@ def test_answer_cost_names_a_folder_that_is_not_a_trained_cell(tmp_path, capsys,
     (tmp_path / "grid" / "seed=0").mkdir(parents=True)  # a grid's folder, not one of its cells
     assert _answer_cost(monkeypatch).main([str(tmp_path / "grid"), str(tmp_path / "nothing")]) == 2
     assert f"answer_cost: {tmp_path / 'grid'} is not a cell directory (no config.yaml)" in capsys.readouterr().err
+
+
+def test_the_memory_benchmark_writes_its_ratio_and_truncated_backprop_keeps_depth_free(tmp_path):
+    """benchmarks/memory.py at a tiny size: T = 32 with backprop_steps = 4 costs what T = 4 does,
+    and full backprop through 32 iterations does not (what makes the first ratio mean something)."""
+    import subprocess
+
+    path = tmp_path / "memory.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--hidden", "32", "--core", "1",
+                    "--batch", "2", "--seq", "8", "--json", str(path)], check=True, capture_output=True)
+    figures = json.loads(path.read_text())
+    assert figures["ratio_T32_over_T4"] <= 1.2
+    assert figures["ratio_T32_full_over_T4"] > 1.5

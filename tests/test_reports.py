@@ -78,7 +78,9 @@ def test_the_report_command_regenerates_a_2x2_grid_with_means_stds_and_named_plo
         # evaluate's accuracy by inference depth: 0.2 + 0.01 i at one iteration, 0.6 + 0.02 i at four
         (folder / "eval.json").write_text(json.dumps({"split": "val",
                                                       "by_depth": [{"steps": 1, "accuracy": 0.2 + 0.01 * i},
-                                                                   {"steps": 4, "accuracy": 0.6 + 0.02 * i}]}))
+                                                                   {"steps": 4, "accuracy": 0.6 + 0.02 * i}],
+                                                      "stability": {"delta": [0.5, 0.2 + 0.01 * i, 0.1]},
+                                                      "depth_histogram": {"first_token": {"3": 2 + i, "4": 5}}}))
     assert report.main([str(run_dir)]) == 0
     text = (run_dir / "results.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| none") or line.startswith("| gated")]
@@ -93,8 +95,9 @@ def test_the_report_command_regenerates_a_2x2_grid_with_means_stds_and_named_plo
         at_1 = f"{100 * (0.2 + 0.01 * (2 * k + 0.5)):.1f} ± {100 * 0.01 / 2 ** 0.5:.1f}"
         at_4 = f"{100 * (0.6 + 0.02 * (2 * k + 0.5)):.1f} ± {100 * 0.02 / 2 ** 0.5:.1f}"
         assert row.endswith(f"| 2/2 | {at_1} | {at_4} |"), row
-    for png in ("accuracy.png", "accuracy_vs_step.png", "accuracy_vs_depth.png"):
-        assert (run_dir / png).stat().st_size > 10_000
+    for png in ("accuracy.png", "accuracy_vs_step.png", "accuracy_vs_depth.png", "depth_histograms.png",
+                "state_change.png"):
+        assert (run_dir / png).stat().st_size > 10_000, png
     assert any((run_dir / "hparams").rglob("events.out.tfevents.*"))
     # an evaluation of another split is not validation accuracy: it leaves the table
     for folder in run_dir.glob("combine=*"):

@@ -1,7 +1,8 @@
 """Memory and time of calibrating loop-wise LoRA (``loop_lora.calibration``): the input moments of
-every replaced layer collected in one run and turned into adapters at the end ("at once", how
-calibration worked before 2026-12-07) against one replaced layer at a time ("by layer",
-``PerStepLoRA.calibrate`` over ``Backbone.run_replaced``).
+every replaced layer collected in one run and turned into adapters at the end ("at once": the
+moments calibration held before 2026-12-07) against one replaced layer at a time ("by layer",
+``PerStepLoRA.calibrate`` over ``Backbone.run_replaced``). Both run the originals layer by layer
+over all texts; only what is held differs.
 
     python benchmarks/calibration.py [--hidden 576 --intermediate 1536 --core 2 --loops 8
                                       --texts 16 --tokens 128 --rank 64] [--json PATH]

@@ -475,6 +475,35 @@ def test_calibration_layer_by_layer_equals_the_moments_of_one_whole_run():
         lora.calibrate(lambda watch: backbone.run_replaced(texts))
 
 
+def test_a_failed_calibration_changes_nothing_and_the_originals_keep_their_exact_weights():
+    """An error in the middle (here in layer 2's watch) leaves every adapter as it was, and the
+    originals, run in a bf16 model's dtype, get their own fp32 tensors back (not a rounded copy)."""
+    model = relaxed(LLAMA, 2, 2, rank=4)
+    lora, backbone = model.loop_lora, model.backbone
+    backbone.to(torch.bfloat16)
+    weights = [p.detach().clone() for layer in backbone.replaced_layers for p in layer.parameters()]
+    adapters = {k: v.clone() for k, v in lora.state_dict().items()}
+    texts = [torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))]
+
+    def failing(watch):
+        def at(index):
+            if index == 2:
+                raise RuntimeError("out of memory in layer 2")
+            return watch(index)
+        backbone.run_replaced(texts, watch=at)
+
+    with pytest.raises(RuntimeError, match="out of memory in layer 2"):
+        lora.calibrate(failing)
+    for key, value in lora.state_dict().items():
+        assert torch.equal(value, adapters[key]), key
+    after = [p for layer in backbone.replaced_layers for p in layer.parameters()]
+    assert all(p.dtype == torch.float32 and torch.equal(p, w) for p, w in zip(after, weights))
+    assert backbone.training
+    lora.calibrate(lambda watch: backbone.run_replaced(texts, watch=watch))  # and it then runs whole
+    assert all(torch.equal(p, w) for p, w in zip(after, weights))
+    assert any(not torch.equal(v, adapters[k]) for k, v in lora.state_dict().items())
+
+
 def test_svd_init_needs_share_average():
     with pytest.raises(ComponentError, match="loop.loop_lora.init: svd initialises"):
         model_with("loop_lora", {"name": "per_step", "init": "svd"})

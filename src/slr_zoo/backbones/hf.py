@@ -460,12 +460,19 @@ class Backbone(nn.Module):
             contexts = [self.context(ids, None, prefix) for ids, prefix in zip(input_ids, prefixes)]
             states = [self.prelude(self.embed(ids, ctx), ctx) for ids, ctx in zip(input_ids, contexts)]
             for index, layer in enumerate(self.replaced_layers):
-                home = next(layer.parameters())
-                home = (home.device, home.dtype)
+                # the parameters' own tensors, put back afterwards: a round trip through another
+                # dtype would round them, and an error must not leave one on the accelerator
+                kept = [(parameter, parameter.data) for parameter in layer.parameters()]
+                home = kept[0][1]
                 layer.to(device=weight.device, dtype=weight.dtype).eval()
-                with watch(index) if watch is not None else contextlib.nullcontext():
-                    states = [self.layer_call(layer, h, ctx) for h, ctx in zip(states, contexts)]
-                layer.to(*home)
+                try:
+                    with watch(index) if watch is not None else contextlib.nullcontext():
+                        for k, ctx in enumerate(contexts):  # in place: one set of states alive
+                            states[k] = self.layer_call(layer, states[k], ctx)
+                finally:
+                    for parameter, data in kept:
+                        parameter.data = data
+                    layer.to(device=home.device, dtype=home.dtype)  # buffers, if any
         finally:
             self.train(training)
         return states

@@ -314,11 +314,16 @@ class PerStepLoRA(_HookedLoRA):
                 self._init_step(t, name, moment)
             done.add(index)
 
-        run_originals(watch)
-        skipped = sorted(set(by_layer) - done)
-        if skipped:
-            raise ValueError(f"calibration: replaced layer(s) {skipped[:4]} were not run under watch(i); "
-                             "run_originals must run every replaced layer")
+        before = {key: value.clone() for key, value in self.adapters.state_dict().items()}
+        try:
+            run_originals(watch)
+            skipped = sorted(set(by_layer) - done)
+            if skipped:
+                raise ValueError(f"calibration: replaced layer(s) {skipped[:4]} were not run under watch(i); "
+                                 "run_originals must run every replaced layer")
+        except BaseException:
+            self.adapters.load_state_dict(before)  # all layers calibrated, or none
+            raise
         self._init_norms()
 
     @torch.no_grad()

@@ -117,6 +117,8 @@ class LoopedLMModule(L.LightningModule):
             lora.calibrate(run_originals)
         finally:
             self.model.to(home)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # give the calibration's blocks back before training allocates
         return len(batches)
 
     # ------------------------------------------------------------------ training

@@ -37,6 +37,13 @@ class CellParts:
     config: dict = field(default_factory=dict)  # the resolved recipe, written as config.yaml
 
 
+def calibration_device(trainer) -> torch.device:
+    """Where loop-LoRA calibration runs, before ``fit``: the training device when one process
+    trains on one device. Otherwise the CPU: a fork or spawn launcher must not find CUDA started
+    in its parent, and under FSDP every GPU would hold the whole unsharded model."""
+    return trainer.strategy.root_device if trainer.world_size == 1 else torch.device("cpu")
+
+
 def run_cell(parts: CellParts, directory: Path, keys: dict[str, Any] | None = None) -> dict:
     """``keys``: the cell's grid keys and their (plain, printable) values, stored in the summary."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -55,7 +62,7 @@ def run_cell(parts: CellParts, directory: Path, keys: dict[str, Any] | None = No
         step = torch.load(resume, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0)
         print(f"    resumed from step {step} of {parts.trainer.max_steps} ({resume.name})", flush=True)
     if resume is None:
-        calibrated = module.calibrate(data, device=trainer.strategy.root_device)
+        calibrated = module.calibrate(data, device=calibration_device(trainer))
         if calibrated and trainer.is_global_zero:
             print(f"    loop LoRA calibrated on the inputs of the replaced layers over {calibrated} training examples",
                   flush=True)

@@ -104,6 +104,29 @@ def test_a_thoughts_batch_aligns_every_rows_slots_by_left_padding(tokenizer):
     assert batch["attention_mask"][1, 0] == 0 and batch["attention_mask"][0].all()  # the short row is left-padded
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_latent_reach_labels_sit_on_the_question_words_at_every_stage_and_follow_left_padding(tokenizer, stage):
+    """thought_reach's labels: the answer encoding's reach steps on the question's tokens, the same
+    at every curriculum stage, nothing elsewhere; a left-padded thoughts batch shifts them with
+    their tokens."""
+    steps = {"Tom": 0, "cat": 1, "dog": 3}
+    enc = Encoding("latent", final_stage=2, continuous=True)
+    e = enc.encode(RECORD, tokenizer, stage, reach_steps=steps)
+    plain = Encoding("answer").encode(RECORD, tokenizer, reach_steps=steps)
+    tokens = tokenizer.convert_ids_to_tokens(e.input_ids)
+    assert len(e.reach) == len(e.input_ids) and e.reach[:e.prompt_length] == plain.reach[:e.prompt_length]
+    labelled = {i: r for i, r in enumerate(e.reach) if r != IGNORE}
+    assert {tokens[i].lstrip("▁"): r for i, r in labelled.items()} == steps
+    assert sorted(labelled) == [0, 3, 6, 8, 11]  # Tom, cat, Tom, cat, dog; [SEP], slots and steps unlabelled
+    short = {**RECORD, "question": "Is Tom a dog?"}
+    batch = collate([enc.encode(r, tokenizer, stage, reach_steps=steps) for r in (RECORD, short)],
+                    tokenizer.pad_token_id)
+    marked = batch["reach"] != IGNORE
+    words = tokenizer.convert_ids_to_tokens(batch["input_ids"][marked].tolist())
+    assert [w.lstrip("▁") for w in words] == ["Tom", "cat", "Tom", "cat", "dog", "Tom", "dog"]
+    assert batch["reach"][marked].tolist() == [0, 1, 0, 1, 3, 0, 3]
+
+
 # ------------------------------------------------------------------------------ curriculum
 def test_the_schedule_advances_every_epochs_per_stage_and_stops_at_the_last():
     schedule = StageSchedule(CurriculumConfig(max_latent_stage=3, epochs_per_stage=2), batches_per_epoch=5)
@@ -216,6 +239,50 @@ def test_gradients_reach_every_thoughts_step_embedding_and_loop_lora():
         assert bool((per_step[:indices] > 0).all()), (name, per_step)
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_the_thought_reach_probe_scores_each_thought_against_the_question_and_trains_every_part():
+    """thought_reach: thought t (the features at [BOT], then at slot t - 1) against each labelled
+    question token's features, a bilinear score, BCE toward "reached within t hops"; computed by
+    hand here. Its gradient reaches the probe and the model that makes the thoughts; with no
+    thoughts (stage 0) it is zero and still touches every probe parameter (DDP)."""
+    from slr_zoo.training.objectives.thought_reach import ThoughtReachProbe
+
+    n = 2
+    model = thoughts_model(torch.float32, stage=n).train()
+    ids, mask, slots = slotted(n=n)
+    torch.manual_seed(0)
+    probe = ThoughtReachProbe(hidden_size=model.backbone.hidden_size)
+    with torch.no_grad():
+        probe.bias.fill_(0.2)
+    reach = torch.full_like(ids, IGNORE)
+    reach[0, 4:7], reach[1, 0:3] = torch.tensor([0, 1, 2]), torch.tensor([2, 3, 1])
+    out = model(ids, mask, slot_mask=slots)
+    loss, logs = probe({"reach": reach, "slot_mask": slots}, out, detail=True)
+    first = int(slots.any(0).nonzero()[0])
+    terms = []
+    for b, s in [(0, 4), (0, 5), (0, 6), (1, 0), (1, 1), (1, 2)]:
+        for t in (1, 2):
+            q = probe.query(out.features[b, first - 2 + t])
+            k = probe.key(out.features[b, s])
+            z = q @ k / k.numel() ** 0.5 + 0.2
+            terms.append(torch.nn.functional.binary_cross_entropy_with_logits(z, (reach[b, s] <= t).float()))
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+    assert set(logs) == {"thought_reach_loss", "thought_reach_accuracy_t1", "thought_reach_accuracy_t2"}
+    loss.backward()
+    for name, p in [*probe.named_parameters(), *model.backbone.named_parameters()]:
+        if "embed_tokens" not in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    probe.zero_grad()
+    zero, logs = probe({"reach": reach}, out)
+    zero.backward()
+    assert float(zero.detach()) == 0 and logs == {} and all(p.grad is not None for p in probe.parameters())
+    with pytest.raises(ComponentError, match="objectives.probe: thought_reach reads the thoughts loop; it needs "
+                                             "loop.mode: thoughts .got 'depth'."):
+        tiny_recipe(objectives={"probe": {"name": "thought_reach"}})
+    with pytest.raises(ComponentError, match="objectives.probe: needs per-word reach steps, which task IterateTask"):
+        check_cell(tiny_recipe(loop__mode="thoughts", training__encoding="latent",
+                               training__curriculum__max_latent_stage=1, objectives={"probe": {"name": "thought_reach"}}))
 
 
 # ---------------------------------------------------------------------------- recipes, distillation

@@ -75,19 +75,24 @@ def test_every_objective_builds_from_a_recipe_and_its_loss_reaches_the_model(nam
         teacher, = _teacher_stand_in({"training": {"distill": {"teacher": "/absent"}}}, recipe_path, tmp_path)
         node["teacher"] = teacher.split("=", 1)[1]
         overrides += ["training.distill=null", "task.val_file=null"]
+    if "depth" not in objective.modes:  # an objective of continuous thoughts: Coconut's recipe
+        recipe_path = root / "recipes/coconut.yaml"
+        overrides += ["task.val_file=null"]
     overrides.append("objectives={extra: {" + ", ".join(f"{k}: {v}" for k, v in node.items()) + "}}")
     recipe = load(str(recipe_path), [*overrides, "task.n_train=32", "task.n_val=4", "loop.step_supervision=0"])
     validate(recipe)
     parts = build_cell(recipe, tmp_path / "cell")
     module, data = parts.module, parts.data
     data.setup("fit")
-    items = [data.train_set[(i, 0, 0)] if hasattr(data.train_set, "encoding") else data.train_set[i] for i in range(4)]
+    last = data.encoding.final_stage  # thoughts, if the encoding has any
+    items = [data.train_set[(i, last, last)] if hasattr(data.train_set, "encoding") else data.train_set[i]
+             for i in range(4)]
     batch = collate([item[0] for item in items], parts.tokenizer.pad_token_id)
     from slr_zoo.training.module import question_mask
 
     query = batch.get("query_mask", question_mask(batch["labels"]))
     out = module.model(batch["input_ids"], batch.get("attention_mask"), query_mask=query,
-                       real_mask=batch["real_mask"], record=module.record)
+                       real_mask=batch["real_mask"], record=module.record, slot_mask=batch.get("slot_mask"))
     loss, logs = module.objectives["extra"](batch, out)
     assert torch.isfinite(loss) and loss.requires_grad
     loss.backward()

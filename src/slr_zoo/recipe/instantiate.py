@@ -125,9 +125,21 @@ def _first_records(task: Task, recipe: dict, path: str) -> None:
         if split == "train" and recipe["loop"]["step_supervision"] > 0 and task.step_answers(record) is None:
             raise ComponentError("loop.step_supervision", f"needs per-hop answers, which task "
                                  f"{type(task).__name__} does not give; set it to 0")
-        if split == "train" and recipe["loop"]["reach_supervision"] > 0 and task.reach_steps(record) is None:
-            raise ComponentError("loop.reach_supervision", f"needs per-word reach steps, which task "
-                                 f"{type(task).__name__} does not give; set it to 0")
+        if split == "train" and task.reach_steps(record) is None:
+            for key in _reach_readers(recipe):
+                raise ComponentError(key, f"needs per-word reach steps, which task {type(task).__name__} does not "
+                                     f"give; {'set it to 0' if key.startswith('loop.') else 'remove it'}")
+
+
+def _reach_readers(recipe: dict) -> list[str]:
+    """The recipe keys of the objectives that read per-word reach steps."""
+    from slr_zoo.training.objectives import OBJECTIVES
+
+    keys = ["loop.reach_supervision"] if recipe["loop"]["reach_supervision"] > 0 else []
+    for key, node in (recipe.get("objectives") or {}).items():
+        if "name" in node and "reach" in OBJECTIVES.get(node["name"]).data:
+            keys.append(f"objectives.{key}")
+    return keys
 
 
 def build_encoding(recipe: dict):

@@ -217,6 +217,11 @@ def _check_encoding(recipe: dict) -> None:
     mode = loop.get("mode", "depth")
     for key, value in (recipe.get("objectives") or {}).items():
         REGISTRIES["objective"].validate(value, f"objectives.{key}")
+        modes = getattr(REGISTRIES["objective"].resolve(value, f"objectives.{key}"), "modes", {"depth", "thoughts"})
+        if mode not in modes:
+            raise ComponentError(f"objectives.{key}", f"{value.get('name', 'this objective')} reads the "
+                                 f"{' or '.join(sorted(modes))} loop; it needs loop.mode: {sorted(modes)[0]} "
+                                 f"(got {mode!r})")
     if training.get("distill") is not None:
         REGISTRIES["objective"].validate({"name": "distill", **training["distill"]}, "training.distill")
         _check_paths(REGISTRIES["objective"].get("distill"), training["distill"], "training.distill")

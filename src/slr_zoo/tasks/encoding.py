@@ -89,14 +89,21 @@ def encode(record: Record, tokenizer, step_answers: list[str] | None = None,
                              f"tokens as the answer {record['answer']!r} ({len(answer)})")
     reach = None
     if reach_steps is not None:
-        words = token_words(tokenizer, record["question"])
-        if len(words) != len(prompt) - 1:
-            raise ValueError("the tokenizer's offsets do not match its tokens; reach supervision needs a fast tokenizer")
-        reach = [reach_steps.get(w, IGNORE) if w is not None else IGNORE for w in words]
+        reach = question_reach(record, tokenizer, reach_steps)
         reach += [IGNORE] * (len(ids) - len(reach))
-        if all(r == IGNORE for r in reach):
-            raise ValueError(f"no word of the question is among the reach steps' words {sorted(reach_steps)[:5]}...")
     return Encoded(ids, labels, targets, reach)
+
+
+def question_reach(record: Record, tokenizer, reach_steps: dict[str, int]) -> list[int]:
+    """The reach step of every question token whose word ``reach_steps`` labels, else IGNORE; one
+    per question token (the separator after it not included)."""
+    words = token_words(tokenizer, record["question"])
+    if len(words) != len(text_ids(tokenizer, record["question"])):
+        raise ValueError("the tokenizer's offsets do not match its tokens; reach supervision needs a fast tokenizer")
+    reach = [reach_steps.get(w, IGNORE) if w is not None else IGNORE for w in words]
+    if all(r == IGNORE for r in reach):
+        raise ValueError(f"no word of the question is among the reach steps' words {sorted(reach_steps)[:5]}...")
+    return reach
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -136,7 +143,7 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     if all(e.step_targets is not None for e in batch):
         out["step_labels"] = step_labels(batch, labels)
     if all(e.reach is not None for e in batch):
-        out["reach"] = padded([e.reach for e in batch], width, IGNORE)
+        out["reach"] = padded([e.reach for e in batch], width, IGNORE, shift)
     return out
 
 
@@ -197,7 +204,8 @@ class Encoding:
         """``record`` at curriculum ``stage`` (ignored by answer and cot)."""
         if self.kind == "answer":
             return encode(record, tokenizer, step_answers, reach_steps)
-        return self.assemble(self.pieces(record, tokenizer), tokenizer, stage)
+        reach = question_reach(record, tokenizer, reach_steps) if reach_steps is not None else None
+        return self.assemble(self.pieces(record, tokenizer), tokenizer, stage, reach=reach)
 
     @staticmethod
     def pieces(record: Record, tokenizer) -> list[list[int]]:
@@ -205,9 +213,11 @@ class Encoding:
         steps = [text_ids(tokenizer, " " + s.strip()) for s in record.get("steps", [])]
         return [prompt_ids(tokenizer, record["question"]), *steps, answer_ids(tokenizer, record["answer"])]
 
-    def assemble(self, pieces: list[list[int]], tokenizer, stage: int = 0, teacher: bool = False) -> Encoded:
+    def assemble(self, pieces: list[list[int]], tokenizer, stage: int = 0, teacher: bool = False,
+                 reach: list[int] | None = None) -> Encoded:
         """The encoding of a record's ``pieces`` at ``stage``; ``teacher``: with its CoT
-        encoding and step ends attached (distillation)."""
+        encoding and step ends attached (distillation); ``reach``: the question tokens' reach
+        steps (:func:`question_reach`), which every stage puts on the same leading positions."""
         eos = special_ids(tokenizer)[1]
         if self.kind == "answer":
             prompt, answer = pieces[0], pieces[-1]
@@ -224,6 +234,8 @@ class Encoding:
                 at += len(step)
                 ends.append(at - 1)
             example.teacher_step_ends = ends
+        if reach is not None:
+            example.reach = list(reach) + [IGNORE] * (len(example.input_ids) - len(reach))
         return example
 
     def _assemble_steps(self, pieces: list[list[int]], tokenizer, stage: int) -> Encoded:

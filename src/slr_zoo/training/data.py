@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from slr_zoo.tasks.base import Task, check_record
-from slr_zoo.tasks.encoding import Encoded, Encoding, collate, encode
+from slr_zoo.tasks.encoding import Encoded, Encoding, collate, encode, question_reach
 from slr_zoo.tasks.tokenizer import build_word_tokenizer
 from slr_zoo.training.settings import CurriculumConfig
 
@@ -77,13 +77,20 @@ class PieceDataset(Dataset):
         self.encoding, self.tokenizer, self.teacher = encoding, tokenizer, teacher
         self.tokens, self.piece_offsets = array(typecode), array("q", [0])
         self.first_piece, self.hops = array("q", [0]), array("i")
+        # the question tokens' reach steps (the reach probe), when every record has them
+        self.reach, self.reach_offsets = array("i"), array("q", [0])
 
-    def append_pieces(self, pieces: list[list[int]], hops: int = 0) -> None:
+    def append_pieces(self, pieces: list[list[int]], hops: int = 0, reach: list[int] | None = None) -> None:
+        if len(self) and (len(self.reach_offsets) > 1) != (reach is not None):
+            raise ValueError("either every example of a dataset has reach labels or none has")
         for piece in pieces:
             self.tokens.extend(piece)
             self.piece_offsets.append(len(self.tokens))
         self.first_piece.append(len(self.piece_offsets) - 1)
         self.hops.append(hops)
+        if reach is not None:
+            self.reach.extend(reach)
+            self.reach_offsets.append(len(self.reach))
 
     def __len__(self) -> int:
         return len(self.first_piece) - 1
@@ -94,7 +101,8 @@ class PieceDataset(Dataset):
 
     def __getitem__(self, key):
         i, stage, scheduled = key if isinstance(key, tuple) else (key, self.encoding.final_stage, self.encoding.final_stage)
-        example = self.encoding.assemble(self.pieces(i), self.tokenizer, stage, teacher=self.teacher)
+        reach = self.reach[self.reach_offsets[i]:self.reach_offsets[i + 1]].tolist() if len(self.reach_offsets) > 1 else None
+        example = self.encoding.assemble(self.pieces(i), self.tokenizer, stage, teacher=self.teacher, reach=reach)
         return example, self.hops[i], stage, scheduled
 
 
@@ -197,6 +205,7 @@ def encode_split(task: Task, split: str, tokenizer, step_answers: bool = False, 
         try:
             if staged:
                 pieces = Encoding.pieces(record, tokenizer)
+                question = question_reach(record, tokenizer, reach_steps) if reach_steps is not None else None
                 # a stage's length is not monotone in k when steps differ in length: check each one
                 final = dataset.encoding.final_stage
                 stages = range(final + 1) if split == "train" else (final,)
@@ -211,7 +220,7 @@ def encode_split(task: Task, split: str, tokenizer, step_answers: bool = False, 
                              f"answer and the tokens around them), more than the model's {max_length} positions; "
                              "shorten the record or use a backbone with more positions")
         if staged:
-            dataset.append_pieces(pieces, int(record.get("hops", 0)))
+            dataset.append_pieces(pieces, int(record.get("hops", 0)), question)
         else:
             dataset.append(encoded, int(record.get("hops", 0)))
     if len(dataset) == before:

@@ -1,4 +1,11 @@
 from slr_zoo.training.objectives.base import OBJECTIVES, Objective
-from slr_zoo.training.objectives import answer, distill, language_model, reach, step_supervision  # noqa: F401  (registers members)
+from slr_zoo.training.objectives import (  # noqa: F401  (registers members)
+    answer,
+    distill,
+    language_model,
+    reach,
+    step_supervision,
+    thought_reach,
+)
 
 __all__ = ["OBJECTIVES", "Objective"]

@@ -7,6 +7,7 @@ An objective names what it needs, so that nobody pays for what no objective read
   ``LoopedLM.forward``);
 - ``data``: what the batches must carry beyond ids and labels (``step_answers``: each hop's
   answer, ``reach``: each question token's reach step);
+- ``modes``: the loop modes it can read (``loop.mode``; the recipe check refuses the others);
 - ``per_answer_token``: the loss is a mean over answer tokens. The training module then weights
   it by each rank's share of the global answer-token count, so that DDP's gradient average equals
   the gradient of one big batch. Other losses (a probe's, a regulariser) are added as they are.
@@ -27,6 +28,7 @@ from slr_zoo.registry import ArgumentError, Registry
 class Objective(nn.Module):
     record: frozenset[str] = frozenset()
     data: frozenset[str] = frozenset()
+    modes: frozenset[str] = frozenset({"depth", "thoughts"})
     per_answer_token: bool = False
 
     def __init__(self, weight: float = 1.0):

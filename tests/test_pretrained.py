@@ -309,7 +309,7 @@ def conversion_cell(tmp_path: Path, loop_lora: dict, name: str):
         loop__combine={"name": "none"}), tmp_path / name)
 
 
-def test_a_calibrated_conversion_starts_closer_to_the_original_on_the_training_text(tmp_path):
+def test_a_calibrated_conversion_starts_closer_to_the_original_on_the_training_text(tmp_path, capsys):
     """loop_lora calibration: N re-initialises the SVD stand-ins from the inputs the replaced layers
     see on the first N training examples, before the first step; the converted model is then
     closer to the original's logits on that text than with the plain SVD init, at a low rank."""
@@ -326,7 +326,9 @@ def test_a_calibrated_conversion_starts_closer_to_the_original_on_the_training_t
                        for b in batches)
 
     plain = distance()
-    assert parts.module.calibrate(parts.data) == 16
+    assert parts.module.calibrate(parts.data, progress=True) == 16
+    bar = capsys.readouterr().err  # a progress bar over the 1 + 2 x 3 + 1 conversion's six replaced layers
+    assert "calibrating loop LoRA: 100%" in bar and "6/6" in bar
     calibrated = distance()
     assert calibrated < 0.8 * plain
     with pytest.raises(ComponentError, match="loop.loop_lora.calibration: whitens the svd initialisation"):

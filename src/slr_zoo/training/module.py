@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import time
 from typing import Any
 
@@ -92,12 +94,13 @@ class LoopedLMModule(L.LightningModule):
         return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
     @torch.no_grad()
-    def calibrate(self, data, device: torch.device | str | None = None) -> int:
+    def calibrate(self, data, device: torch.device | str | None = None, progress: bool = False) -> int:
         """Show a loop LoRA that asks for it (``calibration: N``) how the layers it stands for see
         real text: N training examples run through the original layers, before the first step (a
         resumed run has its weights already). ``device``: where to run them (the device training
         will use: the originals' forward over N examples is the costly part); the model goes back
-        where it was afterwards. Returns the examples used (0: nothing asked)."""
+        where it was afterwards. ``progress``: a bar over the replaced layers (on stderr). Returns
+        the examples used (0: nothing asked)."""
         lora = self.model.loop_lora
         count = getattr(lora, "calibration", 0)
         if not count:
@@ -110,7 +113,18 @@ class LoopedLMModule(L.LightningModule):
         prefixes = [batch_question(batch).to(device) for batch in batches] if backbone.attention == "prefix" else None
 
         def run_originals(watch) -> None:
-            backbone.run_replaced(input_ids, prefixes, watch=watch)
+            from tqdm import tqdm
+
+            with tqdm(total=len(backbone.replaced_layers), desc="calibrating loop LoRA", unit="layer",
+                      file=sys.stderr, disable=not progress) as bar:
+
+                @contextlib.contextmanager
+                def counted(index: int):
+                    with watch(index):
+                        yield
+                    bar.update()
+
+                backbone.run_replaced(input_ids, prefixes, watch=counted)
 
         self.model.to(device)
         try:

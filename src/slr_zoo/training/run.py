@@ -62,7 +62,8 @@ def run_cell(parts: CellParts, directory: Path, keys: dict[str, Any] | None = No
         step = torch.load(resume, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0)
         print(f"    resumed from step {step} of {parts.trainer.max_steps} ({resume.name})", flush=True)
     if resume is None:
-        calibrated = module.calibrate(data, device=calibration_device(trainer))
+        calibrated = module.calibrate(data, device=calibration_device(trainer),
+                                      progress=parts.trainer.progress_bar and trainer.is_global_zero)
         if calibrated and trainer.is_global_zero:
             print(f"    loop LoRA calibrated on the inputs of the replaced layers over {calibrated} training examples",
                   flush=True)

@@ -353,6 +353,16 @@ class LoopedLM(nn.Module):
         return _joined(passes)
 
 
+def thought_features(features: torch.Tensor, slot_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, n, d]: the n continuous thoughts of a thoughts forward, read from its ``features``
+    [B, S, d] (thought t is made at the position before slot t: [BOT], then slot t - 1); None
+    when the batch has no slots."""
+    if slot_mask is None or not bool(slot_mask.any()):
+        return None
+    columns = slot_mask.any(dim=0).nonzero().squeeze(1)
+    return features[:, columns - 1]
+
+
 def compile_shared_core(core: nn.Module) -> None:
     """torch.compile the core in place (its state-dict keys unchanged), with dynamic shapes, so
     that a new batch size or sequence length does not recompile. The loop LoRA's hooks inside the

@@ -125,10 +125,11 @@ def _first_records(task: Task, recipe: dict, path: str) -> None:
         if split == "train" and recipe["loop"]["step_supervision"] > 0 and task.step_answers(record) is None:
             raise ComponentError("loop.step_supervision", f"needs per-hop answers, which task "
                                  f"{type(task).__name__} does not give; set it to 0")
-        if split == "train" and task.reach_steps(record) is None:
-            for key in _reach_readers(recipe):
-                raise ComponentError(key, f"needs per-word reach steps, which task {type(task).__name__} does not "
-                                     f"give; {'set it to 0' if key.startswith('loop.') else 'remove it'}")
+        readers = _reach_readers(recipe) if split == "train" else []
+        if readers and task.reach_steps(record) is None:
+            key = readers[0]
+            raise ComponentError(key, f"needs per-word reach steps, which task {type(task).__name__} does not "
+                                 f"give; {'set it to 0' if key.startswith('loop.') else 'remove it'}")
 
 
 def _reach_readers(recipe: dict) -> list[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slr_zoo.looped import thought_features
 from slr_zoo.registry import ArgumentError
 from slr_zoo.training.objectives.base import OBJECTIVES, Objective
 
@@ -70,10 +71,10 @@ class Distillation(Objective):
         question's last position (depth mode)."""
         c = self.per_step
         if self.thoughts_mode:
-            if "slot_mask" not in batch or out.features is None:  # no thoughts in this batch
+            thoughts = None if out.features is None else thought_features(out.features, batch.get("slot_mask"))
+            if thoughts is None:  # no thoughts in this batch
                 return out.logits.new_zeros(out.logits.size(0), 0, 0)
-            columns = batch["slot_mask"].any(dim=0).nonzero().squeeze(1)
-            return out.features[:, columns - 1][:, c - 1::c]  # thought t is made at the position before slot t
+            return thoughts[:, c - 1::c]
         query = batch["query_mask"]
         last = query.size(1) - 1 - query.flip(1).int().argmax(dim=1)  # each row's last question position
         rows = torch.arange(query.size(0), device=query.device)

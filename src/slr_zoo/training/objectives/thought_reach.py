@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slr_zoo.looped import thought_features
 from slr_zoo.tasks.encoding import IGNORE
 from slr_zoo.training.objectives.base import OBJECTIVES, Objective
 
@@ -35,13 +36,10 @@ class ThoughtReachProbe(Objective):
     def logits(self, batch, out) -> torch.Tensor | None:
         """[B, n, S] the score of question position s at thought t = 1..n (None: no thoughts).
         Thought 1 is the features at [BOT], thought t + 1 those at slot t."""
-        slots = batch.get("slot_mask")
-        if slots is None or not bool(slots.any()):
+        thoughts = thought_features(out.features, batch.get("slot_mask"))
+        if thoughts is None:
             return None
-        columns = slots.any(dim=0).nonzero().squeeze(1)
-        first, n = int(columns[0]), int(columns.numel())
-        thoughts = self.query(out.features[:, first - 1:first - 1 + n])
-        keys = self.key(out.features)
+        thoughts, keys = self.query(thoughts), self.key(out.features)
         return thoughts @ keys.mT / keys.size(-1) ** 0.5 + self.bias
 
     def forward(self, batch, out, detail=False):

@@ -167,6 +167,87 @@ def test_pretrained_directory_must_hold_a_model(tmp_path):
         tiny_recipe(backbone__pretrained=str(tmp_path))
 
 
+# ------------------------------------------------------------------------- the head's positions
+def test_logits_to_keep_gives_the_kept_positions_of_the_full_logits(tokens):
+    model = tiny_model(tiny_recipe(decoder={"name": "coda"})).eval()
+    full = model(tokens).logits
+    last = model(tokens, logits_to_keep=2)
+    torch.testing.assert_close(last.logits, full[:, -2:], rtol=1e-5, atol=1e-6)
+    assert last.logits_kept.tolist() == [8, 9]
+    picked = torch.tensor([0, 3, 7])
+    out = model(tokens, logits_to_keep=picked)
+    torch.testing.assert_close(out.logits, full[:, picked], rtol=1e-5, atol=1e-6)
+    assert out.logits_kept.tolist() == [0, 3, 7]
+    for every in (0, 10, 12):  # 0 and k >= S: every position, as in Hugging Face
+        kept = model(tokens, logits_to_keep=every)
+        assert kept.logits_kept is None and kept.logits.shape == full.shape
+    assert model(tokens, logits_to_keep=torch.tensor([], dtype=torch.long)).logits.shape == (3, 0, VOCAB)
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    mask[0, 4], mask[1, 1:3], mask[2, 9] = True, True, True
+    scattered = model(tokens, logits_to_keep=mask)
+    torch.testing.assert_close(scattered.logits, full[mask], rtol=1e-5, atol=1e-6)
+    assert scattered.logits.shape == (4, VOCAB)
+    with pytest.raises(ValueError, match="logits_to_keep must be >= 0"):
+        model(tokens, logits_to_keep=-1)
+    with pytest.raises(ValueError, match=r"as positions must be 1-D \(or a \[batch, positions\] bool mask\)"):
+        model(tokens, logits_to_keep=torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"as a mask must be \[batch, positions\] = \(3, 10\), got \(3, 9\)"):
+        model(tokens, logits_to_keep=mask[:, 1:])
+
+
+@pytest.mark.parametrize("halting", [{"name": "fixed"}, {"name": "ponder"}, {"name": "ponder", "granularity": "token"}])
+def test_losses_and_gradients_are_the_same_with_the_head_at_the_labelled_positions_only(tokens, halting):
+    """The training module keeps the logits where some objective has a label: the answer and
+    CoT losses, the loss-mixing halting policies' per-step terms (their per-sample and per-token
+    weights) and every gradient are unchanged."""
+    from slr_zoo.tasks.encoding import IGNORE
+    from slr_zoo.training.objectives import logit_positions
+    from slr_zoo.training.objectives.answer import AnswerLoss
+    from slr_zoo.training.objectives.language_model import LanguageModelLoss
+
+    recipe = tiny_recipe(loop__halting=halting)
+    labels = torch.full_like(tokens, IGNORE)
+    labels[0, 6:8], labels[1, 8:10], labels[2, 5] = tokens[0, 7:9], tokens[1, 1:3], 5
+    text = torch.full_like(tokens, IGNORE)
+    text[0, 2:4] = tokens[0, 3:5]
+    batch = {"input_ids": tokens, "labels": labels, "text_labels": text}
+    objectives = [AnswerLoss(), LanguageModelLoss()]
+    keep = logit_positions(objectives, batch)
+    assert keep.nonzero().tolist() == [[0, 2], [0, 3], [0, 6], [0, 7], [1, 8], [1, 9], [2, 5]]
+
+    def loss_and_grads(logits_to_keep):
+        model = tiny_model(recipe).train()
+        out = model(tokens, logits_to_keep=logits_to_keep)
+        loss = sum(objective(batch, out)[0] for objective in objectives)
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+        loss.backward()
+        return loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out
+
+    loss_all, grads_all, out_all = loss_and_grads(0)
+    loss_kept, grads_kept, out_kept = loss_and_grads(keep)
+    assert out_kept.logits.shape == (7, VOCAB) and out_all.logits.shape == (3, 10, VOCAB)
+    assert len(out_kept.loss_terms) == len(out_all.loss_terms) == (3 if halting["name"] == "ponder" else 0)
+    torch.testing.assert_close(loss_kept, loss_all, rtol=1e-5, atol=1e-6)
+    assert grads_kept.keys() == grads_all.keys() and len(grads_all) == len(list(tiny_model(recipe).parameters()))
+    for name, grad in grads_all.items():
+        torch.testing.assert_close(grads_kept[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_objective_that_may_read_any_position_keeps_every_logit(tokens):
+    from slr_zoo.tasks.encoding import IGNORE
+    from slr_zoo.training.objectives import Objective, logit_positions
+    from slr_zoo.training.objectives.answer import AnswerLoss
+
+    class ReadsAnything(Objective):  # declares no logits_at
+        def forward(self, batch, out, detail=False):
+            return out.logits.mean(), {}
+
+    batch = {"input_ids": tokens, "labels": torch.full_like(tokens, IGNORE)}
+    assert logit_positions([AnswerLoss(), ReadsAnything()], batch) == 0
+    assert not logit_positions([AnswerLoss()], batch).any()
+
+
 # ------------------------------------------------------------------------- gradients, depth
 def test_gradients_reach_every_parameter(tokens):
     model = tiny_model(tiny_recipe(**{"loop__injection": {"name": "add"}}))

@@ -140,6 +140,8 @@ class LoopOutput:
     sample_weights: torch.Tensor | None = None  # [B, T] a per-sample "state" policy's step weights
     # what `record` asked for, one entry per iteration run
     features: torch.Tensor | None = None       # [B, S, d] the decoder's features before the head, when asked
+    # the positions `logits` (and loss_terms) cover: None, all [B, S]; [K] columns, [B, K]; [B, S] bool, [N]
+    logits_kept: torch.Tensor | None = None
     states: list[torch.Tensor] = field(default_factory=list)              # "states"
     initial_state: torch.Tensor | None = None                             # "states": h_0, the prelude's output
     step_logits: list[torch.Tensor | None] = field(default_factory=list)  # "logits" (None: no graph)
@@ -237,6 +239,7 @@ class LoopedLM(nn.Module):
         replace: tuple[torch.Tensor, torch.Tensor] | None = None,
         step_offset: int = 0,
         features: bool = False,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> LoopOutput:
         """``query_mask`` [B, S] bool: the positions a per-sample halting decision may read (the
         question up to its separator, so that teacher-forced validation equals greedy decoding);
@@ -256,7 +259,15 @@ class LoopedLM(nn.Module):
         ``slot_mask`` [B, S] bool: continuous-thought slots (thoughts mode), the same columns in
         every row; the pass then runs the thoughts loop. ``replace`` = (vectors, where): input
         vectors in place of token embeddings; ``step_offset``: the stabiliser index before this
-        pass's first iteration; ``features``: also return the decoder's features."""
+        pass's first iteration; ``features``: also return the decoder's features.
+
+        ``logits_to_keep``: Hugging Face's convention, 0 computes the head's logits at every
+        position, k > 0 at the last k, a 1-D tensor at those columns ([B, K, V]); and a [B, S] bool
+        mask at its True entries ([N, V], row by row), which is what a loss over scattered answer
+        tokens needs. With a large vocabulary the head is a large part of a step and its logits of
+        its memory, while the loss and generation read a few positions. ``LoopOutput.logits_kept``
+        says which were kept (``at_kept`` picks the same entries of a [B, S] tensor). The thoughts
+        loop keeps every position."""
         if slot_mask is not None and bool(slot_mask.any()):
             if self.mode != "thoughts":
                 raise ValueError("a batch with thought slots needs loop.mode: thoughts")
@@ -301,11 +312,19 @@ class LoopedLM(nn.Module):
                 break
 
         state, used, token_steps, weights, decoded = compaction.results(h, halted, mixture, logits)
+        kept = _kept(logits_to_keep, input_ids.shape, state.device)
         feats = self.decoder.features(state, backbone, full_ctx) if features else None
         if feats is not None:
-            output = backbone.lm_head(feats)
+            output = backbone.lm_head(at_kept(feats, kept))
+        elif decoded is not None:
+            output = at_kept(decoded, kept)
+        elif kept is None:
+            output = self.decoder(state, backbone, full_ctx)
         else:
-            output = decoded if decoded is not None else self.decoder(state, backbone, full_ctx)
+            output = self._head_at(state, backbone, full_ctx, kept)
+        loss_terms = mixture.loss_terms if kept is None else [
+            (at_kept(lg, kept), at_kept(w if w.dim() == 2 else w[:, None].expand(input_ids.shape), kept))
+            for lg, w in mixture.loss_terms]
         if nonfinite_at is not None:  # after the decoder: its coda layers are FSDP units too
             raise NonFiniteStateError(nonfinite_at)
         if cache is not None:
@@ -313,10 +332,18 @@ class LoopedLM(nn.Module):
         return LoopOutput(
             logits=output, steps=used, token_steps=token_steps, aux_loss=halted.aux_loss(),
             first_graph_step=first_graph_step if grad else T + 1,
-            loss_terms=mixture.loss_terms, sample_weights=weights, features=feats,
+            loss_terms=loss_terms, sample_weights=weights, features=feats, logits_kept=kept,
             states=trace.states, initial_state=initial_state, step_logits=trace.logits, norms=trace.norms,
             deltas=trace.deltas,
         )
+
+    def _head_at(self, state: torch.Tensor, backbone, ctx, kept: torch.Tensor) -> torch.Tensor:
+        """The decoder's logits at the ``kept`` positions only: its features (the coda runs over
+        every position, which attention needs), then the head at the kept ones. A decoder without
+        ``features`` gives every position's logits, picked."""
+        if type(self.decoder).features is Decoder.features:
+            return at_kept(self.decoder(state, backbone, ctx), kept)
+        return backbone.lm_head(at_kept(self.decoder.features(state, backbone, ctx), kept))
 
     # ------------------------------------------------------------------ the thoughts loop
     def thoughts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, slot_mask: torch.Tensor,
@@ -351,6 +378,35 @@ class LoopedLM(nn.Module):
             ))
             thought = passes[-1].features[:, -1]
         return _joined(passes)
+
+
+def _kept(logits_to_keep: int | torch.Tensor, shape: torch.Size, device) -> torch.Tensor | None:
+    """The positions ``logits_to_keep`` asks for (see ``LoopedLM.forward``), None for all."""
+    length = shape[1]
+    if isinstance(logits_to_keep, torch.Tensor):
+        if logits_to_keep.dtype == torch.bool:
+            if logits_to_keep.shape != shape:
+                raise ValueError(f"logits_to_keep as a mask must be [batch, positions] = {tuple(shape)}, "
+                                 f"got {tuple(logits_to_keep.shape)}")
+            return logits_to_keep.to(device)
+        if logits_to_keep.dim() != 1:
+            raise ValueError("logits_to_keep as positions must be 1-D (or a [batch, positions] bool mask), "
+                             f"got shape {tuple(logits_to_keep.shape)}")
+        return logits_to_keep.to(device=device, dtype=torch.long)
+    if logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be >= 0 (0: every position), got {logits_to_keep}")
+    if logits_to_keep == 0 or logits_to_keep >= length:
+        return None
+    return torch.arange(length - logits_to_keep, length, device=device)
+
+
+def at_kept(x: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+    """The entries of ``x`` [B, S, ...] at ``LoopOutput.logits_kept``: all, [B, K, ...] at kept
+    columns, or [N, ...] at a mask's True entries."""
+    if kept is None:
+        return x
+    kept = kept.to(x.device)
+    return x[kept] if kept.dtype == torch.bool else x[:, kept]
 
 
 def thought_features(features: torch.Tensor, slot_mask: torch.Tensor | None) -> torch.Tensor | None:

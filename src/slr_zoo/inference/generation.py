@@ -162,7 +162,7 @@ def generate_ids(
     cache = LoopKVCache(B, P + thoughts + len(after) + max_new_tokens) if use_cache else None
     question = mask.bool() if query_mask is None else query_mask.bool() & mask.bool()
     out = model(input_ids, mask, steps=T, query_mask=question, halting=policy, cache=cache, compact=compact,
-                features=thoughts > 0)
+                features=thoughts > 0, logits_to_keep=1)
     plan: HaltingPolicy = policy
     if use_cache:
         if policy.per_token:
@@ -179,11 +179,11 @@ def generate_ids(
         mask = torch.cat([mask, mask.new_ones(B, chunk.size(1))], dim=1)
         offset = i * T
         out = model(chunk, mask, steps=T, halting=plan, cache=cache, compact=compact, replace=(vectors, where),
-                    step_offset=offset, features=i < thoughts)
+                    step_offset=offset, features=i < thoughts, logits_to_keep=1)
     if after and not thoughts:
         chunk = torch.tensor([after], dtype=torch.long, device=device).expand(B, -1)
         mask = torch.cat([mask, mask.new_ones(B, chunk.size(1))], dim=1)
-        out = model(chunk, mask, steps=T, halting=plan, cache=cache, compact=compact)
+        out = model(chunk, mask, steps=T, halting=plan, cache=cache, compact=compact, logits_to_keep=1)
 
     alive = torch.arange(B, device=device)
     new_tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -211,12 +211,13 @@ def generate_ids(
                     plan = plan.select(keep)
         mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
         if use_cache:
-            out = model(token[:, None], mask, steps=T, halting=plan, cache=cache, compact=compact, step_offset=offset)
+            out = model(token[:, None], mask, steps=T, halting=plan, cache=cache, compact=compact, step_offset=offset,
+                        logits_to_keep=1)
             if policy.per_token:
                 strategy.after_pass(cache, out.steps, T, cache.length - 1, cache.length)
         else:
             ids = torch.cat([ids, token[:, None]], dim=1)
             question = torch.cat([question, question.new_zeros(question.size(0), 1)], dim=1)
-            out = model(ids, mask, steps=T, query_mask=question, halting=policy)
+            out = model(ids, mask, steps=T, query_mask=question, halting=policy, logits_to_keep=1)
         logits, used = out.logits[:, -1], depth_of_last(out)
     return Generated(torch.cat([input_ids, new_tokens], dim=1), new_tokens, token_steps, lengths, scores)

@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 from slr_zoo.looped import LoopedLM, LoopOutput, NonFiniteStateError
 from slr_zoo.metrics.depth import DepthHistogram
 from slr_zoo.tasks.encoding import IGNORE
-from slr_zoo.training.objectives import Objective
+from slr_zoo.training.objectives import Objective, logit_positions
 from slr_zoo.training.settings import OptimConfig
 
 
@@ -173,7 +173,8 @@ class LoopedLMModule(L.LightningModule):
             query = batch_question(batch)
             out = self.model(batch["input_ids"], batch.get("attention_mask"), steps=steps, query_mask=query,
                              real_mask=batch.get("real_mask"), slot_mask=batch.get("slot_mask"),
-                             record=self.record | ({"stability"} if detail else set()))
+                             record=self.record | ({"stability"} if detail else set()),
+                             logits_to_keep=logit_positions(self.objectives.values(), batch))
             task, aux, logs = self.losses(batch, out, detail)
             total = task if aux is None else task + aux
             if not torch.isfinite(total):

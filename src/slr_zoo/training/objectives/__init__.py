@@ -1,4 +1,4 @@
-from slr_zoo.training.objectives.base import OBJECTIVES, Objective
+from slr_zoo.training.objectives.base import OBJECTIVES, Objective, at_logits, logit_positions
 from slr_zoo.training.objectives import (  # noqa: F401  (registers members)
     answer,
     distill,
@@ -8,4 +8,4 @@ from slr_zoo.training.objectives import (  # noqa: F401  (registers members)
     thought_reach,
 )
 
-__all__ = ["OBJECTIVES", "Objective"]
+__all__ = ["OBJECTIVES", "Objective", "at_logits", "logit_positions"]

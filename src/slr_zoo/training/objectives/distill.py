@@ -32,6 +32,7 @@ class Distillation(Objective):
     path_args = ("teacher",)
     record = frozenset({"states"})
     data = frozenset({"teacher"})
+    logits_at = ()
 
     def __init__(self, teacher: str, loss: str = "mse", layer: str = "state", weight: float = 1.0,
                  hidden_size: int = 0, teacher_model=None, thoughts_per_step: int = 1, thoughts_mode: bool = False):
@@ -73,7 +74,7 @@ class Distillation(Objective):
         if self.thoughts_mode:
             thoughts = None if out.features is None else thought_features(out.features, batch.get("slot_mask"))
             if thoughts is None:  # no thoughts in this batch
-                return out.logits.new_zeros(out.logits.size(0), 0, 0)
+                return out.logits.new_zeros(batch["input_ids"].size(0), 0, 0)
             return thoughts[:, c - 1::c]
         query = batch["query_mask"]
         last = query.size(1) - 1 - query.flip(1).int().argmax(dim=1)  # each row's last question position

@@ -8,16 +8,18 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from slr_zoo.tasks.encoding import IGNORE
-from slr_zoo.training.objectives.base import OBJECTIVES, Objective
+from slr_zoo.training.objectives.base import OBJECTIVES, Objective, at_logits
 
 
 @OBJECTIVES.register("language_model")
 class LanguageModelLoss(Objective):
     data = frozenset({"text_labels"})
+    logits_at = ("text_labels",)
 
     def forward(self, batch, out, detail=False):
-        labels = batch["text_labels"]
+        labels = at_logits(out, batch["text_labels"])
         if not bool((labels != IGNORE).any()):
             return out.logits.sum() * 0.0, {"text_loss": 0.0}
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+        loss = F.cross_entropy(out.logits.reshape(labels.numel(), -1).float(), labels.reshape(-1),
+                               ignore_index=IGNORE)
         return loss, {"text_loss": float(loss.detach())}

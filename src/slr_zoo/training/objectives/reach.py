@@ -24,6 +24,7 @@ from slr_zoo.training.objectives.base import OBJECTIVES, Objective
 class ReachProbe(Objective):
     record = frozenset({"states"})
     data = frozenset({"reach"})
+    logits_at = ()
 
     def __init__(self, weight: float = 1.0, hidden_size: int = 0):
         super().__init__(weight)

@@ -32,6 +32,7 @@ class StepSupervision(Objective):
     record = frozenset({"logits"})
     data = frozenset({"step_answers"})
     per_answer_token = True  # the same answer tokens as the answer loss
+    logits_at = ()
 
     def forward(self, batch, out, detail=False):
         return step_loss(out.step_logits, batch["step_labels"], batch["labels"]), {}

@@ -26,6 +26,7 @@ from slr_zoo.training.objectives.base import OBJECTIVES, Objective
 class ThoughtReachProbe(Objective):
     data = frozenset({"reach"})
     modes = frozenset({"thoughts"})  # the depth loop's probe is loop.reach_supervision
+    logits_at = ()
 
     def __init__(self, weight: float = 1.0, hidden_size: int = 0):
         super().__init__(weight)

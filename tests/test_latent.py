@@ -132,6 +132,11 @@ def test_the_schedule_advances_every_epochs_per_stage_and_stops_at_the_last():
     schedule = StageSchedule(CurriculumConfig(max_latent_stage=3, epochs_per_stage=2), batches_per_epoch=5)
     assert [schedule.scheduled(b) for b in (0, 9, 10, 19, 20, 29, 30, 500)] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert StageSchedule(CurriculumConfig(max_latent_stage=3), 5).scheduled(0) == 3  # no curriculum: the last stage
+    # a fraction of an epoch: 0.2 x 1250 batches = a stage every 250 batches; never under one batch
+    fifth = StageSchedule(CurriculumConfig(max_latent_stage=6, epochs_per_stage=0.2), batches_per_epoch=1250)
+    assert [fifth.scheduled(b) for b in (0, 249, 250, 1499, 1500, 8000)] == [0, 0, 1, 5, 6, 6]
+    tiny = StageSchedule(CurriculumConfig(max_latent_stage=2, epochs_per_stage=0.01), batches_per_epoch=5)
+    assert [tiny.scheduled(b) for b in (0, 1, 2, 3)] == [0, 1, 2, 2]
     mixed = StageSchedule(CurriculumConfig(max_latent_stage=3, epochs_per_stage=100, uniform_prob=0.5), 5, seed=1)
     draws = [mixed.stage(b) for b in range(200)]
     assert draws == [mixed.stage(b) for b in range(200)]  # a pure function of the batch: resumable

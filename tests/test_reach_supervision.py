@@ -207,6 +207,34 @@ def test_reach_probe_under_truncated_backprop_reads_each_iteration_at_its_own_ho
     torch.testing.assert_close(probe({"reach": reach}, out)[0], expected)
 
 
+def test_reach_probe_in_thoughts_mode_reads_the_prompt_pass_and_trains_the_loop():
+    """Continuous thoughts made by the depth loop (both granularities): the question's states at
+    iteration t are those of a plain depth pass over the prompt, so the depth loop's probe asks
+    them the same question, and its loss reaches the core and every thought's pass."""
+    torch.manual_seed(0)
+    model = tiny_model(tiny_recipe(backbone__attention="prefix", loop__mode="thoughts", training__encoding="latent",
+                                   loop__reach_supervision=1.0)).train()
+    probe = ReachProbe(hidden_size=model.backbone.hidden_size).train()
+    ids = torch.randint(4, VOCAB, (2, 9))
+    query = torch.zeros_like(ids, dtype=torch.bool)
+    query[:, :3] = True
+    slots = torch.zeros_like(ids, dtype=torch.bool)
+    slots[:, 4:6] = True  # [BOT] at 3, two thoughts, then [EOT] and the answer
+    reach = torch.full_like(ids, IGNORE)
+    reach[:, 0], reach[:, 1], reach[0, 2] = 0, 2, UNREACHED
+    out = model(ids, query_mask=query, slot_mask=slots, record=probe.record)
+    plain = model(ids[:, :4], query_mask=query[:, :4], record=probe.record)
+    assert len(out.states) == len(plain.states) == 3
+    for joined, alone in zip([out.initial_state, *out.states], [plain.initial_state, *plain.states]):
+        assert joined.shape == (2, 9, model.backbone.hidden_size)
+        torch.testing.assert_close(joined[:, :4], alone)
+    loss, _ = probe({"reach": reach}, out)
+    torch.testing.assert_close(loss, probe({"reach": reach[:, :4]}, plain)[0])
+    (loss + out.logits.float().pow(2).mean()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in probe.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.core.parameters())
+
+
 def test_the_shipped_reach_recipe_trains_end_to_end(tmp_path):
     """recipes/prosqa.yaml as shipped (prefix attention, reach probe, curriculum), shortened."""
     out = tmp_path / "runs"

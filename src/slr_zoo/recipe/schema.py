@@ -231,11 +231,11 @@ def _check_encoding(recipe: dict) -> None:
     if encoding in ("answer", "cot") and (stages["max_latent_stage"] or stages["epochs_per_stage"]):
         raise ComponentError("training.curriculum", f"replaces reasoning steps by thoughts, which encoding "
                              f"{encoding!r} has none of; use training.encoding latent or pause")
-    if encoding != "answer":
-        for key in ("step_supervision", "reach_supervision"):
-            if loop.get(key, 0) > 0:
-                raise ComponentError(f"loop.{key}", f"labels the answer-only encoding; set it to 0 with "
-                                     f"training.encoding {encoding!r}")
+    # each hop's answer is a target at the answer's position, which only the answer-only encoding
+    # has in the same place at every depth; the reach probe labels question words, which all have
+    if encoding != "answer" and loop.get("step_supervision", 0) > 0:
+        raise ComponentError("loop.step_supervision", f"labels the answer-only encoding; set it to 0 with "
+                             f"training.encoding {encoding!r}")
     if mode == "thoughts":
         if encoding != "latent":
             raise ComponentError("loop.mode", f"thoughts fills the latent slots with continuous thoughts; set "

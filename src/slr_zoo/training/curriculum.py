@@ -1,7 +1,8 @@
 """Coconut's curriculum (``training.curriculum``): stage k replaces the first k written reasoning
 steps with k·c continuous thoughts (or pause slots, or k·c more loop iterations in depth mode).
 
-Stages advance every ``epochs_per_stage`` epochs of the training set, up to ``max_latent_stage``;
+Stages advance every ``epochs_per_stage`` epochs of the training set (a fraction is allowed), up
+to ``max_latent_stage``;
 the stage is a pure function of the global batch index, so a resumed run lands in the stage it
 left, and every rank trains the same stage. With ``uniform_prob`` a batch is drawn at a uniformly
 random stage in [0, max_latent_stage] instead (Coconut mixes per example; here one batch holds one
@@ -18,7 +19,9 @@ from slr_zoo.training.settings import CurriculumConfig
 class StageSchedule:
     def __init__(self, config: CurriculumConfig, batches_per_epoch: int, seed: int = 0):
         self.config, self.seed = config, seed
-        self.batches_per_stage = config.epochs_per_stage * batches_per_epoch
+        # a fraction of an epoch suits a large generated set; a stage lasts at least one batch
+        epochs = config.epochs_per_stage
+        self.batches_per_stage = max(1, round(epochs * batches_per_epoch)) if epochs > 0 else 0
 
     @property
     def final(self) -> int:

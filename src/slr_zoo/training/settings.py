@@ -48,6 +48,6 @@ class CurriculumConfig:
 
     thoughts_per_step: int = 1   # c: thoughts (slots, loop iterations) per replaced step
     max_latent_stage: int = 0    # K: the last stage, and the one validation and generation use
-    epochs_per_stage: int = 0    # 0: stage K from the first step (no curriculum)
+    epochs_per_stage: float = 0  # 0: stage K from the first step (no curriculum); 0.25: a quarter epoch
     reset_optimizer: bool = True  # a fresh AdamW state at every stage, as in Coconut
     uniform_prob: float = 0.0    # chance that a batch is drawn at a random stage

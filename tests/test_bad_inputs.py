@@ -159,6 +159,7 @@ ROWS = [
     ("unknown encoding", lambda f: ["fit", f["recipe"], "training.encoding=latnet"], 2, r"training\.encoding: expected Literal\['answer', 'cot', 'latent', 'pause'\], got str 'latnet'"),
     ("uniform_prob above 1", lambda f: ["fit", f["recipe"], "training.encoding=pause", "training.curriculum.uniform_prob=2"], 2, r"training\.curriculum\.uniform_prob: is a probability"),
     ("curriculum without steps to replace", lambda f: ["fit", f["recipe"], "training.curriculum.epochs_per_stage=2"], 2, r"training\.curriculum: replaces reasoning steps"),
+    ("a stage length that is not a number", lambda f: ["fit", f["recipe"], "training.encoding=pause", "training.curriculum.max_latent_stage=1", "training.curriculum.epochs_per_stage=.nan"], 2, r"training\.curriculum\.epochs_per_stage: must be a finite number, got nan"),
     ("depth curriculum of the wrong depth", lambda f: ["fit", f["recipe"], "training.encoding=latent", "training.curriculum.max_latent_stage=3"], 2, r"loop\.max_steps: in depth mode the latent curriculum"),
     ("missing teacher", lambda f: ["fit", f["recipe"], "training.distill={teacher: /no/teacher}"], 2, r"training\.distill\.teacher: no such file or directory"),
     ("unknown distill loss", lambda f: ["fit", f["recipe"], "training.distill={teacher: /tmp, loss: l3}"], 2, r"training\.distill\.loss: unknown loss 'l3'"),

@@ -248,6 +248,27 @@ def test_an_objective_that_may_read_any_position_keeps_every_logit(tokens):
     assert not logit_positions([AnswerLoss()], batch).any()
 
 
+@pytest.mark.parametrize("halting, expected", [({"name": "fixed"}, "nan"), ({"name": "ponder"}, 0.0)])
+def test_a_batch_without_labels_gives_the_loss_it_gave_with_every_logit(tokens, halting, expected):
+    """No labelled entry keeps no logits ([0, V]); the answer loss is then what it was over every
+    position: NaN (which the training step turns into its agreed stop or skip) or, mixed over
+    steps, zero."""
+    from slr_zoo.tasks.encoding import IGNORE
+    from slr_zoo.training.objectives import logit_positions
+    from slr_zoo.training.objectives.answer import AnswerLoss
+
+    batch = {"input_ids": tokens, "labels": torch.full_like(tokens, IGNORE)}
+    model = tiny_model(tiny_recipe(loop__halting=halting)).train()
+    kept = model(tokens, logits_to_keep=logit_positions([AnswerLoss()], batch))
+    assert kept.logits.shape == (0, VOCAB)
+    loss, _ = AnswerLoss()(batch, kept)
+    before, _ = AnswerLoss()(batch, model(tokens))
+    if expected == "nan":
+        assert torch.isnan(loss) and torch.isnan(before)
+    else:
+        assert float(loss.detach()) == float(before.detach()) == expected
+
+
 # ------------------------------------------------------------------------- gradients, depth
 def test_gradients_reach_every_parameter(tokens):
     model = tiny_model(tiny_recipe(**{"loop__injection": {"name": "add"}}))

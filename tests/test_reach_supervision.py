@@ -215,22 +215,24 @@ def test_reach_probe_in_thoughts_mode_reads_the_prompt_pass_and_trains_the_loop(
     model = tiny_model(tiny_recipe(backbone__attention="prefix", loop__mode="thoughts", training__encoding="latent",
                                    loop__reach_supervision=1.0)).train()
     probe = ReachProbe(hidden_size=model.backbone.hidden_size).train()
+    # row 1's question is two tokens shorter and left-padded (as collate aligns the slots)
     ids = torch.randint(4, VOCAB, (2, 9))
+    real = torch.ones_like(ids, dtype=torch.bool)
+    real[1, :2] = False
     query = torch.zeros_like(ids, dtype=torch.bool)
-    query[:, :3] = True
+    query[0, :3], query[1, 2:3] = True, True
     slots = torch.zeros_like(ids, dtype=torch.bool)
     slots[:, 4:6] = True  # [BOT] at 3, two thoughts, then [EOT] and the answer
     reach = torch.full_like(ids, IGNORE)
-    reach[:, 0], reach[:, 1], reach[0, 2] = 0, 2, UNREACHED
-    out = model(ids, query_mask=query, slot_mask=slots, record=probe.record)
-    plain = model(ids[:, :4], query_mask=query[:, :4], record=probe.record)
-    assert len(out.states) == len(plain.states) == 3
-    for joined, alone in zip([out.initial_state, *out.states], [plain.initial_state, *plain.states]):
-        assert joined.shape == (2, 9, model.backbone.hidden_size)
-        torch.testing.assert_close(joined[:, :4], alone)
+    reach[0, 0], reach[0, 1], reach[0, 2], reach[1, 2] = 0, 2, UNREACHED, 1
+    out = model(ids, real.long(), query_mask=query, slot_mask=slots, real_mask=real, record=probe.record)
     loss, _ = probe({"reach": reach}, out)
-    torch.testing.assert_close(loss, probe({"reach": reach[:, :4]}, plain)[0])
-    (loss + out.logits.float().pow(2).mean()).backward()
+    for row, start in ((0, 0), (1, 2)):  # each question alone, unpadded, in a plain depth pass
+        plain = model(ids[row:row + 1, start:4], query_mask=query[row:row + 1, start:4], record=probe.record)
+        assert len(out.states) == len(plain.states) == 3
+        for joined, alone in zip([out.initial_state, *out.states], [plain.initial_state, *plain.states]):
+            torch.testing.assert_close(joined[row:row + 1, start:4], alone)
+    loss.backward()  # the probe's loss alone reaches the probe and the loop
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in probe.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.core.parameters())
 

@@ -21,6 +21,10 @@ class Trunk(Protocol):
 class Decoder(nn.Module):
     """``(h, backbone, ctx) -> logits``; ``ctx`` is the backbone's per-batch context.
 
+    A decoder that gives ``features`` must keep ``forward(h) == backbone.lm_head(features(h))``:
+    the loop applies the head to the features of the positions it keeps (``logits_to_keep``, in
+    training and generation) and of continuous thoughts, not ``forward``.
+
     The backbone is passed in rather than held, so its head and coda are registered once (in the
     backbone) and appear once in state dicts and optimisers.
     """

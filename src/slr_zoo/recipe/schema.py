@@ -8,6 +8,7 @@ and the closest valid names.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -118,6 +119,8 @@ def check_value(dotted: str, value: Any) -> None:
     if dotted == "name" and (not NAME.match(str(value)) or ".." in str(value)):
         raise ComponentError(dotted, f"{value!r} is not a folder name: use letters, digits and _ . + = - "
                              "(no slashes, no '..'); a run is written to <output_dir>/<name>/")
+    if dotted in AT_LEAST and isinstance(value, float) and not math.isfinite(value):
+        raise ComponentError(dotted, f"must be a finite number, got {value!r}")
     if dotted in AT_LEAST and value is not None and value < AT_LEAST[dotted]:
         raise ComponentError(dotted, f"must be >= {AT_LEAST[dotted]}, got {value!r}")
     if dotted == "trainer.devices" and not (isinstance(value, int) and (value >= 1 or value == -1)

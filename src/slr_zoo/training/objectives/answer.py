@@ -14,12 +14,13 @@ def answer_loss(out, labels: torch.Tensor) -> torch.Tensor:
     (PonderNet, Ouro) the halting-weighted expected loss over the steps with a graph."""
     labels = at_logits(out, labels)  # [B, S], [B, K] or [N]: the entries the logits were kept at
     if not out.loss_terms:
-        return F.cross_entropy(out.logits.reshape(labels.numel(), -1).float(), labels.reshape(-1), ignore_index=IGNORE)
+        return F.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)).float(), labels.reshape(-1),
+                               ignore_index=IGNORE)
     mask = labels != IGNORE
     n = mask.sum().clamp_min(1)
     total = out.logits.new_zeros((), dtype=torch.float32)
     for logits, weight in out.loss_terms:
-        ce = F.cross_entropy(logits.reshape(labels.numel(), -1).float(), labels.reshape(-1), ignore_index=IGNORE,
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE,
                              reduction="none").view(labels.shape)
         w = weight if weight.shape == labels.shape else weight[:, None]
         total = total + (w.float() * ce * mask).sum() / n

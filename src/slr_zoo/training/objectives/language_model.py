@@ -20,6 +20,6 @@ class LanguageModelLoss(Objective):
         labels = at_logits(out, batch["text_labels"])
         if not bool((labels != IGNORE).any()):
             return out.logits.sum() * 0.0, {"text_loss": 0.0}
-        loss = F.cross_entropy(out.logits.reshape(labels.numel(), -1).float(), labels.reshape(-1),
+        loss = F.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)).float(), labels.reshape(-1),
                                ignore_index=IGNORE)
         return loss, {"text_loss": float(loss.detach())}

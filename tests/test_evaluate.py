@@ -14,7 +14,7 @@ from conftest import tiny_model, tiny_recipe
 from slr_zoo.metrics.states import linear_probe, reach_table, stability
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"by_depth", "depth_histogram", "mistakes", "stability", "logit_lens", "probes"}
+SECTIONS = {"by_depth", "by_thoughts", "depth_histogram", "mistakes", "stability", "logit_lens", "probes"}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,39 @@ def test_evaluate_writes_every_section_and_its_plots(prosqa_cell):
     assert [r["t"] for r in reach["table"]] == [0, 1, 2, 3, 4] and reach["option_choice_accuracy"] is not None
     for png in ("accuracy_vs_steps", "depth_histogram", "stability", "probes"):
         assert (prosqa_cell / f"{png}.png").stat().st_size > 10_000, png  # drawn, not an empty canvas
+
+
+def test_accuracy_against_the_number_of_continuous_thoughts(tmp_path, capsys):
+    """``--thoughts``: a Coconut cell answers after n thoughts (stage n of its curriculum, the
+    steps not replaced written out); at its trained number the row is the trained-depth row, and
+    every answer costs one sequential pass per thought more. An answer-only cell has no thoughts to
+    count, and a negative count is refused by the option's name."""
+    from slr_zoo import evaluate, fit
+
+    args = [str(ROOT / "recipes/coconut.yaml"), f"output_dir={tmp_path}", "task.n_train=32", "task.n_val=8",
+            "task.val_file=null", "task.hops=[2,3]", "task.nodes=[6,8]", "trainer.max_steps=2", "trainer.batch_size=8",
+            "trainer.val_every=2", "trainer.progress_bar=false", "training.curriculum.max_latent_stage=3", "name=cc"]
+    assert fit.main(args) == 0
+    cell = tmp_path / "cc" / "default"
+    assert evaluate.main([str(cell), "--thoughts", "0", "1", "3", "--show", "0"]) == 0
+    report = json.loads((cell / "eval.json").read_text())
+    rows = {r["thoughts"]: r for r in report["by_thoughts"]}
+    assert sorted(rows) == [0, 1, 3] and report["arguments"]["thoughts"] == [0, 1, 3]
+    assert rows[3]["accuracy"] == report["by_depth"][0]["accuracy"]
+    for n, row in rows.items():  # the prefill, a pass per thought ([EOT] alone without one), a pass per later token
+        assert row["passes_per_answer"] == pytest.approx(1 + n + (n == 0) + row["tokens_per_answer"] - 1)
+    assert (cell / "accuracy_vs_thoughts.png").stat().st_size > 10_000
+    assert "| thoughts | accuracy |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main([str(cell), "--thoughts", "-1"])
+    assert exit_.value.code == 2 and "argument --thoughts: must be an integer >= 0, got '-1'" in capsys.readouterr().err
+
+
+def test_an_answer_only_cell_has_no_thoughts_to_count(prosqa_cell, capsys):
+    from slr_zoo import evaluate
+
+    assert evaluate.main([str(prosqa_cell), "--thoughts", "2", "--limit", "2"]) == 2
+    assert "--thoughts: this cell answers without thoughts or pause tokens (encoding 'answer')" in capsys.readouterr().err
 
 
 def test_ood_and_data_files_are_evaluated_and_a_task_without_a_harder_split_says_so(prosqa_cell, tmp_path):

@@ -1,4 +1,4 @@
-"""``python -m slr_zoo.evaluate RUN_DIR [--steps 1 2 4 8] [--split val | --data FILE | --ood] [--show 3]``
+"""``python -m slr_zoo.evaluate RUN_DIR [--steps 1 2 4 8] [--thoughts 0 2 4 6] [--split val | --data FILE | --ood] [--show 3]``
 
 Evaluates a trained cell (the directory holding its ``config.yaml``, tokenizer and checkpoints) by
 cached greedy generation, scored with the task's own extraction and exact match (the same
@@ -7,6 +7,11 @@ states. ``eval.json`` has the sections:
 
 - ``by_depth``: accuracy at each loop depth, past the trained depth, overall and by hop count, with
   the iterations every generated token used (RQ2);
+- ``by_thoughts`` (with ``--thoughts``): accuracy against the number of continuous thoughts (or
+  pause tokens) before the answer, as Coconut reads its models: n thoughts are curriculum stage
+  n / c, so the steps the stage has not replaced are written out before the answer, with the
+  tokens and sequential passes each answer took (RQ2 for thoughts; past the trained number,
+  extrapolation);
 - ``depth_histogram``: iterations used under the recipe's halting policy at the trained depth;
 - ``mistakes``: the records answered wrongly at the trained depth (index, hops, gold answer and
   the generated text), so that what a model misses can be read without a script; null when
@@ -21,7 +26,7 @@ states. ``eval.json`` has the sections:
 
 ``--data FILE`` evaluates any Coconut-format json file; ``--ood`` the task's harder generated split
 (ProsQA: 7-8 hops over larger graphs). PNGs beside ``eval.json``: ``accuracy_vs_steps.png``,
-``depth_histogram.png``, ``stability.png``, ``probes.png``.
+``depth_histogram.png``, ``stability.png``, ``probes.png``, and ``accuracy_vs_thoughts.png``.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from pathlib import Path
 import torch
 
 from slr_zoo.files import write_json
-from slr_zoo.generate import check_thoughts_inference, positive_int, precision_context
+from slr_zoo.generate import check_thoughts_inference, non_negative_int, positive_int, precision_context
 from slr_zoo.recipe import load_cell
 from slr_zoo.tasks.encoding import prompt_ids
 from slr_zoo.training.checkpoint import CheckpointError
@@ -48,6 +53,9 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="loop depths to evaluate (default: 1 .. 2 x the trained max_steps; a "
                         "loop.mode: thoughts cell, its trained depth alone)")
+    parser.add_argument("--thoughts", type=non_negative_int, nargs="+", default=None,
+                        help="continuous thoughts (or pause tokens) before the answer to evaluate, each a "
+                        "multiple of the cell's thoughts per step: accuracy against the number of thoughts")
     parser.add_argument("--split", default="val", choices=["train", "val"])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", type=Path, default=None, help="a Coconut-format json file to evaluate instead")
@@ -135,11 +143,51 @@ def _row_ctx(ctx, row: int):
     return ctx.select(torch.tensor([row], device=ctx.position_ids.device)) if ctx.position_ids.size(0) > 1 else ctx
 
 
+def with_thoughts(encoding, thoughts: int):
+    """``encoding`` at the curriculum stage that puts ``thoughts`` continuous thoughts (or pause
+    tokens) before the answer; what that stage has not replaced is written out."""
+    import copy
+
+    if not encoding.slots(1):
+        raise ValueError(f"--thoughts: this cell answers without thoughts or pause tokens (encoding "
+                         f"{encoding.kind!r}{'' if encoding.kind != 'latent' else ' in depth mode'})")
+    if thoughts % encoding.c:
+        raise ValueError(f"--thoughts {thoughts}: each replaced step is {encoding.c} thoughts in this cell; "
+                         f"give a multiple of {encoding.c}")
+    staged = copy.copy(encoding)
+    staged.final_stage = thoughts // encoding.c
+    return staged
+
+
+def _score(model, tokenizer, task, records, batch_size: int, encoding, steps):
+    """({accuracy, tokens and passes per answer, accuracy by hops}, correct, token steps, texts)
+    of greedy answers to ``records``, batch by batch."""
+    from slr_zoo.inference.answers import score_answers
+
+    correct, token_steps, texts, passes = [], [], [], []
+    for start in range(0, len(records), batch_size):
+        scored = score_answers(model, tokenizer, task, records[start:start + batch_size], steps=steps,
+                               first_index=start, encoding=encoding)
+        correct += scored.correct
+        token_steps += scored.steps
+        texts += scored.texts
+        passes += scored.passes
+    by_hops: dict[str, list[bool]] = {}
+    for record, ok in zip(records, correct):
+        by_hops.setdefault(str(record.get("hops", "?")), []).append(ok)
+    row = {
+        "accuracy": round(sum(correct) / len(correct), 4),
+        "tokens_per_answer": round(sum(len(r) for r in token_steps) / len(records), 3),
+        "passes_per_answer": round(sum(passes) / len(records), 3),
+        "accuracy_by_hops": {h: round(sum(v) / len(v), 4) for h, v in sorted(by_hops.items())},
+    }
+    return row, correct, token_steps, texts
+
+
 def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_size=64, data: Path | None = None,
-             ood: bool = False) -> dict:
+             ood: bool = False, thoughts: list[int] | None = None) -> dict:
     from tqdm import tqdm
 
-    from slr_zoo.inference.answers import score_answers
     from slr_zoo.metrics.states import stability
 
     parts = load_cell(run_dir)
@@ -156,33 +204,28 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
     _warn_unknown_words(tokenizer, records, str(data) if data is not None else f"the {source} split")
     rows, histogram, mistakes = [], {}, None
     device = next(model.parameters()).device
+    staged = [with_thoughts(encoding, n) for n in thoughts or []]  # refused before anything runs
+    by_thoughts = []
     with precision_context(parts.trainer.precision, device):
         for steps in tqdm(depths, desc="accuracy by depth", file=sys.stderr):
-            correct, token_steps, texts = [], [], []
-            for start in range(0, len(records), batch_size):
-                scored = score_answers(model, tokenizer, task, records[start:start + batch_size], steps=steps,
-                                       first_index=start, encoding=encoding)
-                correct += scored.correct
-                token_steps += scored.steps
-                texts += scored.texts
-            by_hops: dict[str, list[bool]] = {}
-            for record, ok in zip(records, correct):
-                by_hops.setdefault(str(record.get("hops", "?")), []).append(ok)
-            every = [s for row in token_steps for s in row]
-            first = [row[0] for row in token_steps if row]
+            row, correct, token_steps, texts = _score(model, tokenizer, task, records, batch_size, encoding, steps)
+            every = [s for r in token_steps for s in r]
+            first = [r[0] for r in token_steps if r]
             if steps == trained:
                 histogram = {"steps": trained, "first_token": _counts(first), "every_token": _counts(every)}
                 mistakes = [{"index": i, "hops": r.get("hops"), "answer": str(r["answer"]), "generated": text}
                             for i, (r, ok, text) in enumerate(zip(records, correct, texts)) if not ok]
             rows.append({
-                "steps": steps,
-                "accuracy": round(sum(correct) / len(correct), 4),
+                "steps": steps, "accuracy": row["accuracy"],
                 # the iterations of every generated token, its EOS included
                 "mean_steps": round(sum(every) / max(1, len(every)), 3),
                 "mean_steps_first_token": round(sum(first) / max(1, len(first)), 3),
                 "generated_tokens": len(every),
-                "accuracy_by_hops": {h: round(sum(v) / len(v), 4) for h, v in sorted(by_hops.items())},
+                "accuracy_by_hops": row["accuracy_by_hops"],
             })
+        for n, stage in zip(thoughts or [], tqdm(staged, desc="accuracy by thoughts", file=sys.stderr)):
+            row, *_ = _score(model, tokenizer, task, records, batch_size, stage, None)
+            by_thoughts.append({"thoughts": n, **row})
         depth = trained if model.mode == "thoughts" else 2 * trained  # a thought's pass has T rows of its own
         chunks = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
         states_by_t: list[list[torch.Tensor]] = [[] for _ in range(depth + 1)]
@@ -204,8 +247,9 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
     lens = {r["question"]: {"answer": str(r["answer"]), "states": lines} for r, lines in zip(records[:show], lens_lines)}
     report = {
         "run_dir": str(run_dir), "split": source, "records": len(records), "trained_max_steps": trained,
-        "arguments": _arguments(depths, source, limit),
+        "arguments": _arguments(depths, source, limit, thoughts),
         "by_depth": rows,
+        "by_thoughts": by_thoughts,
         "depth_histogram": histogram,
         "mistakes": mistakes,
         "stability": _merged_stability(runs, [len(c) for c in chunks], model),
@@ -214,6 +258,8 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
     }
     write_json(run_dir / "eval.json", report)
     _plot(rows, trained, run_dir / "accuracy_vs_steps.png")
+    if by_thoughts:
+        _plot(by_thoughts, encoding.thoughts(), run_dir / "accuracy_vs_thoughts.png", x="thoughts")
     _plot_histogram(histogram, run_dir / "depth_histogram.png")
     _plot_stability(report["stability"], trained, run_dir / "stability.png")
     _plot_probes(report["probes"]["entity"], trained, run_dir / "probes.png")
@@ -236,9 +282,9 @@ def _warn_unknown_words(tokenizer, records: list[dict], source: str) -> None:
               f"vocabulary lacks, read as {tokenizer.unk_token}: {', '.join(list(words)[:8])}", file=sys.stderr)
 
 
-def _arguments(depths, source: str, limit) -> dict:
+def _arguments(depths, source: str, limit, thoughts=None) -> dict:
     """What an eval.json was made with: a grid evaluation skips the cells that already have it."""
-    return {"steps": list(depths), "split": source, "limit": limit}
+    return {"steps": list(depths), "split": source, "limit": limit, **({"thoughts": list(thoughts)} if thoughts else {})}
 
 
 def _default_depths(trained: int, mode: str = "depth") -> list[int]:
@@ -247,7 +293,7 @@ def _default_depths(trained: int, mode: str = "depth") -> list[int]:
     return [trained] if mode == "thoughts" else sorted({1, *range(1, 2 * trained + 1)})
 
 
-def _evaluated(cell: Path, depths, source: str, limit) -> bool:
+def _evaluated(cell: Path, depths, source: str, limit, thoughts=None) -> bool:
     """Whether the cell's eval.json was made with these arguments."""
     import yaml
 
@@ -257,11 +303,12 @@ def _evaluated(cell: Path, depths, source: str, limit) -> bool:
         default = _default_depths(loop["max_steps"], loop.get("mode", "depth"))
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
         return False
-    return stored == _arguments(depths or default, source, limit)
+    return stored == _arguments(depths or default, source, limit, thoughts)
 
 
 def evaluate_grid(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_size=64,
-                  data: Path | None = None, ood: bool = False, rerun: bool = False) -> tuple[list[str], list[str]]:
+                  data: Path | None = None, ood: bool = False, rerun: bool = False,
+                  thoughts: list[int] | None = None) -> tuple[list[str], list[str]]:
     """``evaluate`` on each finished cell of a grid, one after another, then the grid's report again
     (its results.md gains accuracy by inference depth, mean ± std over seeds). Each cell's eval.json
     is written when that cell is done, so a run stopped halfway keeps what it evaluated, and running
@@ -285,12 +332,12 @@ def evaluate_grid(run_dir: Path, depths=None, split="val", limit=None, show=3, b
         if summary.get("status", "ok") != "ok":
             print(f"[{i}/{len(cells)}] {cell.name}: skipped (status {summary.get('status')!r})")
             continue
-        if not rerun and _evaluated(cell, depths, source, limit):
+        if not rerun and _evaluated(cell, depths, source, limit, thoughts):
             print(f"[{i}/{len(cells)}] {cell.name}: already evaluated (--rerun evaluates it again)")
             done.append(cell.name)
             continue
         try:
-            report = evaluate(cell, depths, split, limit, show, batch_size, data=data, ood=ood)
+            report = evaluate(cell, depths, split, limit, show, batch_size, data=data, ood=ood, thoughts=thoughts)
         except (FileNotFoundError, ValueError, CheckpointError) as err:
             print(f"[{i}/{len(cells)}] {cell.name}: failed: {err}", file=sys.stderr)
             failed.append(cell.name)
@@ -417,16 +464,17 @@ def _axes():
     return plt.subplots(figsize=(5, 3.5))
 
 
-def _plot(rows, trained: int, path: Path) -> None:
+def _plot(rows, trained: int, path: Path, x: str = "steps") -> None:
+    """Accuracy overall and by hop count against ``x``: loop iterations, or thoughts."""
     fig, ax = _axes()
-    xs = [r["steps"] for r in rows]
+    xs = [r[x] for r in rows]
     ax.plot(xs, [r["accuracy"] for r in rows], marker="o", label="all")
     hops = sorted({h for r in rows for h in r["accuracy_by_hops"]}, key=lambda h: (len(h), h))
     if len(hops) > 1:
         for h in hops:
             ax.plot(xs, [r["accuracy_by_hops"].get(h, float("nan")) for r in rows], lw=1, alpha=0.6, label=f"{h} hops")
-    ax.axvline(trained, color="grey", ls=":", label="trained depth")
-    ax.set_xlabel("loop iterations at inference")
+    ax.axvline(trained, color="grey", ls=":", label="trained depth" if x == "steps" else "trained thoughts")
+    ax.set_xlabel("loop iterations at inference" if x == "steps" else "continuous thoughts before the answer")
     ax.set_ylabel("exact match")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7)
@@ -495,14 +543,14 @@ def main(argv=None) -> int:
     if not (args.run_dir / "config.yaml").is_file() and any(args.run_dir.glob("*/config.yaml")):
         try:
             _, failed = evaluate_grid(args.run_dir, args.steps, args.split, args.limit, args.show, args.batch_size,
-                                      data=args.data, ood=args.ood, rerun=args.rerun)
+                                      data=args.data, ood=args.ood, rerun=args.rerun, thoughts=args.thoughts)
         except FileNotFoundError as err:
             print(f"evaluate: {err}", file=sys.stderr)
             return 2
         return 1 if failed else 0
     try:
         report = evaluate(args.run_dir, args.steps, args.split, args.limit, args.show, args.batch_size,
-                          data=args.data, ood=args.ood)
+                          data=args.data, ood=args.ood, thoughts=args.thoughts)
     except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
@@ -513,6 +561,13 @@ def main(argv=None) -> int:
     for r in report["by_depth"]:
         hops = " ".join(f"{h}:{a:.2f}" for h, a in r["accuracy_by_hops"].items())
         print(f"| {r['steps']} | {r['accuracy']:.3f} | {r['mean_steps']:.2f} | {hops} |")
+    if report["by_thoughts"]:
+        print("\n| thoughts | accuracy | tokens per answer | sequential passes | by hops |")
+        print("|---|---|---|---|---|")
+        for r in report["by_thoughts"]:
+            hops = " ".join(f"{h}:{a:.2f}" for h, a in r["accuracy_by_hops"].items())
+            print(f"| {r['thoughts']} | {r['accuracy']:.3f} | {r['tokens_per_answer']:.2f} | {r['passes_per_answer']:.2f} "
+                  f"| {hops} |")
     if report["mistakes"] is None:
         print(f"the trained depth ({report['trained_max_steps']}) was not among --steps: no mistakes listed")
     else:
@@ -533,7 +588,8 @@ def main(argv=None) -> int:
             f"t={r['t']} reached {r['reached']} unreached {r['unreached']} never {r['never']}" for r in reach["table"]))
         if reach["option_choice_accuracy"] is not None:
             print(f"reach probe's choice between the two options: {reach['option_choice_accuracy']}")
-    print(f"\nwrote {args.run_dir}/eval.json, accuracy_vs_steps.png, depth_histogram.png, stability.png, probes.png")
+    print(f"\nwrote {args.run_dir}/eval.json, accuracy_vs_steps.png, depth_histogram.png, stability.png, probes.png"
+          + (", accuracy_vs_thoughts.png" if report["by_thoughts"] else ""))
     return 0
 
 

@@ -113,17 +113,22 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 32, steps: int 
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-def positive_int(text: str) -> int:
+def positive_int(text: str, least: int = 1) -> int:
     """argparse type of a count or a size (records, a batch, rounds, threads, tokens): 0 or a
     negative number is refused with the option's name (exit status 2) before anything loads, not
     met later as a division by zero, a loop that never runs, or a slice from the end."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of a count that may be zero (continuous thoughts)."""
+    return positive_int(text, least=0)
 
 
 def torch_device(text: str) -> torch.device:

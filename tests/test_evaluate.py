@@ -84,7 +84,7 @@ def test_an_answer_only_cell_has_no_thoughts_to_count(prosqa_cell, capsys):
     from slr_zoo import evaluate
 
     assert evaluate.main([str(prosqa_cell), "--thoughts", "2", "--limit", "2"]) == 2
-    assert "--thoughts: this cell answers without thoughts or pause tokens (encoding 'answer')" in capsys.readouterr().err
+    assert "--thoughts this cell answers without thoughts or pause tokens (encoding 'answer')" in capsys.readouterr().err
 
 
 def test_ood_and_data_files_are_evaluated_and_a_task_without_a_harder_split_says_so(prosqa_cell, tmp_path):

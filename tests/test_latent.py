@@ -455,3 +455,15 @@ def test_every_curriculum_stage_is_held_to_the_models_positions():
     with pytest.raises(ValueError, match=rf"record 0 of the train split is {lengths[1]} tokens long"):
         encode_split(OneRecord(), "train", tokenizer, into=empty_dataset(tokenizer, encoding),
                      max_length=max(lengths[0], lengths[2]), encoding=encoding)
+
+
+def test_an_encoding_at_a_number_of_thoughts_is_that_curriculum_stage():
+    """What ``evaluate --thoughts`` asks: n thoughts are stage n / c, and only a multiple of c."""
+    latent = Encoding("latent", thoughts_per_step=2, final_stage=3, continuous=True)
+    assert latent.with_thoughts(4).thoughts() == 4 and latent.with_thoughts(4).final_stage == 2
+    assert latent.with_thoughts(0).thoughts() == 0 and latent.thoughts() == 6  # the original is untouched
+    assert Encoding("pause", 1, 6).with_thoughts(2).final_stage == 2  # two pause tokens
+    with pytest.raises(ValueError, match="^3: each replaced step is 2 thoughts in this cell; give a multiple of 2$"):
+        latent.with_thoughts(3)
+    with pytest.raises(ValueError, match=r"without thoughts or pause tokens \(encoding 'latent' in depth mode\)"):
+        Encoding("latent", 1, 3).with_thoughts(2)

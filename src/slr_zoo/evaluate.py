@@ -143,22 +143,6 @@ def _row_ctx(ctx, row: int):
     return ctx.select(torch.tensor([row], device=ctx.position_ids.device)) if ctx.position_ids.size(0) > 1 else ctx
 
 
-def with_thoughts(encoding, thoughts: int):
-    """``encoding`` at the curriculum stage that puts ``thoughts`` continuous thoughts (or pause
-    tokens) before the answer; what that stage has not replaced is written out."""
-    import copy
-
-    if not encoding.slots(1):
-        raise ValueError(f"--thoughts: this cell answers without thoughts or pause tokens (encoding "
-                         f"{encoding.kind!r}{'' if encoding.kind != 'latent' else ' in depth mode'})")
-    if thoughts % encoding.c:
-        raise ValueError(f"--thoughts {thoughts}: each replaced step is {encoding.c} thoughts in this cell; "
-                         f"give a multiple of {encoding.c}")
-    staged = copy.copy(encoding)
-    staged.final_stage = thoughts // encoding.c
-    return staged
-
-
 def _score(model, tokenizer, task, records, batch_size: int, encoding, steps):
     """({accuracy, tokens and passes per answer, accuracy by hops}, correct, token steps, texts)
     of greedy answers to ``records``, batch by batch."""
@@ -204,7 +188,10 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
     _warn_unknown_words(tokenizer, records, str(data) if data is not None else f"the {source} split")
     rows, histogram, mistakes = [], {}, None
     device = next(model.parameters()).device
-    staged = [with_thoughts(encoding, n) for n in thoughts or []]  # refused before anything runs
+    try:  # a count the cell cannot answer with is refused before any answer is scored
+        staged = [encoding.with_thoughts(n) for n in thoughts or []]
+    except ValueError as err:
+        raise ValueError(f"--thoughts {err}") from None
     by_thoughts = []
     with precision_context(parts.trainer.precision, device):
         for steps in tqdm(depths, desc="accuracy by depth", file=sys.stderr):

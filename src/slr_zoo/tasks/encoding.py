@@ -194,6 +194,17 @@ class Encoding:
             return stage * self.c
         return 0
 
+    def with_thoughts(self, n: int) -> "Encoding":
+        """This encoding at the curriculum stage that puts ``n`` continuous thoughts (or pause
+        tokens) before the answer, as prompts, budgets and scoring read it; what that stage has not
+        replaced is written out."""
+        if not self.slots(1):
+            raise ValueError(f"this cell answers without thoughts or pause tokens (encoding {self.kind!r}"
+                             f"{' in depth mode' if self.kind == 'latent' else ''})")
+        if n % self.c:
+            raise ValueError(f"{n}: each replaced step is {self.c} thoughts in this cell; give a multiple of {self.c}")
+        return Encoding(self.kind, self.c, n // self.c, self.continuous)
+
     def depth(self, stage: int) -> int | None:
         """The loop depth at ``stage`` when the stages are depth (depth-mode latent), else None."""
         if self.kind == "latent" and not self.continuous:

@@ -197,27 +197,31 @@ def test_logits_to_keep_gives_the_kept_positions_of_the_full_logits(tokens):
 
 @pytest.mark.parametrize("halting", [{"name": "fixed"}, {"name": "ponder"}, {"name": "ponder", "granularity": "token"}])
 def test_losses_and_gradients_are_the_same_with_the_head_at_the_labelled_positions_only(tokens, halting):
-    """The training module keeps the logits where some objective has a label: the answer and
-    CoT losses, the loss-mixing halting policies' per-step terms (their per-sample and per-token
-    weights) and every gradient are unchanged."""
+    """The training module keeps the logits where some objective has a label: the answer, CoT
+    and step supervision losses (each iteration's logits kept at the same entries), the
+    loss-mixing halting policies' per-step terms (their per-sample and per-token weights) and
+    every gradient are unchanged."""
     from slr_zoo.tasks.encoding import IGNORE
     from slr_zoo.training.objectives import logit_positions
     from slr_zoo.training.objectives.answer import AnswerLoss
     from slr_zoo.training.objectives.language_model import LanguageModelLoss
+    from slr_zoo.training.objectives.step_supervision import StepSupervision
 
     recipe = tiny_recipe(loop__halting=halting)
     labels = torch.full_like(tokens, IGNORE)
     labels[0, 6:8], labels[1, 8:10], labels[2, 5] = tokens[0, 7:9], tokens[1, 1:3], 5
     text = torch.full_like(tokens, IGNORE)
     text[0, 2:4] = tokens[0, 3:5]
-    batch = {"input_ids": tokens, "labels": labels, "text_labels": text}
-    objectives = [AnswerLoss(), LanguageModelLoss()]
+    hop_labels = torch.where(labels == IGNORE, IGNORE, (labels + 1) % VOCAB)[:, None].repeat(1, 2, 1)
+    hop_labels[:, 1] = torch.where(labels == IGNORE, IGNORE, (labels + 2) % VOCAB)
+    batch = {"input_ids": tokens, "labels": labels, "text_labels": text, "step_labels": hop_labels}
+    objectives = [AnswerLoss(), LanguageModelLoss(), StepSupervision()]
     keep = logit_positions(objectives, batch)
     assert keep.nonzero().tolist() == [[0, 2], [0, 3], [0, 6], [0, 7], [1, 8], [1, 9], [2, 5]]
 
     def loss_and_grads(logits_to_keep):
         model = tiny_model(recipe).train()
-        out = model(tokens, logits_to_keep=logits_to_keep)
+        out = model(tokens, logits_to_keep=logits_to_keep, record=("logits",))
         loss = sum(objective(batch, out)[0] for objective in objectives)
         if out.aux_loss is not None:
             loss = loss + out.aux_loss
@@ -227,6 +231,7 @@ def test_losses_and_gradients_are_the_same_with_the_head_at_the_labelled_positio
     loss_all, grads_all, out_all = loss_and_grads(0)
     loss_kept, grads_kept, out_kept = loss_and_grads(keep)
     assert out_kept.logits.shape == (7, VOCAB) and out_all.logits.shape == (3, 10, VOCAB)
+    assert [x.shape for x in out_kept.step_logits] == [(7, VOCAB)] * recipe["loop"]["max_steps"]
     assert len(out_kept.loss_terms) == len(out_all.loss_terms) == (3 if halting["name"] == "ponder" else 0)
     torch.testing.assert_close(loss_kept, loss_all, rtol=1e-5, atol=1e-6)
     assert grads_kept.keys() == grads_all.keys() and len(grads_all) == len(list(tiny_model(recipe).parameters()))

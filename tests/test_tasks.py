@@ -200,6 +200,10 @@ def test_multiplication_steps_are_partial_products(order):
                 assert number(running.rstrip(" )")) == total
         assert task.score(r["answer"], r) and task.normalize(r["answer"]) == str(a * b)
         assert not task.score(r["answer"] + " 1", r)
+        # step supervision: after hop t the running sum a * (b mod 10^t), as many digits as the answer
+        hop_answers = task.step_answers(r)
+        assert [number(h) for h in hop_answers] == [a * (b % 10**t) for t in range(1, r["hops"] + 1)]
+        assert hop_answers[-1] == r["answer"] and {len(h.split()) for h in hop_answers} == {len(r["answer"].split())}
 
 
 @pytest.mark.parametrize("name", TASKS.names())

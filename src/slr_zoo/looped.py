@@ -266,8 +266,10 @@ class LoopedLM(nn.Module):
         mask at its True entries ([N, V], row by row), which is what a loss over scattered answer
         tokens needs. With a large vocabulary the head is a large part of a step and its logits of
         its memory, while the loss and generation read a few positions. ``LoopOutput.logits_kept``
-        says which were kept (``at_kept`` picks the same entries of a [B, S] tensor). The thoughts
-        loop keeps every position."""
+        says which were kept (``at_kept`` picks the same entries of a [B, S] tensor); recorded
+        per-iteration logits (``record=("logits",)``) are kept at the same entries, since step
+        supervision reads them where the answer loss reads the output. The thoughts loop keeps
+        every position."""
         if slot_mask is not None and bool(slot_mask.any()):
             if self.mode != "thoughts":
                 raise ValueError("a batch with thought slots needs loop.mode: thoughts")
@@ -277,6 +279,7 @@ class LoopedLM(nn.Module):
         policy = self.halting if halting is None else halting
         T = steps or self.max_steps
         ctx = full_ctx = backbone.context(input_ids, attention_mask, prefix=query_mask, cache=cache)
+        kept = _kept(logits_to_keep, input_ids.shape, input_ids.device)
         h0 = backbone.prelude(backbone.embed(input_ids, ctx, replace), ctx)
         query = _decision_positions(policy, input_ids, attention_mask, query_mask, real_mask)
 
@@ -304,20 +307,25 @@ class LoopedLM(nn.Module):
                 nonfinite_at = t
             h_next = halted.freeze(h_next, h)
             logits = lazy(lambda s=h_next, c=ctx: self.decoder(s, backbone, c))
+            # the head at the kept positions only, unless a policy has decoded every position
+            kept_logits = logits if kept is None else lazy(
+                lambda s=h_next, c=ctx, every=logits: at_kept(every(), kept) if every.computed()
+                else self._head_at(s, backbone, c, kept))
             decision = halted.observe(t, h_next, h, logits)
             mixture.add(t, h_next, decision, logits)
-            trace.add(h_next, h, logits, graph)
+            trace.add(h_next, h, kept_logits, graph)
             h, h0, ctx = compaction.step(t, h_next, h0, ctx, halted, mixture, logits)
             if h.size(0) == 0:
                 break
 
         state, used, token_steps, weights, decoded = compaction.results(h, halted, mixture, logits)
-        kept = _kept(logits_to_keep, input_ids.shape, state.device)
         feats = self.decoder.features(state, backbone, full_ctx) if features else None
         if feats is not None:
             output = backbone.lm_head(at_kept(feats, kept))
         elif decoded is not None:
             output = at_kept(decoded, kept)
+        elif kept is not None and mixture.mixture is None and not compaction.enabled and kept_logits.computed():
+            output = kept_logits()  # the last iteration's, decoded for the trace
         elif kept is None:
             output = self.decoder(state, backbone, full_ctx)
         else:

@@ -14,7 +14,9 @@ feeds, which is the order a person adds in. ``order: msd`` writes them the usual
                "0 0 0 0 6 4 9 ( 5 5 6 0 8 2 0 1 )"]  # 2365 * 4000 = 9460000 ( 10280655 )
     answer:   "5 5 6 0 8 2 0 1"
 
-One step per digit of the second factor, so ``hops`` equals its number of digits.
+One step per digit of the second factor, so ``hops`` equals its number of digits. For step
+supervision, hop t's answer is that running sum, a * (b mod 10^t), written with as many digits as
+the product (zeros in front): its lowest t digits are already the product's.
 """
 
 from __future__ import annotations
@@ -72,6 +74,15 @@ class MultiplicationTask(Task):
         rng = random.Random(f"multiplication/{self.seed}/{split}")
         for _ in range(self.n[split]):
             yield generate(rng, self.sizes, self.order)
+
+    def step_answers(self, record):
+        """The running sum after each digit of b, padded to the product's length so that every
+        hop's answer is as many tokens as the answer: [a * (b mod 10), a * (b mod 100), ..., a * b]."""
+        if "a" not in record or "b" not in record:
+            return None
+        a, b = int(record["a"]), int(record["b"])
+        width = len(str(a * b))
+        return [spaced(str(a * (b % 10 ** t)).zfill(width), self.order) for t in range(1, len(str(b)) + 1)]
 
     def normalize(self, answer: str) -> str:
         """The product as a number written the usual way, whatever the digit order."""

@@ -9,21 +9,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slr_zoo.looped import at_kept
 from slr_zoo.tasks.encoding import IGNORE
 from slr_zoo.training.objectives.base import OBJECTIVES, Objective
 
 
 def step_loss(step_logits: list[torch.Tensor | None], step_labels: torch.Tensor,
-                   labels: torch.Tensor) -> torch.Tensor:
+              labels: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
     """``step_logits``: one entry per iteration run, None where it ran without a graph;
-    ``step_labels`` [B, H, S]: the labels with the answer after each hop (``encoding.step_labels``)."""
+    ``step_labels`` [B, H, S]: the labels with the answer after each hop (``encoding.step_labels``);
+    ``kept``: the entries the logits were kept at (``LoopOutput.logits_kept``), None for all."""
     last = len(step_logits)
-    terms = [
-        F.cross_entropy(logits.flatten(0, 1).float(),
-                        (labels if t == last else step_labels[:, min(t, step_labels.size(1)) - 1]).flatten(),
-                        ignore_index=IGNORE)
-        for t, logits in enumerate(step_logits, start=1) if logits is not None
-    ]
+    terms = []
+    for t, logits in enumerate(step_logits, start=1):
+        if logits is None:
+            continue
+        target = labels if t == last else step_labels[:, min(t, step_labels.size(1)) - 1]
+        terms.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                     at_kept(target, kept).reshape(-1), ignore_index=IGNORE))
     return torch.stack(terms).mean()
 
 
@@ -32,7 +35,7 @@ class StepSupervision(Objective):
     record = frozenset({"logits"})
     data = frozenset({"step_answers"})
     per_answer_token = True  # the same answer tokens as the answer loss
-    logits_at = ()
+    logits_at = ("labels",)  # each hop's targets replace the answer's tokens, at the same positions
 
     def forward(self, batch, out, detail=False):
-        return step_loss(out.step_logits, batch["step_labels"], batch["labels"]), {}
+        return step_loss(out.step_logits, batch["step_labels"], batch["labels"], getattr(out, "logits_kept", None)), {}

@@ -195,7 +195,8 @@ def test_logits_to_keep_gives_the_kept_positions_of_the_full_logits(tokens):
         model(tokens, logits_to_keep=mask[:, 1:])
 
 
-@pytest.mark.parametrize("halting", [{"name": "fixed"}, {"name": "ponder"}, {"name": "ponder", "granularity": "token"}])
+@pytest.mark.parametrize("halting", [{"name": "fixed"}, {"name": "ponder"}, {"name": "ponder", "granularity": "token"},
+                                     {"name": "kl", "threshold": 1.0e-3}])
 def test_losses_and_gradients_are_the_same_with_the_head_at_the_labelled_positions_only(tokens, halting):
     """The training module keeps the logits where some objective has a label: the answer, CoT
     and step supervision losses (each iteration's logits kept at the same entries), the

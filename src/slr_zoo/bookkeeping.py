@@ -181,8 +181,8 @@ class BatchCompaction:
 
 class StepTrace:
     """Per-iteration records, each only when asked for: ``states`` (full batch), ``logits`` (each
-    iteration decoded; in training only where the iteration has a graph, since only a loss reads
-    them there) and ``stability`` (mean ||h_t|| and ||h_t - h_{t-1}|| / ||h_{t-1}||)."""
+    iteration decoded at the positions the pass keeps logits at; in training only where the
+    iteration has a graph, since only a loss reads them there) and ``stability`` (mean ||h_t|| and ||h_t - h_{t-1}|| / ||h_{t-1}||)."""
 
     def __init__(self, record: Iterable[str], compaction: BatchCompaction, training: bool):
         self.record = frozenset(record)

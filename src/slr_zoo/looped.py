@@ -140,11 +140,11 @@ class LoopOutput:
     sample_weights: torch.Tensor | None = None  # [B, T] a per-sample "state" policy's step weights
     # what `record` asked for, one entry per iteration run
     features: torch.Tensor | None = None       # [B, S, d] the decoder's features before the head, when asked
-    # the positions `logits` (and loss_terms) cover: None, all [B, S]; [K] columns, [B, K]; [B, S] bool, [N]
+    # the positions `logits`, loss_terms and step_logits cover: None, all [B, S]; [K] columns, [B, K]; [B, S] bool, [N]
     logits_kept: torch.Tensor | None = None
     states: list[torch.Tensor] = field(default_factory=list)              # "states"
     initial_state: torch.Tensor | None = None                             # "states": h_0, the prelude's output
-    step_logits: list[torch.Tensor | None] = field(default_factory=list)  # "logits" (None: no graph)
+    step_logits: list[torch.Tensor | None] = field(default_factory=list)  # "logits", at logits_kept (None: no graph)
     norms: list[torch.Tensor] = field(default_factory=list)               # "stability": mean ||h_t||
     deltas: list[torch.Tensor] = field(default_factory=list)              # "stability": ||h_t - h_{t-1}|| / ||h_{t-1}||
 

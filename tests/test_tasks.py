@@ -206,6 +206,35 @@ def test_multiplication_steps_are_partial_products(order):
         assert hop_answers[-1] == r["answer"] and {len(h.split()) for h in hop_answers} == {len(r["answer"].split())}
 
 
+def test_multiplication_without_separator_is_one_token_per_digit_for_a_tokenizer_that_splits_digits():
+    """``separator: ""`` writes the spaced records' digits together; a tokenizer that splits
+    numbers into digits (as Llama 3's and SmolLM2's do) then gives one token per digit, and every
+    hop's running sum as many tokens as the answer (which step supervision needs)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from slr_zoo.tasks.encoding import encode
+
+    spaced = build({"name": "multiplication", "n_train": 20, "n_val": 1, "digits": [3, 5]})
+    joined = build({"name": "multiplication", "n_train": 20, "n_val": 1, "digits": [3, 5], "separator": ""})
+    vocab = {t: i for i, t in enumerate(["<eos>", "[SEP]", " ", "*", "(", ")", *"0123456789"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Digits(individual_digits=True)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", sep_token="[SEP]")
+    for s, j in zip(spaced.records("train"), joined.records("train")):
+        for key in ("question", "answer"):
+            assert j[key] == s[key].replace(" ", "").replace("*", " * ")
+        assert j["steps"] == [step.replace(" ", "").replace("(", " ( ").replace(")", " )") for step in s["steps"]]
+        assert joined.step_answers(j) == [h.replace(" ", "") for h in spaced.step_answers(s)]
+        assert joined.score(s["answer"], j) and joined.normalize(j["answer"]) == str(j["a"] * j["b"])
+        encoded = encode(j, tokenizer, joined.step_answers(j))
+        answer_tokens = sum(label != -100 for label in encoded.labels) - 1  # the end token aside
+        assert answer_tokens == len(str(j["a"] * j["b"])) == len(encoded.step_targets[0])
+    with pytest.raises(ComponentError, match=r"task\.separator: expected Literal\[. ., ..\], got str .,."):
+        build({"name": "multiplication", "separator": ","})
+
+
 @pytest.mark.parametrize("name", TASKS.names())
 def test_every_registered_task_yields_checked_encodable_records(name, tmp_path):
     if name == "json":

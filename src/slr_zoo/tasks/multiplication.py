@@ -5,6 +5,9 @@ Knowledge Distillation").
 Numbers are written one digit per token, **least significant digit first** by default (as iCoT
 does): generating the product from its lowest digit lets each carry be computed before the digit it
 feeds, which is the order a person adds in. ``order: msd`` writes them the usual way round.
+Digits are separated by spaces, which a word-level tokenizer needs; ``separator: ""`` writes them
+together, for a pretrained tokenizer that splits numbers into digits itself (Llama 3, SmolLM2,
+Qwen2), where a space would be a token of its own before every digit.
 
     2365 x 4347, lsd:
     question: "5 6 3 2 * 7 4 3 4"
@@ -21,6 +24,7 @@ the product (zeros in front): its lowest t digits are already the product's.
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Literal
 
@@ -28,23 +32,25 @@ from slr_zoo.registry import ArgumentError
 from slr_zoo.tasks.base import TASKS, Record, Task
 
 
-def spaced(text: str, order: str) -> str:
+def spaced(text: str, order: str, separator: str = " ") -> str:
     """A decimal string one digit per token, lowest digit first for ``lsd``."""
-    return " ".join(reversed(text) if order == "lsd" else text)
+    return separator.join(reversed(text) if order == "lsd" else text)
 
 
-def generate(rng: random.Random, sizes: tuple[int, int] = (4, 4), order: str = "lsd") -> Record:
+def generate(rng: random.Random, sizes: tuple[int, int] = (4, 4), order: str = "lsd",
+             separator: str = " ") -> Record:
+    spaced_ = functools.partial(spaced, order=order, separator=separator)
     d = rng.randint(*sizes)
     a, b = (rng.randint(10 ** (d - 1), 10 ** d - 1) for _ in range(2))
     steps, total = [], 0
     for j, digit in enumerate(reversed(str(b))):  # from the lowest digit of b
         total += a * int(digit) * 10**j
-        partial = spaced(str(a * int(digit)) + "0" * j, order)  # shifted by j places
-        steps.append(partial if j == 0 else f"{partial} ( {spaced(str(total), order)} )")
+        partial = spaced_(str(a * int(digit)) + "0" * j)  # shifted by j places
+        steps.append(partial if j == 0 else f"{partial} ( {spaced_(str(total))} )")
     return {
-        "question": f"{spaced(str(a), order)} * {spaced(str(b), order)}",
+        "question": f"{spaced_(str(a))} * {spaced_(str(b))}",
         "steps": steps,
-        "answer": spaced(str(a * b), order),
+        "answer": spaced_(str(a * b)),
         "a": a,
         "b": b,
         "hops": d,
@@ -63,17 +69,18 @@ class MultiplicationTask(Task):
         n_val: int = 500,
         digits: list[int] = [4, 4],  # noqa: B006  (recipes give lists; never mutated)
         order: Literal["lsd", "msd"] = "lsd",
+        separator: Literal[" ", ""] = " ",
         seed: int = 0,
     ):
         if len(digits) != 2 or not 1 <= digits[0] <= digits[1] <= 20:
             raise ArgumentError("digits", f"must be [min, max] with 1 <= min <= max <= 20, got {digits}")
         self.n = {"train": n_train, "val": n_val}
-        self.sizes, self.order, self.seed = tuple(digits), order, seed
+        self.sizes, self.order, self.separator, self.seed = tuple(digits), order, separator, seed
 
     def records(self, split):
         rng = random.Random(f"multiplication/{self.seed}/{split}")
         for _ in range(self.n[split]):
-            yield generate(rng, self.sizes, self.order)
+            yield generate(rng, self.sizes, self.order, self.separator)
 
     def step_answers(self, record):
         """The running sum after each digit of b, padded to the product's length so that every
@@ -82,7 +89,8 @@ class MultiplicationTask(Task):
             return None
         a, b = int(record["a"]), int(record["b"])
         width = len(str(a * b))
-        return [spaced(str(a * (b % 10 ** t)).zfill(width), self.order) for t in range(1, len(str(b)) + 1)]
+        return [spaced(str(a * (b % 10 ** t)).zfill(width), self.order, self.separator)
+                for t in range(1, len(str(b)) + 1)]
 
     def normalize(self, answer: str) -> str:
         """The product as a number written the usual way, whatever the digit order."""

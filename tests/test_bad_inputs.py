@@ -181,6 +181,7 @@ ROWS = [
     ("thought probe without reach steps", lambda f: ["fit", f["recipe"], "loop.mode=thoughts", "training={encoding: latent, curriculum: {max_latent_stage: 2}}", "loop.max_steps=1", "objectives={probe: {name: thought_reach}}"], 2, r"objectives\.probe: needs per-word reach steps, which task \w+ does not give; remove it"),
     ("init with pretrained", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['llama']}, init: torch, prelude_layers: 1, core_layers: 1, coda_layers: 1}}"], 2, r"backbone\.init: applies to a model built from scratch; a pretrained model's init comes from its checkpoint"),
     ("step supervision without hops", lambda f: ["fit", f["recipe"], "task={name: walk, n_train: 64, n_val: 8}", "loop.step_supervision=0.5"], 2, r"loop\.step_supervision: needs per-hop answers, which task WalkTask does not give"),
+    ("digit separator", lambda f: ["fit", f["recipe"], "task={name: multiplication, n_train: 16, n_val: 4, separator: ','}"], 2, r"task\.separator: expected Literal\[' ', ''\], got str ','"),
     ("hops reversed", lambda f: ["fit", f["recipe"], "task.hops=[6,1]"], 2, r"task\.hops: must be \[min, max\] with 1 <= min <= max, got \[6, 1\]"),
     ("no validation records", lambda f: ["fit", f["recipe"], "task.n_val=0"], 2, r"task: its val split holds no records"),
     ("lognormal mean past max", lambda f: ["fit", f["recipe"], "loop.depth_sampler={name: lognormal_poisson, mean: 9}"], 2, r"loop\.depth_sampler\.mean: must be in \[1, max_steps = 2\]"),

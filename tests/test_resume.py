@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import tiny_recipe
 
-from slr_zoo.training.checkpoint import AtomicCheckpointIO, CheckpointError, check_resumable, resume_point
+from slr_zoo.training.checkpoint import CheckpointError, check_resumable, resume_point
+from slr_zoo.training.trainer import AtomicCheckpointIO
 from slr_zoo.training.data import ResumableBatchSampler, shard_batches
 from slr_zoo.training.module import depth_generator
 from slr_zoo.recipe import build_cell, train_cell

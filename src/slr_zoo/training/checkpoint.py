@@ -1,11 +1,9 @@
 """Checkpoints that a crash cannot half-write, and a clear error when one cannot be resumed from.
 
-Lightning's ``_atomic_save`` writes through an fsspec transaction whose temporary file lives in the
-system temp directory; committing it is ``shutil.move``, which degrades to copy-then-delete when the
-run directory is on another filesystem (a cluster's scratch or network disk), so a kill during the
-copy leaves a truncated ``last.ckpt``. Nothing is fsync'ed either. :class:`AtomicCheckpointIO`
-writes beside the target, fsyncs, and renames, so ``last.ckpt`` is always either the previous
-checkpoint or the new one.
+:func:`atomic_torch_save` writes beside the target, fsyncs, and renames, so ``last.ckpt`` is always
+either the previous checkpoint or the new one (``trainer.AtomicCheckpointIO`` puts Lightning's
+checkpoints through it). This module does not import Lightning: ``fit`` reads finished runs with it
+before deciding to train, and a refused recipe should not wait for Lightning to load.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
 from slr_zoo.files import summary_or_none
@@ -28,17 +25,6 @@ TMP_MARK = ".tmp-"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that exists but cannot be resumed from; the message names the file."""
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into a temporary file in the target's directory, fsync, then ``os.replace``."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if "://" in str(path):  # remote storage: fsspec's own transaction is the best available
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
-        atomic_torch_save(checkpoint, Path(path))
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

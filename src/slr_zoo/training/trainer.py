@@ -16,17 +16,35 @@ import socket
 import traceback
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import nn
 
-from slr_zoo.training.checkpoint import AtomicCheckpointIO
+from slr_zoo.training.checkpoint import atomic_torch_save
 from slr_zoo.training.settings import TrainerConfig
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoints through :func:`~slr_zoo.training.checkpoint.atomic_torch_save`.
+
+    Lightning's own ``_atomic_save`` writes through an fsspec transaction whose temporary file lives
+    in the system temp directory; committing it is ``shutil.move``, which degrades to copy-then-delete
+    when the run directory is on another filesystem (a cluster's scratch or network disk), so a kill
+    during the copy leaves a truncated ``last.ckpt``, and nothing is fsync'ed."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: fsspec's own transaction is the best available
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        atomic_torch_save(checkpoint, Path(path))
 
 
 def quiet_lightning() -> None:

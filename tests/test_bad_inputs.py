@@ -273,3 +273,15 @@ def test_a_corrupt_checkpoint_of_a_finished_run_is_named_and_the_run_left_alone(
     done = run(["evaluate", str(runs / "bad" / "default"), "--steps", "1"], base)
     assert done.returncode == 2 and "--rerun" in done.stderr and "Traceback" not in done.stderr
     assert fingerprint(runs) == before
+
+
+def test_a_refused_recipe_is_answered_before_lightning_is_imported(tmp_path):
+    """A typo is reported as soon as the recipe is read: Lightning (half of a training command's
+    start-up) is loaded only for a cell that trains."""
+    recipe = write(tmp_path / "typo.yaml", tiny(loop__max_stepz=2))
+    probe = ("import sys; from slr_zoo.fit import main; code = main([sys.argv[1]]); "
+             "print(code, 'lightning' in sys.modules, 'torchmetrics' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600)
+    assert "loop.max_stepz: unknown key" in done.stderr
+    assert done.stdout.split() == ["2", "False", "False"], done.stderr[-2000:]

@@ -207,3 +207,43 @@ def test_a_grid_yaml_without_a_name_is_titled_by_its_folder(tmp_path):
     (run_dir / "grid.yaml").write_text("grid: {seed: [0, 1]}\n")
     assert report.main([str(run_dir)]) == 0
     assert (run_dir / "results.md").read_text().startswith("# g\n")
+
+
+@pytest.mark.filterwarnings("error::UserWarning")  # matplotlib's "tight layout not applied": names cut off
+def test_costed_cells_are_plotted_as_accuracy_against_passes_and_flops_per_answer(tmp_path):
+    """RQ4's picture: one point per variant at its mean accuracy over seeds (std as the error bar)
+    and its mean sequential passes and FLOPs per answer; a grid whose cells were not costed gets
+    no such plot."""
+    from slr_zoo.reports.results import collect, cost_points, summarise
+
+    recipe = load(str(ROOT / "recipes/quickstart.yaml"))
+    recipe["grid"] = {"training.encoding": ["answer", "cot"], "seed": [0, 1]}
+    cells = expand(recipe)
+    run_dir = tmp_path / "rq4"
+    costs = {"answer": (2.0, 1e8), "cot": (20.0, 3e8)}
+    for cell, accuracy in zip(cells, (0.9, 1.0, 0.5, 0.6)):
+        encoding = cell.recipe["training"]["encoding"]
+        passes, flops = costs[encoding]
+        write_curve(run_dir / cell.label / "train_curve.csv", [2.0] * 100)
+        (run_dir / cell.label / "summary.json").write_text(json.dumps({
+            "status": "ok", "val_accuracy": accuracy, "mean_steps": 1.0, "train_seconds": 1.0, "train_steps": 100,
+            "params": 10, "hop_accuracy": {}, "thoughts_per_answer": 0, "tokens_per_answer": passes,
+            "passes_per_answer": passes + cell.recipe["seed"], "flops_per_answer": flops,
+            "seconds_per_example": 0.01}))
+    keys = ["training.encoding", "seed"]
+    points = cost_points(summarise(collect(run_dir, cells, keys), keys), ["training.encoding"])
+    assert [p["name"] for p in points] == ["encoding=answer", "encoding=cot"]
+    assert [p["accuracy"] for p in points] == pytest.approx([95.0, 55.0])
+    assert [p["std"] for p in points] == pytest.approx([7.0711, 7.0711], abs=1e-3)
+    assert [p["passes"] for p in points] == [2.5, 20.5] and [p["flops"] for p in points] == [1e8, 3e8]
+    write_reports(recipe, cells, run_dir)
+    assert (run_dir / "cost.png").stat().st_size > 0
+
+    uncosted = tmp_path / "plain"
+    for cell in cells:
+        write_curve(uncosted / cell.label / "train_curve.csv", [2.0] * 100)
+        (uncosted / cell.label / "summary.json").write_text(json.dumps({
+            "status": "ok", "val_accuracy": 0.5, "mean_steps": 1.0, "train_seconds": 1.0, "train_steps": 100,
+            "params": 10, "hop_accuracy": {}}))
+    write_reports(recipe, cells, uncosted)
+    assert (uncosted / "accuracy.png").is_file() and not (uncosted / "cost.png").exists()

@@ -292,7 +292,8 @@ def variant_name(entry: dict, keys: list[str]) -> str:
 
 
 def plot(table: list[dict], keys: list[str], directory: Path, rows: list[dict] = ()) -> list[Path]:
-    """``accuracy.png`` (bars with seed std), ``accuracy_by_hops.png`` (one line per config) and
+    """``accuracy.png`` (bars with seed std), ``accuracy_by_hops.png`` (one line per config),
+    ``cost.png`` (accuracy against what an answer costs, when the cells measured it) and
     ``training_loss.png`` (one line per finished cell)."""
     import matplotlib
 
@@ -332,6 +333,9 @@ def plot(table: list[dict], keys: list[str], directory: Path, rows: list[dict] =
         written.append(directory / "accuracy_by_hops.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
+    points = cost_points(done, group_keys)
+    if points:
+        written.append(_plot_cost(points, directory / "cost.png"))
     curves = [(r["cell"], r.get("_loss_blocks") or []) for r in rows if r["status"] == "ok"]
     curves = [(cell, blocks) for cell, blocks in curves if blocks]
     if curves:
@@ -347,6 +351,41 @@ def plot(table: list[dict], keys: list[str], directory: Path, rows: list[dict] =
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
+
+
+def cost_points(table: list[dict], keys: list[str]) -> list[dict]:
+    """One point per finished variant whose answers were costed: its name, validation accuracy
+    (%) with the seeds' std, sequential passes and FLOPs per answer (RQ4: what accuracy costs)."""
+    return [{"name": variant_name(e, keys), "accuracy": 100 * e["_accuracy"], "std": 100 * e["_std"],
+             "passes": e["_cost"]["passes_per_answer"], "flops": e["_cost"].get("flops_per_answer")}
+            for e in table if e["_accuracy"] is not None and "passes_per_answer" in e["_cost"]]
+
+
+def _plot_cost(points: list[dict], path: Path) -> Path:
+    """Accuracy against sequential passes per answer, and against FLOPs per answer where measured,
+    both on log axes; the variants are numbered on the plot and named in the legend (a grid's
+    names are too long to write beside a point)."""
+    import matplotlib.pyplot as plt
+
+    panels = [("passes", "sequential passes per answer")]
+    if all(p["flops"] for p in points):
+        panels.append(("flops", "FLOPs per answer"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 3.5, 4.2), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for number, point in enumerate(points, start=1):
+            ax.errorbar(point[key], point["accuracy"], yerr=point["std"], fmt="o", capsize=3, color=f"C{number % 10}",
+                        label=textwrap.fill(f"{number}: {point['name']}", 60))
+            ax.annotate(str(number), (point[key], point["accuracy"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_ylim(0, 102)
+    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_reports(recipe: dict, cells: list, run_dir: Path) -> str:

@@ -44,8 +44,11 @@ def build(args, directory: Path):
     from slr_zoo.recipe import expand, load, validate
     from slr_zoo.recipe.instantiate import build_cell
 
+    from slr_zoo.fit import warn_grid_overrides
+
     recipe = load(args.recipe, [*args.overrides, f"output_dir={directory}"])
     validate(recipe)
+    warn_grid_overrides(args.overrides, recipe)  # a grid's own values win over the command line's
     cell = expand(recipe)[args.cell]
     parts = build_cell(cell.recipe, directory / "cell")
     parts.data.setup("fit")
@@ -53,19 +56,15 @@ def build(args, directory: Path):
 
 
 def time_steps(module, loader, optimizer, steps: int) -> dict[str, float]:
-    """Milliseconds per step of each phase, summed over ``steps`` training steps."""
-    from slr_zoo.training.module import question_mask
-    from slr_zoo.training.objectives import logit_positions
-
+    """Milliseconds per step of each phase, summed over ``steps`` training steps: the training
+    step's own forward pass (``forward_batch``: continuous thoughts and a curriculum's depth
+    included) and losses."""
     phases = dict.fromkeys(("collate", "forward", "backward", "optimizer"), 0.0)
     for _ in range(steps):
         t0 = time.perf_counter()
         batch = next(loader)
         t1 = time.perf_counter()
-        out = module.model(batch["input_ids"], batch.get("attention_mask"), steps=module.model.max_steps,
-                           query_mask=batch.get("query_mask", question_mask(batch["labels"])),
-                           real_mask=batch.get("real_mask"), record=module.record,
-                           logits_to_keep=logit_positions(module.objectives.values(), batch))
+        out = module.forward_batch(batch, module.training_depth(batch))
         task, aux, _ = module.losses(batch, out)
         loss = task if aux is None else task + aux
         t2 = time.perf_counter()

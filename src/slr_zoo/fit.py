@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load(args.recipe, args.overrides)
         validate(recipe)
         cells = expand(recipe)
-        _warn_grid_overrides(args.overrides, recipe)
+        warn_grid_overrides(args.overrides, recipe)
         for cell in cells:
             try:
                 validate(cell.recipe)
@@ -169,7 +169,7 @@ def _last_step(directory: Path) -> int:
         return 0
 
 
-def _warn_grid_overrides(overrides: list[str], recipe: dict) -> None:
+def warn_grid_overrides(overrides: list[str], recipe: dict) -> None:
     """A command-line value for a key the grid sets is replaced by the grid's values: say so."""
     from slr_zoo.reports.results import grid_keys
 

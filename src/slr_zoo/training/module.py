@@ -158,11 +158,23 @@ class LoopedLMModule(L.LightningModule):
                 optimizer.state.clear()  # AdamW makes fresh moments at its next step
         self.stage = stage
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+    def training_depth(self, batch: dict[str, torch.Tensor]) -> int:
+        """The loop depth this training batch runs at."""
         if "loop_steps" in batch:  # a depth-mode latent curriculum: the stage sets the depth
-            steps = int(batch["loop_steps"])
-        else:
-            steps = self.model.depth_sampler.sample(depth_generator(self.seed, self.global_step))
+            return int(batch["loop_steps"])
+        return self.model.depth_sampler.sample(depth_generator(self.seed, self.global_step))
+
+    def forward_batch(self, batch: dict[str, torch.Tensor], steps: int, detail: bool = False) -> LoopOutput:
+        """The model's pass over a training batch, continuous thoughts included, recording what the
+        objectives read (and the stability statistics when ``detail``); ``benchmarks/train_step.py``
+        times this same call."""
+        return self.model(batch["input_ids"], batch.get("attention_mask"), steps=steps, query_mask=batch_question(batch),
+                          real_mask=batch.get("real_mask"), slot_mask=batch.get("slot_mask"),
+                          record=self.record | ({"stability"} if detail else set()),
+                          logits_to_keep=logit_positions(self.objectives.values(), batch))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+        steps = self.training_depth(batch)
         labels = batch["labels"]
         tokens = (labels != IGNORE).sum()
         detail = self.global_step % self.log_every == 0
@@ -170,11 +182,7 @@ class LoopedLMModule(L.LightningModule):
         logs: dict[str, float] = {}
         failure, detail_text = 0, ""  # 0: finite; 1: the loss; t + 1: the state at loop iteration t
         try:
-            query = batch_question(batch)
-            out = self.model(batch["input_ids"], batch.get("attention_mask"), steps=steps, query_mask=query,
-                             real_mask=batch.get("real_mask"), slot_mask=batch.get("slot_mask"),
-                             record=self.record | ({"stability"} if detail else set()),
-                             logits_to_keep=logit_positions(self.objectives.values(), batch))
+            out = self.forward_batch(batch, steps, detail)
             task, aux, logs = self.losses(batch, out, detail)
             total = task if aux is None else task + aux
             if not torch.isfinite(total):

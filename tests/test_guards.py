@@ -36,7 +36,7 @@ def test_planted_nan_is_caught_at_its_iteration(tokens, monkeypatch):
     calls = []
     model.backbone.core.register_forward_hook(lambda m, i, o: calls.append(1))
     with monkeypatch.context() as patch:
-        patch.setattr(looped, "FSDPModule", type(model))
+        patch.setattr(looped, "_fully_sharded", lambda module: module is model)
         with pytest.raises(NonFiniteStateError) as info:
             model(tokens, steps=3)
     assert info.value.step == 2 and len(calls) == 3

@@ -28,13 +28,13 @@ written once per iteration, and a decoding step runs the iterations over the new
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from slr_zoo.backbones.cache import LoopKVCache
 from slr_zoo.backbones.hf import Backbone, SequenceContext
@@ -49,6 +49,13 @@ from slr_zoo.decoders.base import Decoder
 from slr_zoo.halting.base import HaltingPolicy
 from slr_zoo.registry import ArgumentError, Registry
 from slr_zoo.stabilizers import Combine, Injection, LoopLoRA, StepEmbedding
+
+
+def _fully_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 sharded ``module``. Whoever sharded it imported FSDP; a command that never
+    shards (a refused recipe, ``generate``) is spared that import's 0.7 s."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +298,7 @@ class LoopedLM(nn.Module):
         # robustness to a perturbed state (diffusion-style): one noise std per sample
         noise = h0.new_empty(h0.size(0)).uniform_(0, self.state_noise) if self.training and self.state_noise else None
         # under FSDP every rank must make every all-gather, so a diverged pass still runs to the end
-        finish_first = isinstance(self, FSDPModule)
+        finish_first = _fully_sharded(self)
         nonfinite_at = None
 
         initial_state = h0 if "states" in trace.record else None

@@ -66,15 +66,27 @@ def test_accuracy_against_the_number_of_continuous_thoughts(tmp_path, capsys):
             "trainer.val_every=2", "trainer.progress_bar=false", "training.curriculum.max_latent_stage=3", "name=cc"]
     assert fit.main(args) == 0
     cell = tmp_path / "cc" / "default"
-    assert evaluate.main([str(cell), "--thoughts", "0", "1", "3", "--show", "0"]) == 0
+    assert evaluate.main([str(cell), "--thoughts", "0", "1", "3", "--show", "1"]) == 0
     report = json.loads((cell / "eval.json").read_text())
+    # what each of the 3 thoughts decodes to: top tokens for the shown example, and the split of its
+    # probability on the question's concepts by distance from the root, for every record
+    read = report["thoughts"]
+    assert read["thoughts"] == 3 and [len(item["thoughts"]) for item in read["lens"].values()] == [1 * 3]
+    assert read["reach"]["records"] == 8 and [r["thought"] for r in read["reach"]["rows"]] == [1, 2, 3]
+    for row in read["reach"]["rows"]:
+        assert 0 < row["mass_on_question_words"] <= 1
+        assert sum(row["share_by_reach_step"].values()) == pytest.approx(1, abs=1e-3)
+        assert "0" in row["share_by_reach_step"] and "never" in row["share_by_reach_step"]
+    assert len(read["target_ahead"]) == 3 and all(0 <= v <= 1 for v in read["target_ahead"])
+    assert (cell / "thoughts_reach.png").stat().st_size > 10_000
     rows = {r["thoughts"]: r for r in report["by_thoughts"]}
     assert sorted(rows) == [0, 1, 3] and report["arguments"]["thoughts"] == [0, 1, 3]
     assert rows[3]["accuracy"] == report["by_depth"][0]["accuracy"]
     for n, row in rows.items():  # the prefill, a pass per thought ([EOT] alone without one), a pass per later token
         assert row["passes_per_answer"] == pytest.approx(1 + n + (n == 0) + row["tokens_per_answer"] - 1)
     assert (cell / "accuracy_vs_thoughts.png").stat().st_size > 10_000
-    assert "| thoughts | accuracy |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| thoughts | accuracy |" in printed and "| thought | on question words |" in printed
     with pytest.raises(SystemExit) as exit_:
         evaluate.main([str(cell), "--thoughts", "-1"])
     assert exit_.value.code == 2 and "argument --thoughts: must be an integer >= 0, got '-1'" in capsys.readouterr().err
@@ -292,3 +304,44 @@ def test_a_data_file_is_named_its_unknown_words_warned_and_an_unevaluated_traine
     assert "the trained depth (2) was not among --steps: no mistakes listed" in captured.out
     assert "answered wrongly" not in captured.out
     assert json.loads((prosqa_cell / "eval.json").read_text())["mistakes"] is None
+
+
+def test_the_first_thought_decodes_as_the_prompts_last_position_and_later_ones_follow_the_thoughts():
+    """A thought decoded is the head's reading of the state it is made from: the first is the
+    prompt's own prediction at [BOT]; the second is the prediction after the first thought is fed
+    back, which a forward over the prompt with that thought as the next input gives too."""
+    from slr_zoo.metrics.thoughts import decoded_thoughts
+
+    torch.manual_seed(0)
+    model = tiny_model(tiny_recipe(loop__mode="thoughts", loop__max_steps=2, training__encoding="latent")).eval()
+    ids = torch.randint(4, 30, (2, 7))
+    mask, query = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    probs = decoded_thoughts(model, ids, mask, query, 2)
+    assert probs.shape == (2, 2, model.backbone.lm_head.out_features)
+    with torch.no_grad():
+        plain = model(ids, mask, query_mask=query, features=True)
+        torch.testing.assert_close(probs[:, 0], plain.logits[:, -1].float().softmax(-1), rtol=1e-5, atol=1e-6)
+        thought = plain.features[:, -1]
+        longer = torch.cat([ids, ids[:, -1:]], dim=1)
+        fed = model(longer, torch.ones_like(longer), query_mask=torch.cat([query, torch.zeros_like(query[:, :1])], 1),
+                    replace=(thought[:, None], torch.arange(8) == 7))
+        torch.testing.assert_close(probs[:, 1], fed.logits[:, -1].float().softmax(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_a_thoughts_probability_is_split_by_the_reach_step_of_the_words_it_falls_on():
+    from slr_zoo.metrics.thoughts import first_tokens, reach_shares, summarise_shares
+
+    # a word split into two pieces is read by its first; punctuation is no word
+    assert first_tokens(["tom", "wum", "wum", None, "tom"], [5, 6, 7, 8, 5]) == {"tom": 5, "wum": 6}
+    probs = torch.zeros(2, 10)
+    probs[0, 3] = 1.0                                   # thought 1: all on a word 2 hops away
+    probs[1, 4], probs[1, 5], probs[1, 9] = 0.3, 0.1, 0.6  # thought 2: 1 hop, never reached, no word
+    tokens = {2: 0, 3: 2, 4: 1, 5: 999}
+    mass, shares = reach_shares(probs, tokens)
+    assert mass == pytest.approx([1.0, 0.4])
+    assert shares[0] == {0: 0.0, 1: 0.0, 2: 1.0, 999: 0.0}
+    assert shares[1] == pytest.approx({0: 0.0, 1: 0.75, 2: 0.0, 999: 0.25})
+    summary = summarise_shares([(mass, shares), ([0.0, 1.0], [{0: 1.0}, {0: 1.0}])], unreached=999)
+    assert summary["records"] == 2
+    assert summary["rows"][0] == {"thought": 1, "mass_on_question_words": 0.5,
+                                  "share_by_reach_step": {"0": 0.5, "1": 0.0, "2": 0.5, "never": 0.0}}

@@ -23,10 +23,16 @@ states. ``eval.json`` has the sections:
 - ``probes``: per iteration, a linear classifier trained on h_t to read the current reasoning
   step's entity (with a shuffled-label control), and the reach probe's table where the model has
   one (RQ3).
+- ``thoughts`` (a ``loop.mode: thoughts`` cell): what each continuous thought decodes to through
+  the head (``metrics/thoughts.py``): the top tokens for a few examples; where the task labels
+  reach steps, the probability each thought puts on the question's words and its split by reach
+  step (ProsQA: a concept's distance from the root; RQ3 as Coconut read its thoughts); and where
+  the answer names one of two options, how often each thought already ranks it above the other.
 
 ``--data FILE`` evaluates any Coconut-format json file; ``--ood`` the task's harder generated split
 (ProsQA: 7-8 hops over larger graphs). PNGs beside ``eval.json``: ``accuracy_vs_steps.png``,
-``depth_histogram.png``, ``stability.png``, ``probes.png``, and ``accuracy_vs_thoughts.png``.
+``depth_histogram.png``, ``stability.png``, ``probes.png``, ``accuracy_vs_thoughts.png`` and
+``thoughts_reach.png``.
 """
 
 from __future__ import annotations
@@ -227,6 +233,9 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
                 states_by_t[t].append(h[:, -1].float().cpu())
             if probe is not None:
                 probe_rows.append(_reach_batch(probe, states, chunk, tokenizer, task, ids, query))
+        thoughts_read = None
+        if model.mode == "thoughts" and encoding.thoughts() > 0:
+            thoughts_read = _read_thoughts(model, tokenizer, task, encoding, records, batch_size, show)
         lens_lines = []
         if show > 0:
             lens_ids, lens_mask, lens_query = _prompt_batch(model, tokenizer, encoding, records[:show])
@@ -242,6 +251,7 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
         "stability": _merged_stability(runs, [len(c) for c in chunks], model),
         "logit_lens": lens,
         "probes": {"entity": _entity_probes(states_by_t, records), "reach": _reach_summary(probe_rows, trained)},
+        "thoughts": thoughts_read,
     }
     write_json(run_dir / "eval.json", report)
     _plot(rows, trained, run_dir / "accuracy_vs_steps.png")
@@ -250,7 +260,54 @@ def evaluate(run_dir: Path, depths=None, split="val", limit=None, show=3, batch_
     _plot_histogram(histogram, run_dir / "depth_histogram.png")
     _plot_stability(report["stability"], trained, run_dir / "stability.png")
     _plot_probes(report["probes"]["entity"], trained, run_dir / "probes.png")
+    if thoughts_read and thoughts_read["reach"]:
+        _plot_thought_reach(thoughts_read["reach"], run_dir / "thoughts_reach.png")
     return report
+
+
+def _read_thoughts(model, tokenizer, task, encoding, records, batch_size: int, show: int, top: int = 3) -> dict:
+    """The ``thoughts`` section: each continuous thought decoded through the head."""
+    from slr_zoo.metrics.thoughts import decoded_thoughts, first_tokens, reach_shares, summarise_shares
+    from slr_zoo.tasks.base import UNREACHED
+    from slr_zoo.tasks.tokenizer import text_ids, token_words
+
+    n = encoding.thoughts()
+    lens, shares, ahead = {}, [], []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        ids, mask, query = _prompt_batch(model, tokenizer, encoding, chunk)
+        probs = decoded_thoughts(model, ids, mask, query, n).cpu()
+        for index, (record, p) in enumerate(zip(chunk, probs), start=start):
+            if index < show:
+                top_p, top_ids = p.topk(top)
+                lens[record["question"]] = {"answer": str(record["answer"]), "thoughts": [
+                    f"    thought {t}: " + ", ".join(f"{tokenizer.convert_ids_to_tokens(int(i))} {float(q):.2f}"
+                                                  for q, i in zip(qs, ix))
+                    for t, (qs, ix) in enumerate(zip(top_p, top_ids), start=1)]}
+            words = first_tokens(token_words(tokenizer, record["question"]), text_ids(tokenizer, record["question"]))
+            steps = task.reach_steps(record) or {}
+            tokens = {words[w]: step for w, step in steps.items() if w in words}
+            if tokens:
+                shares.append(reach_shares(p, tokens))
+            options = _options(record)
+            if options and all(w in words for w in options):
+                target, other = (words[w] for w in options)
+                ahead.append((p[:, target] > p[:, other]).tolist())
+    return {
+        "thoughts": n, "lens": lens,
+        "reach": summarise_shares(shares, UNREACHED) if shares else None,
+        # per thought: how often the gold option already outweighs the other
+        "target_ahead": [round(sum(col) / len(ahead), 4) for col in zip(*ahead)] if ahead else None,
+    }
+
+
+def _options(record: dict) -> tuple[str, str] | None:
+    """(gold option, other option) where the answer names one of two (ProsQA); ProntoQA's files
+    carry a target and a neg_target too, but its answer is True or False."""
+    symbols = record.get("idx_to_symbol")
+    if symbols and "target" in record and "neg_target" in record and symbols[record["target"]] in record.get("answer", ""):
+        return symbols[record["target"]], symbols[record["neg_target"]]
+    return None
 
 
 def _warn_unknown_words(tokenizer, records: list[dict], source: str) -> None:
@@ -398,14 +455,9 @@ def _reach_batch(probe, states, records, tokenizer, task, ids, query) -> dict:
         for i, word in enumerate(words):
             if word is not None and word in steps:
                 reach[row, start + i] = steps[word]
-        symbols = record.get("idx_to_symbol")
-        # a choice between two options only where the answer names one (ProsQA); ProntoQA's files
-        # carry a target and a neg_target too, but its answer is True or False
-        if (symbols and "target" in record and "neg_target" in record
-                and symbols[record["target"]] in record.get("answer", "")):
-            where = {name: [start + i for i, w in enumerate(words) if w == name]
-                     for name in (symbols[record["target"]], symbols[record["neg_target"]])}
-            options.append((row, *where.values()))
+        named = _options(record)
+        if named:
+            options.append((row, *([start + i for i, w in enumerate(words) if w == name] for name in named)))
     logits = [probe.probe(h.float()).squeeze(-1).cpu() for h in states]
     chosen = []
     for row, gold, other in options:
@@ -522,6 +574,26 @@ def _plot_probes(rows: list[dict], trained: int, path: Path) -> None:
     _save(fig, path)
 
 
+def _plot_thought_reach(reach: dict, path: Path) -> None:
+    """Thoughts down, reach steps across: each cell the share of the thought's probability on the
+    question's words that falls on words at that step (a frontier kept by the thoughts is a
+    diagonal)."""
+    rows = reach["rows"]
+    steps = list(rows[0]["share_by_reach_step"])
+    grid = [[r["share_by_reach_step"][s] for s in steps] for r in rows]
+    fig, ax = _axes()
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for i, line in enumerate(grid):
+        for j, value in enumerate(line):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.5 else "black")
+    ax.set_xticks(range(len(steps)), steps)
+    ax.set_yticks(range(len(rows)), [str(r["thought"]) for r in rows])
+    ax.set_xlabel("reach step of the word (ProsQA: distance from the root)")
+    ax.set_ylabel("continuous thought")
+    fig.colorbar(image, ax=ax, label="share of the thought's probability on question words")
+    _save(fig, path)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.steps and min(args.steps) < 1:
@@ -575,8 +647,26 @@ def main(argv=None) -> int:
             f"t={r['t']} reached {r['reached']} unreached {r['unreached']} never {r['never']}" for r in reach["table"]))
         if reach["option_choice_accuracy"] is not None:
             print(f"reach probe's choice between the two options: {reach['option_choice_accuracy']}")
+    read = report["thoughts"]
+    if read:
+        for question, item in read["lens"].items():
+            print(f"\n{question}  -> gold {item['answer']}")
+            print("\n".join(item["thoughts"]))
+        if read["reach"]:
+            steps = list(read["reach"]["rows"][0]["share_by_reach_step"])
+            print(f"\neach thought decoded: its probability on the question's words, and that probability's share "
+                  f"by reach step ({read['reach']['records']} records)")
+            print("| thought | on question words | " + " | ".join(steps) + " |")
+            print("|---|---|" + "---|" * len(steps))
+            for r in read["reach"]["rows"]:
+                print(f"| {r['thought']} | {r['mass_on_question_words']:.3f} | "
+                      + " | ".join(f"{v:.3f}" for v in r["share_by_reach_step"].values()) + " |")
+        if read["target_ahead"]:
+            print("gold option decoded above the other, by thought: "
+                  + " ".join(f"{v:.3f}" for v in read["target_ahead"]))
     print(f"\nwrote {args.run_dir}/eval.json, accuracy_vs_steps.png, depth_histogram.png, stability.png, probes.png"
-          + (", accuracy_vs_thoughts.png" if report["by_thoughts"] else ""))
+          + (", accuracy_vs_thoughts.png" if report["by_thoughts"] else "")
+          + (", thoughts_reach.png" if read and read["reach"] else ""))
     return 0
 
 

@@ -18,6 +18,7 @@ the two so that a change in the machine's load touches both alike; medians are r
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import tempfile
 import time
@@ -55,6 +56,9 @@ def build(args, directory: Path):
     return cell, parts
 
 
+STEP = itertools.count()  # a random-depth recipe draws each timed step's depth as training would
+
+
 def time_steps(module, loader, optimizer, steps: int) -> dict[str, float]:
     """Milliseconds per step of each phase, summed over ``steps`` training steps: the training
     step's own forward pass (``forward_batch``: continuous thoughts and a curriculum's depth
@@ -64,7 +68,7 @@ def time_steps(module, loader, optimizer, steps: int) -> dict[str, float]:
         t0 = time.perf_counter()
         batch = next(loader)
         t1 = time.perf_counter()
-        out = module.forward_batch(batch, module.training_depth(batch))
+        out = module.forward_batch(batch, module.training_depth(batch, next(STEP)))
         task, aux, _ = module.losses(batch, out)
         loss = task if aux is None else task + aux
         t2 = time.perf_counter()
@@ -122,7 +126,7 @@ def main(argv=None) -> None:
     for v in figures:
         figures[v]["step"] = round(sum(figures[v].values()), 2)
     print(f"{cell.label or parts.config['name']}: {sum(p.numel() for p in module.parameters()):,} parameters, "
-          f"batch {parts.trainer.batch_size}, depth {module.model.max_steps}, {torch.get_num_threads()} thread(s), "
+          f"batch {parts.trainer.batch_size}, max depth {module.model.max_steps}, {torch.get_num_threads()} thread(s), "
           f"median of {args.rounds} rounds of {args.steps} steps")
     print("| model | collate ms | forward ms | backward ms | optimizer ms | step ms | ratio to as built |")
     print("|---|---|---|---|---|---|---|")

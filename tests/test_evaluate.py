@@ -74,7 +74,7 @@ def test_accuracy_against_the_number_of_continuous_thoughts(tmp_path, capsys):
     assert read["thoughts"] == 3 and [len(item["thoughts"]) for item in read["lens"].values()] == [1 * 3]
     assert read["reach"]["records"] == 8 and [r["thought"] for r in read["reach"]["rows"]] == [1, 2, 3]
     for row in read["reach"]["rows"]:
-        assert 0 < row["mass_on_question_words"] <= 1
+        assert 0 < row["mass_on_question_words"] <= 1 and row["records_with_mass"] == 8
         assert sum(row["share_by_reach_step"].values()) == pytest.approx(1, abs=1e-3)
         assert "0" in row["share_by_reach_step"] and "never" in row["share_by_reach_step"]
     assert len(read["target_ahead"]) == 3 and all(0 <= v <= 1 for v in read["target_ahead"])
@@ -333,6 +333,8 @@ def test_a_thoughts_probability_is_split_by_the_reach_step_of_the_words_it_falls
 
     # a word split into two pieces is read by its first; punctuation is no word
     assert first_tokens(["tom", "wum", "wum", None, "tom"], [5, 6, 7, 8, 5]) == {"tom": 5, "wum": 6}
+    # two words that start with the same piece cannot be told apart: both are left out
+    assert first_tokens(["wumpus", "wumpus", "wumpuses", "wumpuses", "tom"], [6, 7, 6, 9, 5]) == {"tom": 5}
     probs = torch.zeros(2, 10)
     probs[0, 3] = 1.0                                   # thought 1: all on a word 2 hops away
     probs[1, 4], probs[1, 5], probs[1, 9] = 0.3, 0.1, 0.6  # thought 2: 1 hop, never reached, no word
@@ -341,7 +343,14 @@ def test_a_thoughts_probability_is_split_by_the_reach_step_of_the_words_it_falls
     assert mass == pytest.approx([1.0, 0.4])
     assert shares[0] == {0: 0.0, 1: 0.0, 2: 1.0, 999: 0.0}
     assert shares[1] == pytest.approx({0: 0.0, 1: 0.75, 2: 0.0, 999: 0.25})
-    summary = summarise_shares([(mass, shares), ([0.0, 1.0], [{0: 1.0}, {0: 1.0}])], unreached=999)
+    summary = summarise_shares([(mass, shares), ([0.5, 1.0], [{0: 1.0}, {0: 1.0}])], unreached=999)
     assert summary["records"] == 2
-    assert summary["rows"][0] == {"thought": 1, "mass_on_question_words": 0.5,
+    assert summary["rows"][0] == {"thought": 1, "mass_on_question_words": 0.75, "records_with_mass": 2,
                                   "share_by_reach_step": {"0": 0.5, "1": 0.0, "2": 0.5, "never": 0.0}}
+    # a thought with nothing on the question's words has no split to average in
+    none = reach_shares(torch.zeros(1, 10), tokens)
+    assert none == ([0.0], [{0: 0.0, 1: 0.0, 2: 0.0, 999: 0.0}])
+    summary = summarise_shares([none, ([1.0], [{2: 1.0}])], unreached=999)
+    assert summary["rows"][0]["share_by_reach_step"] == {"0": 0.0, "1": 0.0, "2": 1.0, "never": 0.0}
+    assert summary["rows"][0]["records_with_mass"] == 1
+    assert summarise_shares([none], unreached=999)["rows"][0]["share_by_reach_step"]["2"] is None

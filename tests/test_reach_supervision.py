@@ -83,6 +83,8 @@ def test_prosqa_reach_steps_are_distances_from_the_root():
         for parent, child in r["edges"]:   # one hop further at most
             if reach[symbols[parent]] != UNREACHED:
                 assert reach[symbols[child]] <= reach[symbols[parent]] + 1
+    # a file of questions alone (evaluate --data) has no graph to measure: no reach steps, no error
+    assert task.reach_steps({"question": records[0]["question"], "answer": records[0]["answer"]}) is None
 
 
 def test_prontoqa_reach_steps_follow_the_entity_up_its_chain_of_concepts():

@@ -238,6 +238,12 @@ def test_costed_cells_are_plotted_as_accuracy_against_passes_and_flops_per_answe
     assert [p["passes"] for p in points] == [2.5, 20.5] and [p["flops"] for p in points] == [1e8, 3e8]
     write_reports(recipe, cells, run_dir)
     assert (run_dir / "cost.png").stat().st_size > 0
+    # what a log axis cannot place is left out: no passes measured (0, NaN) or no FLOPs (that panel only)
+    entry = {"training.encoding": "x", "_accuracy": 0.5, "_std": 0.0}
+    table = [dict(entry, _cost={"passes_per_answer": 0.0}), dict(entry, _cost={"passes_per_answer": float("nan")}),
+             dict(entry, _cost={"passes_per_answer": 3.0, "flops_per_answer": 0.0}), dict(entry, _accuracy=None, _cost={})]
+    assert cost_points(table, ["training.encoding"]) == [
+        {"name": "encoding=x", "accuracy": 50.0, "std": 0.0, "passes": 3.0, "flops": None}]
 
     uncosted = tmp_path / "plain"
     for cell in cells:

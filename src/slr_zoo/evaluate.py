@@ -580,12 +580,16 @@ def _plot_thought_reach(reach: dict, path: Path) -> None:
     diagonal)."""
     rows = reach["rows"]
     steps = list(rows[0]["share_by_reach_step"])
-    grid = [[r["share_by_reach_step"][s] for s in steps] for r in rows]
+    # a thought with no probability on the question's words has no split: left blank
+    grid = [[float("nan") if r["share_by_reach_step"][s] is None else r["share_by_reach_step"][s] for s in steps]
+            for r in rows]
     fig, ax = _axes()
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for i, line in enumerate(grid):
         for j, value in enumerate(line):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.5 else "black")
+            if value == value:
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if value < 0.5 else "black")
     ax.set_xticks(range(len(steps)), steps)
     ax.set_yticks(range(len(rows)), [str(r["thought"]) for r in rows])
     ax.set_xlabel("reach step of the word (ProsQA: distance from the root)")
@@ -660,7 +664,8 @@ def main(argv=None) -> int:
             print("|---|---|" + "---|" * len(steps))
             for r in read["reach"]["rows"]:
                 print(f"| {r['thought']} | {r['mass_on_question_words']:.3f} | "
-                      + " | ".join(f"{v:.3f}" for v in r["share_by_reach_step"].values()) + " |")
+                      + " | ".join("—" if v is None else f"{v:.3f}" for v in r["share_by_reach_step"].values())
+                      + " |")
         if read["target_ahead"]:
             print("gold option decoded above the other, by thought: "
                   + " ".join(f"{v:.3f}" for v in read["target_ahead"]))

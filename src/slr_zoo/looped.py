@@ -52,8 +52,8 @@ from slr_zoo.stabilizers import Combine, Injection, LoopLoRA, StepEmbedding
 
 
 def _fully_sharded(module: nn.Module) -> bool:
-    """Whether FSDP2 sharded ``module``. Whoever sharded it imported FSDP; a command that never
-    shards (a refused recipe, ``generate``) is spared that import's 0.7 s."""
+    """Whether FSDP2 sharded ``module``. Whoever sharded it imported FSDP; a recipe refused before
+    any model is built is spared that import's 0.7 s."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
     return fsdp is not None and isinstance(module, fsdp.FSDPModule)
 

@@ -31,12 +31,15 @@ def decoded_thoughts(model, ids: torch.Tensor, mask: torch.Tensor, query: torch.
 
 def first_tokens(words: list[str | None], ids: list[int]) -> dict[str, int]:
     """Each word's first token id in a text (``words``: the word each token of ``ids`` lies in,
-    as ``tasks.tokenizer.token_words`` gives them): how a decoded distribution is read by word."""
+    as ``tasks.tokenizer.token_words`` gives them): how a decoded distribution is read by word.
+    Words whose first piece another word of the text shares are left out: a sub-word tokenizer's
+    probability on that piece cannot be told apart between them."""
     tokens: dict[str, int] = {}
     for i, word in enumerate(words):
         if word is not None and (i == 0 or words[i - 1] != word):
             tokens.setdefault(word, ids[i])
-    return tokens
+    shared = {token for token in tokens.values() if list(tokens.values()).count(token) > 1}
+    return {word: token for word, token in tokens.items() if token not in shared}
 
 
 def reach_shares(probs: torch.Tensor, tokens: dict[int, int]) -> tuple[list[float], list[dict[int, float]]]:
@@ -58,14 +61,18 @@ def reach_shares(probs: torch.Tensor, tokens: dict[int, int]) -> tuple[list[floa
 
 def summarise_shares(per_record: list[tuple[list[float], list[dict[int, float]]]], unreached: int) -> dict:
     """Means over records of :func:`reach_shares`: per thought, the mass on the question's words
-    and the share at each reach step (a record without a word at some step counts 0 there; the
-    step ``unreached``, a word the reasoning never reaches, is named "never")."""
+    and the share at each reach step, over the records whose thought puts any probability on
+    them (a record without a word at some step counts 0 there; the step ``unreached``, a word
+    the reasoning never reaches, is named "never")."""
     n = len(per_record[0][0])
     steps = sorted({s for _, shares in per_record for by_step in shares for s in by_step})
     rows = []
     for t in range(n):
         mass = sum(totals[t] for totals, _ in per_record) / len(per_record)
-        share = {("never" if s == unreached else str(s)): round(sum(sh[t].get(s, 0.0) for _, sh in per_record)
-                                                                / len(per_record), 4) for s in steps}
-        rows.append({"thought": t + 1, "mass_on_question_words": round(mass, 4), "share_by_reach_step": share})
+        # a thought with no probability on the question's words has no split to average
+        split = [shares[t] for totals, shares in per_record if totals[t] > 0]
+        share = {("never" if s == unreached else str(s)): round(sum(sh.get(s, 0.0) for sh in split) / len(split), 4)
+                 if split else None for s in steps}
+        rows.append({"thought": t + 1, "mass_on_question_words": round(mass, 4), "share_by_reach_step": share,
+                     "records_with_mass": len(split)})
     return {"records": len(per_record), "rows": rows}

@@ -356,9 +356,14 @@ def plot(table: list[dict], keys: list[str], directory: Path, rows: list[dict] =
 def cost_points(table: list[dict], keys: list[str]) -> list[dict]:
     """One point per finished variant whose answers were costed: its name, validation accuracy
     (%) with the seeds' std, sequential passes and FLOPs per answer (RQ4: what accuracy costs)."""
+    def positive(x) -> bool:  # what a log axis can place (NaN, zero and None cannot)
+        return x is not None and x > 0
+
     return [{"name": variant_name(e, keys), "accuracy": 100 * e["_accuracy"], "std": 100 * e["_std"],
-             "passes": e["_cost"]["passes_per_answer"], "flops": e["_cost"].get("flops_per_answer")}
-            for e in table if e["_accuracy"] is not None and "passes_per_answer" in e["_cost"]]
+             "passes": e["_cost"]["passes_per_answer"],
+             "flops": e["_cost"]["flops_per_answer"] if positive(e["_cost"].get("flops_per_answer")) else None}
+            for e in table if e["_accuracy"] is not None and e["_accuracy"] == e["_accuracy"]
+            and positive(e["_cost"].get("passes_per_answer"))]
 
 
 def _plot_cost(points: list[dict], path: Path) -> Path:
@@ -368,11 +373,13 @@ def _plot_cost(points: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     panels = [("passes", "sequential passes per answer")]
-    if all(p["flops"] for p in points):
+    if any(p["flops"] for p in points):  # a variant without FLOPs is left out of that panel only
         panels.append(("flops", "FLOPs per answer"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 3.5, 4.2), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         for number, point in enumerate(points, start=1):
+            if point[key] is None:
+                continue
             ax.errorbar(point[key], point["accuracy"], yerr=point["std"], fmt="o", capsize=3, color=f"C{number % 10}",
                         label=textwrap.fill(f"{number}: {point['name']}", 60))
             ax.annotate(str(number), (point[key], point["accuracy"]), textcoords="offset points", xytext=(4, 4),
@@ -381,7 +388,8 @@ def _plot_cost(points: list[dict], path: Path) -> Path:
         ax.set_xlabel(label)
         ax.set_ylabel("validation accuracy (%)")
         ax.set_ylim(0, 102)
-    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
+    # every variant is in the first panel; the legend goes beside the last
+    axes[0][-1].legend(*axes[0][0].get_legend_handles_labels(), fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -223,7 +223,10 @@ class ProsQATask(Task):
     def reach_steps(self, record):
         """Every node's distance from the root (people other than the root are never reached):
         after t hops, the mentions of nodes at distance <= t are reached. Works on published
-        records too, from their ``edges`` and ``root``."""
+        records too, from their ``edges`` and ``root``; a record without its graph (a file of
+        questions alone, read by ``evaluate --data``) has none."""
+        if not all(key in record for key in ("idx_to_symbol", "edges", "root")):
+            return None
         symbols = record["idx_to_symbol"]
         children: list[list[int]] = [[] for _ in symbols]
         for parent, child in record["edges"]:

@@ -158,11 +158,12 @@ class LoopedLMModule(L.LightningModule):
                 optimizer.state.clear()  # AdamW makes fresh moments at its next step
         self.stage = stage
 
-    def training_depth(self, batch: dict[str, torch.Tensor]) -> int:
-        """The loop depth this training batch runs at."""
+    def training_depth(self, batch: dict[str, torch.Tensor], step: int | None = None) -> int:
+        """The loop depth this training batch runs at, drawn for global step ``step`` (default:
+        the trainer's)."""
         if "loop_steps" in batch:  # a depth-mode latent curriculum: the stage sets the depth
             return int(batch["loop_steps"])
-        return self.model.depth_sampler.sample(depth_generator(self.seed, self.global_step))
+        return self.model.depth_sampler.sample(depth_generator(self.seed, self.global_step if step is None else step))
 
     def forward_batch(self, batch: dict[str, torch.Tensor], steps: int, detail: bool = False) -> LoopOutput:
         """The model's pass over a training batch, continuous thoughts included, recording what the

@@ -10,6 +10,8 @@ from the root), so a thought that keeps the frontier puts its weight at distance
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 
@@ -38,7 +40,7 @@ def first_tokens(words: list[str | None], ids: list[int]) -> dict[str, int]:
     for i, word in enumerate(words):
         if word is not None and (i == 0 or words[i - 1] != word):
             tokens.setdefault(word, ids[i])
-    shared = {token for token in tokens.values() if list(tokens.values()).count(token) > 1}
+    shared = {token for token, n in Counter(tokens.values()).items() if n > 1}
     return {word: token for word, token in tokens.items() if token not in shared}
 
 

@@ -45,22 +45,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # options may sit between overrides
 
 
+def checked_cells(recipe_path: str | Path, overrides: list[str], cell: int | None = None):
+    """The recipe with its overrides, and its grid's cells, each validated and checked as far as
+    can be without training (``check_cell``): what ``fit`` does before any cell trains. Raises
+    ``ComponentError`` naming the bad key, and the grid cell it is in."""
+    recipe = load(recipe_path, overrides)
+    validate(recipe)
+    cells = expand(recipe)
+    warn_grid_overrides(overrides, recipe)
+    for each in cells:
+        try:
+            validate(each.recipe)
+            check_cell(each.recipe)
+        except ComponentError as err:
+            where = f" (in grid cell {each.index}: {each.label})" if len(cells) > 1 else ""
+            raise ComponentError(err.path, f"{err.message}{where}") from None
+    if cell is not None and not 0 <= cell < len(cells):
+        raise ComponentError("--cell", f"{cell} is out of range: the grid has {len(cells)} cells (0..{len(cells) - 1})")
+    return recipe, cells
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        recipe = load(args.recipe, args.overrides)
-        validate(recipe)
-        cells = expand(recipe)
-        warn_grid_overrides(args.overrides, recipe)
-        for cell in cells:
-            try:
-                validate(cell.recipe)
-                check_cell(cell.recipe)
-            except ComponentError as err:
-                where = f" (in grid cell {cell.index}: {cell.label})" if len(cells) > 1 else ""
-                raise ComponentError(err.path, f"{err.message}{where}") from None
-        if args.cell is not None and not 0 <= args.cell < len(cells):
-            raise ComponentError("--cell", f"{args.cell} is out of range: the grid has {len(cells)} cells (0..{len(cells) - 1})")
+        recipe, cells = checked_cells(args.recipe, args.overrides, args.cell)
         run_dir = Path(recipe["output_dir"]) / recipe["name"]
         selected = [cells[args.cell]] if args.cell is not None else cells
         if args.list:

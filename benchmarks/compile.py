@@ -45,9 +45,7 @@ def step_seconds(model, ids, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def main(argv=None) -> None:
-    from torch._dynamo.utils import counters
-
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -58,7 +56,13 @@ def main(argv=None) -> None:
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    from torch._dynamo.utils import counters
+
+    args = parse_args(argv)
     eager, compiled = build(args, False), build(args, True)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)

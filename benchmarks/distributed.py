@@ -135,7 +135,7 @@ def run(args, name: str, strategy: str, devices: int, root: Path, threads: int =
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)]
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--depth", type=int, default=4, help="loop steps per batch")
@@ -143,7 +143,11 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

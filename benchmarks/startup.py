@@ -37,11 +37,15 @@ def seconds(command: list[str], expect: int) -> float:
     return took
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = Path(tmp) / "typo.yaml"

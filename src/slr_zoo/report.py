@@ -189,10 +189,14 @@ def write_hparams(run_dir: Path, keys: list[str]) -> int:
     return count
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m slr_zoo.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a grid's folder: runs/<name>")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         recipe, cells = grid_and_cells(args.run_dir)
     except (FileNotFoundError, ValueError) as err:

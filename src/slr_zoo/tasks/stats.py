@@ -107,7 +107,7 @@ def compare(file: str, n: int = 2000, seed: int = 0, hops=(3, 6), nodes=(20, 26)
     return {f"generated (n={n})": generated, "published valid.json": published}
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--file", default=DEFAULT_FILE)
     parser.add_argument("--n", type=int, default=2000)
@@ -115,7 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hops", type=int, nargs=2, default=[3, 6])
     parser.add_argument("--nodes", type=int, nargs=2, default=[20, 26])
     parser.add_argument("--markdown", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     print(table(compare(args.file, args.n, args.seed, args.hops, args.nodes), args.markdown))
 
 

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import functools
 import inspect
+from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
 
@@ -360,6 +361,59 @@ class Backbone(nn.Module):
             self.added_tokens += list(tokens.values())
         return [self.tokenizer.convert_tokens_to_ids(t) for t in tokens.values()]
 
+    # ------------------------------------------------------------------ export
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
+        """These weights as a Hugging Face checkpoint of the family (``save_pretrained``): the
+        prelude, the core once and the coda as its layers, in order, and the embeddings and head
+        with any added-token rows merged in. transformers loads it as a plain model, the loop run
+        once. A recipe that names it in ``backbone.pretrained`` with the same split (and the same
+        ``attention``) starts from exactly these weights: how one run continues from another's
+        (a depth loop turned into continuous thoughts, say). The loop's own components (step
+        embedding, loop LoRA, combine, halting) live outside the backbone and are not part of it.
+
+        Refused: a core averaged from the layers it replaces (``share: average``), which has no
+        plain model to be, and layers under peft's LoRA (merge them first)."""
+        import transformers
+
+        if self.replaced_layers:
+            raise ValueError("a core averaged from the layers it replaces (share: average) is not a plain model; "
+                             "it cannot be saved as one")
+        layers = [*self.prelude.layers, *self.core.layers, *self.coda.layers]
+        config = copy.deepcopy(self.hf_config)
+        config.num_hidden_layers = len(layers)
+        config.vocab_size = max(self.vocab_size, len(tokenizer) if tokenizer is not None else 0)
+        fresh = getattr(transformers, self.hf_model_class)(config)
+        expected = fresh.state_dict()
+        state = {f"{self.layer_prefix}{i}.{key}": value for i, layer in enumerate(layers)
+                 for key, value in layer.state_dict().items()}
+        state.update(self.exported_tensors(config.vocab_size))
+        unknown = [key for key in state if key not in expected]
+        if unknown:
+            hint = " (peft's LoRA: merge it into the weights first)" if any("lora_" in k for k in unknown) else ""
+            raise ValueError(f"these weights have no place in a plain {self.hf_model_class}{hint}: {', '.join(unknown[:4])}")
+        fresh.load_state_dict(state, strict=False)
+        missing = [key for key in expected if key not in state and not (config.tie_word_embeddings and key == "lm_head.weight")]
+        if missing:
+            raise ValueError(f"no weights of this backbone for {', '.join(missing[:4])} of the {self.hf_model_class}")
+        if config.tie_word_embeddings:
+            fresh.tie_weights()
+        fresh.save_pretrained(str(directory))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+
+    def _rows(self, module: nn.Module, vocab: int) -> torch.Tensor:
+        """[vocab, d]: an embedding's or head's rows, the added tokens' own rows in their place."""
+        from slr_zoo.backbones.vocab import AddedEmbedding, AddedHead
+
+        base = module.base.weight if isinstance(module, (AddedEmbedding, AddedHead)) else module.weight
+        rows = base.detach().new_zeros(vocab, base.size(1))
+        rows[: base.size(0)] = base.detach()[:vocab]
+        if isinstance(module, AddedEmbedding):
+            rows[module.first: module.first + module.count] = module.added.detach()
+        elif isinstance(module, AddedHead):
+            rows[module.first: module.first + module.rows.size(0)] = module.rows.detach()
+        return rows
+
     # ------------------------------------------------------------------ per-family hooks
     def make_config(self, **dims: Any):
         raise NotImplementedError
@@ -367,6 +421,11 @@ class Backbone(nn.Module):
     # the family's transformers classes, by name, so that transformers is imported only when a model is built
     hf_model_class: str = ""
     hf_config_class: str = ""
+    layer_prefix: str = ""  # where the family's checkpoint keeps its layers ("model.layers.")
+
+    def exported_tensors(self, vocab: int) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors besides its layers (embeddings, final norm, head), by key."""
+        raise NotImplementedError
 
     def model_class(self) -> type:
         import transformers
@@ -659,6 +718,13 @@ class LlamaBackbone(Backbone):
         self.final_norm = hf.model.norm
         self.lm_head = hf.lm_head
 
+    layer_prefix = "model.layers."
+
+    def exported_tensors(self, vocab: int) -> dict[str, torch.Tensor]:
+        return {"model.embed_tokens.weight": self._rows(self.embed_tokens, vocab),
+                "model.norm.weight": self.final_norm.weight.detach(),
+                "lm_head.weight": self._rows(self.lm_head, vocab)}
+
     def embed(self, input_ids, ctx, replace=None):
         return self.token_embeddings(input_ids, replace)
 
@@ -729,6 +795,15 @@ class GPT2Backbone(Backbone):
         self.embed_dropout = hf.transformer.drop
         self.final_norm = hf.transformer.ln_f
         self.lm_head = hf.lm_head
+
+    layer_prefix = "transformer.h."
+
+    def exported_tensors(self, vocab: int) -> dict[str, torch.Tensor]:
+        return {"transformer.wte.weight": self._rows(self.embed_tokens, vocab),
+                "transformer.wpe.weight": self.pos_embed.weight.detach(),
+                "transformer.ln_f.weight": self.final_norm.weight.detach(),
+                "transformer.ln_f.bias": self.final_norm.bias.detach(),
+                "lm_head.weight": self._rows(self.lm_head, vocab)}
 
     def embed(self, input_ids, ctx, replace=None):
         return self.embed_dropout(self.token_embeddings(input_ids, replace) + self.pos_embed(ctx.position_ids))

@@ -1,6 +1,6 @@
 """Every command the README and docs/ show is a command a reader will paste. Each ``python -m
 slr_zoo.fit`` command must pass everything ``fit`` checks before training, as written; every
-``evaluate``, ``generate``, ``report``, ``tasks.stats`` and ``benchmarks/*.py`` command must be
+``evaluate``, ``generate``, ``report``, ``export``, ``tasks.stats`` and ``benchmarks/*.py`` command must be
 accepted by its program's argument parser. A renamed key, flag or recipe then fails here, not in
 a reader's terminal.
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FIT = "python -m slr_zoo.fit "
 # the start of a command, and the program that parses it
-PROGRAM = re.compile(r"python -m (slr_zoo\.(?:fit|evaluate|generate|report|tasks\.stats)) |python (benchmarks/\w+\.py)\b")
+PROGRAM = re.compile(r"python -m (slr_zoo\.(?:fit|evaluate|generate|report|tasks\.stats|export)) |python (benchmarks/\w+\.py)\b")
 # a value a reader fills in: <anything>, a lone capital letter (seed=S, --cell I, encoding=E), $VAR,
 # and a synopsis's optional part ([--steps 12]) or ellipsis
 PLACEHOLDER = re.compile(r"<[^>]*>|(?:=|--cell\s+)[A-Z]\b|\$|\s\[--|\.\.\.")

@@ -28,7 +28,7 @@ FIT = "python -m slr_zoo.fit "
 PROGRAM = re.compile(r"python -m (slr_zoo\.(?:fit|evaluate|generate|report|tasks\.stats|export)) |python (benchmarks/\w+\.py)\b")
 # a value a reader fills in: <anything>, a lone capital letter (seed=S, --cell I, encoding=E), $VAR,
 # and a synopsis's optional part ([--steps 12]) or ellipsis
-PLACEHOLDER = re.compile(r"<[^>]*>|(?:=|--cell\s+)[A-Z]\b|\$|\s\[--|\.\.\.")
+PLACEHOLDER = re.compile(r"<[^>]*>|(?:=|--cell\s+)[A-Z]\b|\$|\[--|\.\.\.")
 
 
 def _block_commands(code: str) -> list[str]:
@@ -41,12 +41,13 @@ def _block_commands(code: str) -> list[str]:
         if assignment:
             variables[assignment[1]] = assignment[2]
             continue
-        for name, value in variables.items():
-            line = line.replace("${" + name + "}", value).replace("$" + name, value)
+        for name in sorted(variables, key=len, reverse=True):  # $NAME before $N
+            line = line.replace("${" + name + "}", variables[name]).replace("$" + name, variables[name])
         start = PROGRAM.search(line)
         if start:  # with any NAME=value the line sets for it (PYTHONPATH=examples)
             before = line[:start.start()]
-            found.append(line.strip() if "=" in before and "|" not in before else line[start.start():])
+            command = line.strip() if "=" in before and "|" not in before else line[start.start():]
+            found.append(shlex.join(shlex.split(command, comments=True)) if balanced else command)
     return found
 
 

@@ -2,10 +2,10 @@
 
 Writes a trained cell's backbone as a Hugging Face checkpoint (``save_pretrained``) with its
 tokenizer: the prelude, the core once and the coda as the model's layers, in order. Another run
-starts from it with ``backbone.pretrained=OUT_DIR`` and the same split; the command prints those
-overrides. transformers loads it as a plain causal LM, which is the cell with its loop run once.
-The loop's own components (step embedding, loop LoRA, combine, halting, probes) are not part of
-it; a cell that has any says so. ``OUT_DIR`` must be new or empty, and is written whole or not at
+starts from it with ``backbone.pretrained=OUT_DIR`` and the same split; the command prints the
+override. transformers loads it as a plain causal LM, which is the cell with its loop run once.
+The loop's own components (step embedding, injection, loop LoRA, combine, a learned halting unit)
+and the objectives' probes are not part of it; the command names those the cell has. ``OUT_DIR`` must be new or empty, and is written whole or not at
 all.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -28,10 +29,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def loop_components(model) -> list[str]:
-    """The loop's parts that hold trained weights and are left out of an export."""
-    names = ("step_embedding", "injection", "loop_lora", "combine", "halting")
-    return [name for name in names if any(True for _ in getattr(model, name).parameters())]
+def left_out(parts) -> list[str]:
+    """What the cell computes besides its backbone, which the export does not hold: every loop
+    component that is not the neutral kind (a parameter-free one such as a sinusoidal step
+    embedding or a fixed residual changes even one pass), and the objectives' trained probes."""
+    loop = parts.config["loop"]
+    names = [f"loop.{key} ({loop[key]['name']})" for key in ("step_embedding", "injection", "loop_lora", "combine")
+             if loop[key]["name"] != "none"]
+    if any(True for _ in parts.module.model.halting.parameters()):
+        names.append(f"loop.halting ({loop['halting']['name']})")
+    return names + [f"objective {name}" for name, objective in parts.module.objectives.items()
+                    if any(True for _ in objective.parameters())]
+
+
+def restart_override(out: Path, backbone: dict) -> str:
+    """The one override that makes a recipe start from the export: the whole backbone node, since
+    a from-scratch recipe's shape keys (hidden_size, heads, ...) are refused beside a checkpoint."""
+    split = {key: backbone[key] for key in SPLIT_KEYS if key in backbone}
+    node = ", ".join(f"{key}: {value}" for key, value in {"name": split.pop("name"), "pretrained": str(out), **split}.items())
+    return f"backbone={{{node}}}"
+
+
+def write_whole(out: Path, write) -> None:
+    """``write(directory)`` into a new directory that becomes ``out`` only when it is complete: a
+    failure halfway leaves ``out`` as it was (absent or empty)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide a shared export from its readers
+        os.rename(tmp, out)  # refuses a target that is no longer empty
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def main(argv=None) -> int:
@@ -44,28 +76,24 @@ def main(argv=None) -> int:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out} exists and is not an empty directory; give a new one")
         parts = load_cell(args.run_dir)
-        model = parts.module.model
-        backbone_recipe = parts.config["backbone"]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-            model.backbone.save_pretrained(tmp, tokenizer=parts.tokenizer)
-            split = {key: backbone_recipe[key] for key in SPLIT_KEYS if key in backbone_recipe}
-            (Path(tmp) / "slr_zoo_export.json").write_text(json.dumps(
-                {"run_dir": str(args.run_dir), "backbone": split, "left_out": loop_components(model)}, indent=2) + "\n")
-            if out.exists():
-                out.rmdir()
-            shutil.move(tmp, out)
-            Path(tmp).mkdir()  # the context manager removes the (now moved) directory
-    except (FileNotFoundError, ValueError, CheckpointError) as err:
+        backbone, recipe = parts.module.model.backbone, parts.config["backbone"]
+        left = left_out(parts)
+
+        def write(directory: Path) -> None:
+            backbone.save_pretrained(directory, tokenizer=parts.tokenizer)
+            (directory / "slr_zoo_export.json").write_text(json.dumps(
+                {"run_dir": str(args.run_dir), "backbone": {k: recipe[k] for k in SPLIT_KEYS if k in recipe},
+                 "left_out": left}, indent=2) + "\n")
+
+        write_whole(out, write)
+    except (FileNotFoundError, ValueError, CheckpointError, OSError) as err:
         print(f"export: {err}", file=sys.stderr)
         return 2
-    left = loop_components(model)
-    print(f"wrote {out}: {len(model.backbone.prelude.layers)} + {len(model.backbone.core.layers)} + "
-          f"{len(model.backbone.coda.layers)} layers and the tokenizer")
+    print(f"wrote {out}: {len(backbone.prelude.layers)} + {len(backbone.core.layers)} + "
+          f"{len(backbone.coda.layers)} layers and the tokenizer")
     if left:
-        print(f"not in it (the loop's own components): {', '.join(left)}")
-    overrides = [f"backbone.pretrained={out}"] + [f"backbone.{k}={split[k]}" for k in SPLIT_KEYS if k in split]
-    print("start a run from it with:", " ".join(overrides))
+        print(f"not in it, so a run from it starts these afresh: {', '.join(left)}")
+    print(f'start a run from it with the override "{restart_override(out, recipe)}"')
     return 0
 
 

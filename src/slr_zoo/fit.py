@@ -62,6 +62,7 @@ def checked_cells(recipe_path: str | Path, overrides: list[str], cell: int | Non
             raise ComponentError(err.path, f"{err.message}{where}") from None
     if cell is not None and not 0 <= cell < len(cells):
         raise ComponentError("--cell", f"{cell} is out of range: the grid has {len(cells)} cells (0..{len(cells) - 1})")
+    parallel_cells(recipe, cells)
     return recipe, cells
 
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{cell.index:3d}  {cell.label}")
             return 0
         plan = {cell.label: _plan(cell, run_dir / cell.label, args) for cell in selected}
-        jobs = _parallel_cells(recipe, cells)
+        jobs = parallel_cells(recipe, cells)
     except ComponentError as err:
         print(f"recipe error: {err}", file=sys.stderr)
         return 2
@@ -117,7 +118,8 @@ def _report(summary: dict, prefix: str = "   ") -> bool:
     return True
 
 
-def _parallel_cells(recipe: dict, cells) -> int:
+def parallel_cells(recipe: dict, cells) -> int:
+    """``trainer.parallel_cells``, checked against the cells' own device settings."""
     jobs = recipe["trainer"]["parallel_cells"]
     if jobs > 1 and any(c.recipe["trainer"]["devices"] not in (1, "1") or c.recipe["trainer"]["num_nodes"] > 1
                         for c in cells):

@@ -253,8 +253,11 @@ class Backbone(nn.Module):
                 f"{prelude_layers} + {n_shared} + {coda_layers} = {used}; adjust prelude_layers, core_layers, "
                 "coda_layers" + ("" if used > len(layers) else ", or set truncate: true to drop the layers between")
             )
+        # which of the checkpoint's layers are kept, in order (a per-layer config list follows them)
+        self.source_layers = list(range(len(layers)))
         if used < len(layers):  # truncate: the first prelude + core layers, the last coda layers
-            layers = layers[:prelude_layers + n_shared] + (layers[-coda_layers:] if coda_layers else [])
+            keep = lambda xs: xs[:prelude_layers + n_shared] + (xs[-coda_layers:] if coda_layers else [])  # noqa: E731
+            layers, self.source_layers = keep(layers), keep(self.source_layers)
         p, c = prelude_layers, prelude_layers + n_shared
         self.replaced_layers = layers[p:c] if share == "average" else []
         core = layers[p : p + core_layers]
@@ -380,9 +383,13 @@ class Backbone(nn.Module):
                              "it cannot be saved as one")
         layers = [*self.prelude.layers, *self.core.layers, *self.coda.layers]
         config = copy.deepcopy(self.hf_config)
+        before = config.num_hidden_layers
+        for key, value in list(vars(config).items()):  # per-layer settings (Qwen2's layer_types) follow the kept layers
+            if isinstance(value, list) and len(value) == before and before != len(layers):
+                setattr(config, key, [value[i] for i in self.source_layers])
         config.num_hidden_layers = len(layers)
         config.vocab_size = max(self.vocab_size, len(tokenizer) if tokenizer is not None else 0)
-        fresh = getattr(transformers, self.hf_model_class)(config)
+        fresh = getattr(transformers, self.hf_model_class)(config).to(self.embed_tokens.weight.dtype)
         expected = fresh.state_dict()
         state = {f"{self.layer_prefix}{i}.{key}": value for i, layer in enumerate(layers)
                  for key, value in layer.state_dict().items()}

@@ -5,18 +5,15 @@ tokenizer: the prelude, the core once and the coda as the model's layers, in ord
 starts from it with ``backbone.pretrained=OUT_DIR`` and the same split; the command prints the
 override. transformers loads it as a plain causal LM, which is the cell with its loop run once.
 The loop's own components (step embedding, injection, loop LoRA, combine, a learned halting unit)
-and the objectives' probes are not part of it; the command names those the cell has. ``OUT_DIR`` must be new or empty, and is written whole or not at
-all.
+and the objectives' probes are not part of it; the command names those the cell has.
+``OUT_DIR`` must be new or empty, and is written whole or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 SPLIT_KEYS = ("name", "prelude_layers", "core_layers", "coda_layers", "attention")
@@ -50,23 +47,8 @@ def restart_override(out: Path, backbone: dict) -> str:
     return f"backbone={{{node}}}"
 
 
-def write_whole(out: Path, write) -> None:
-    """``write(directory)`` into a new directory that becomes ``out`` only when it is complete: a
-    failure halfway leaves ``out`` as it was (absent or empty)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide a shared export from its readers
-        os.rename(tmp, out)  # refuses a target that is no longer empty
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def main(argv=None) -> int:
+    from slr_zoo.files import atomic_directory
     from slr_zoo.recipe import load_cell
     from slr_zoo.training.checkpoint import CheckpointError
 
@@ -85,7 +67,7 @@ def main(argv=None) -> int:
                 {"run_dir": str(args.run_dir), "backbone": {k: recipe[k] for k in SPLIT_KEYS if k in recipe},
                  "left_out": left}, indent=2) + "\n")
 
-        write_whole(out, write)
+        atomic_directory(out, write)
     except (FileNotFoundError, ValueError, CheckpointError, OSError) as err:
         print(f"export: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +48,19 @@ def summary_or_none(path: Path) -> dict | None:
         return read_summary(path)
     except (OSError, ValueError):
         return None
+
+
+def atomic_directory(out: Path, write) -> None:
+    """``write(directory)`` into a new directory that becomes ``out`` only when it is complete: a
+    failure halfway leaves ``out`` as it was (absent or empty)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide a shared export from its readers
+        os.rename(tmp, out)  # refuses a target that is no longer empty
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -13,8 +13,8 @@ import contextlib
 import copy
 import functools
 import inspect
-from pathlib import Path
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -191,7 +192,7 @@ def test_killed_run_resumes_to_exactly_the_weights_of_an_uninterrupted_run(tmp_p
 # ---------------------------------------------------------------------------------------------
 # The run's progress bar
 # ---------------------------------------------------------------------------------------------
-def test_progress_bar_spans_every_epoch_of_the_run_without_restarting_its_clock(tmp_path):
+def test_progress_bar_spans_every_epoch_of_the_run_without_restarting_its_clock(tmp_path, monkeypatch):
     """One bar over trainer.max_steps: an epoch boundary must not reset its elapsed time and rate
     (Lightning resets its own bar at every epoch, which restarted the ETA of a multi-epoch run)."""
     import lightning as L
@@ -205,6 +206,7 @@ def test_progress_bar_spans_every_epoch_of_the_run_without_restarting_its_clock(
             bar = trainer.progress_bar_callback.train_progress_bar
             seen.append((id(bar), bar.start_t, bar.n, bar.total, trainer.global_step))
 
+    monkeypatch.setattr("slr_zoo.training.trainer._console_is_terminal", lambda: True)
     recipe = tiny_recipe(trainer__max_steps=20, trainer__progress_bar=True)  # 64 records of batch 8: 3 epochs
     parts = build_cell(recipe, tmp_path)
     trainer = make_trainer(parts.trainer, tmp_path, enable_checkpointing=False)
@@ -215,3 +217,33 @@ def test_progress_bar_spans_every_epoch_of_the_run_without_restarting_its_clock(
     assert len({(bar, start) for bar, start, *_ in seen}) == 1
     assert all(n == step and total == 20 for _, _, n, total, step in seen)
     assert trainer.progress_bar_callback.train_progress_bar.n == 20
+
+
+def test_a_console_that_is_not_a_terminal_gets_plain_flushed_progress_lines(tmp_path, monkeypatch, capsys):
+    """A log file (nohup, SLURM, a grid's child) gets whole lines: where the run is, its rate, the
+    time left and the mean loss since the last line, and each validation's figures; no tqdm bar."""
+    from slr_zoo.training.trainer import ProgressLines, make_trainer
+
+    monkeypatch.setattr("slr_zoo.training.trainer._console_is_terminal", lambda: False)
+    recipe = tiny_recipe(trainer__max_steps=6, trainer__progress_bar=True, trainer__val_every=3)
+    parts = build_cell(recipe, tmp_path)
+    trainer = make_trainer(parts.trainer, tmp_path, enable_checkpointing=False)
+    assert trainer.progress_bar_callback is None
+    (lines,) = [c for c in trainer.callbacks if isinstance(c, ProgressLines)]
+    lines.interval = 0  # a line every step
+    trainer.fit(parts.module, datamodule=parts.data)
+    out = capsys.readouterr().out.splitlines()
+    steps = [line for line in out if "train step" in line]
+    assert [line.split(",")[0].strip() for line in steps] == [
+        f"train step {n}/6 ({100 * n / 6:.0f}%)" for n in range(1, 7)]
+    assert all(re.search(r"s/step, \d+:\d\d left, loss [\d.e+-]+ \(mean of 1 steps\)$", line) for line in steps), steps
+    validations = [line.strip() for line in out if "validation at step" in line]
+    assert [v.split(":")[0] for v in validations] == ["validation at step 3", "validation at step 6"]
+    assert all("val/accuracy=" in v and "val/mean_steps=" in v for v in validations)
+    assert "\r" not in "".join(out) and "it/s" not in "".join(out)
+
+
+def test_progress_lines_say_time_left_in_hours_minutes_and_seconds():
+    from slr_zoo.training.trainer import _clock
+
+    assert [_clock(s) for s in (0, 59.6, 245, 3600, 4092.4)] == ["0:00", "1:00", "4:05", "1:00:00", "1:08:12"]

@@ -13,6 +13,8 @@ import logging
 import multiprocessing
 import os
 import socket
+import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -261,6 +263,59 @@ class StepProgressBar(TQDMProgressBar):
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
 
+class ProgressLines(Callback):
+    """The progress of a run whose console is not a terminal (a log file, nohup, SLURM, a grid's
+    child process): a plain line every ``interval`` seconds, and one per validation, each flushed
+    at once. A tqdm bar there is redrawn with carriage returns into one ever-growing line and sits
+    in the stream's buffer, so a long run's log showed nothing until its end."""
+
+    def __init__(self, interval: float = 60.0, first: float = 15.0, stream=None):
+        self.interval, self.first, self.stream = interval, first, stream
+        self._start = self._last = None  # wall clock at this process's first step, at the last line
+        self._start_step = 0
+        self._loss, self._losses = 0.0, 0  # since the last line, kept on the device (no sync a step)
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream or sys.stdout, flush=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start, self._start_step = time.monotonic(), trainer.global_step
+        self._last = self._start - max(0.0, self.interval - self.first)  # the first line comes sooner
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._loss, self._losses = self._loss + loss.detach(), self._losses + 1
+        now, step, total = time.monotonic(), trainer.global_step, trainer.max_steps
+        if not trainer.is_global_zero or (now - self._last < self.interval and step < total):
+            return
+        self._last = now
+        rate = (now - self._start) / max(1, step - self._start_step)  # seconds per step, this process
+        parts = [f"train step {step}/{total} ({100 * step / total:.0f}%)", f"{rate:.2f} s/step",
+                 f"{_clock(rate * (total - step))} left"]
+        if self._losses:
+            parts.append(f"loss {float(self._loss) / self._losses:.4g} (mean of {self._losses} steps)")
+        self._loss, self._losses = 0.0, 0
+        self._print("    " + ", ".join(parts))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if trainer.is_global_zero and not trainer.sanity_checking and metrics and trainer.state.fn == "fit":
+            self._print(f"    validation at step {trainer.global_step}: "
+                        + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+
+
+def _clock(seconds: float) -> str:
+    """``1:08:12`` (hours:minutes:seconds), or ``4:05`` under an hour."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _console_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
 def read_curve(path: Path) -> list[dict]:
     with Path(path).open() as f:
         return [{"step": int(r["step"]), "loss": float(r["loss"]), "depth": int(r["depth"]),
@@ -280,8 +335,11 @@ def make_trainer(cfg: TrainerConfig, directory: Path, grad_clip: float | None = 
         every = cfg.checkpoint_every or cfg.val_every or max(1, cfg.max_steps // 4)
         callbacks.append(ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=0,
                                          every_n_train_steps=every))
-    if cfg.progress_bar:
+    bar = cfg.progress_bar and _console_is_terminal()
+    if bar:
         callbacks.append(StepProgressBar(refresh_rate=max(1, cfg.log_every // 5)))
+    elif cfg.progress_bar:
+        callbacks.append(ProgressLines())
     accelerator = cfg.accelerator
     if accelerator == "auto" and not torch.cuda.is_available():
         accelerator = "cpu"
@@ -300,7 +358,7 @@ def make_trainer(cfg: TrainerConfig, directory: Path, grad_clip: float | None = 
         default_root_dir=str(directory),  # where SLURM preemption checkpoints (hpc_ckpt_N.ckpt) go
         callbacks=callbacks,
         enable_checkpointing=enable_checkpointing,
-        enable_progress_bar=cfg.progress_bar,
+        enable_progress_bar=bar,
         enable_model_summary=False,
         log_every_n_steps=cfg.log_every,
         val_check_interval=cfg.val_every or None,

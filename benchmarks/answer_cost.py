@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from slr_zoo.files import write_json
-from slr_zoo.generate import positive_int
+from slr_zoo.arguments import positive_int
 from slr_zoo.training.checkpoint import CheckpointError
 
 

@@ -75,7 +75,19 @@ def world(tmp_path_factory):
     files["finished"] = runs / "bad" / "default"
     files["unfinished"] = base / "unfinished"
     fake_teachers(base, files)
+    damaged_cells(base, files)
     return base, files, runs
+
+
+def damaged_cells(base: Path, files: dict) -> None:
+    """Copies of the finished cell whose config.yaml was broken, replaced by a list, or emptied."""
+    import shutil
+
+    for name, text in (("cell_broken_config", "loop: {max_steps: 2\n"), ("cell_list_config", "- 1\n- 2\n"),
+                       ("cell_empty_config", "")):
+        shutil.copytree(files["finished"], base / name)
+        write(base / name / "config.yaml", text)
+        files[name] = base / name
 
 
 def broken_checkpoints(base: Path, files: dict) -> None:
@@ -190,8 +202,8 @@ ROWS = [
     ("finetune without a base", lambda f: ["fit", f["recipe"], "training.mode=finetune"], 2, r"training\.mode: finetune freezes a pretrained base"),
     # ------------------------------------------------------------- refused before any cell trains (the second review)
     ("teacher never trained", lambda f: ["fit", f["recipe"], f"training.distill={{teacher: {f['teacher_untrained']}}}"], 2, r"training\.distill\.teacher: .*teacher_untrained' has no checkpoint"),
-    ("teacher config not yaml", lambda f: ["fit", f["recipe"], f"training.distill={{teacher: {f['teacher_broken_config']}}}"], 2, r"training\.distill\.teacher: .*config\.yaml is not readable YAML"),
-    ("teacher config a string", lambda f: ["fit", f["recipe"], f"training.distill={{teacher: {f['teacher_string_config']}}}"], 2, r"training\.distill\.teacher: .*config\.yaml does not hold a recipe"),
+    ("teacher config not yaml", lambda f: ["fit", f["recipe"], f"training.distill={{teacher: {f['teacher_broken_config']}}}"], 2, r"training\.distill\.teacher: cannot parse .*config\.yaml"),
+    ("teacher config a string", lambda f: ["fit", f["recipe"], f"training.distill={{teacher: {f['teacher_string_config']}}}"], 2, r"training\.distill\.teacher: .*config\.yaml holds a str, not a mapping of recipe keys"),
     ("teacher of another task", lambda f: ["fit", f["recipe"], f"training.distill={{teacher: {f['teacher_other_task']}}}", f"task={{name: json, train: {f['zebra_records']}, val: {f['zebra_records']}}}"], 2, r"training\.distill\.teacher: the teacher's vocabulary lacks 'zebra', a word of the student's train record 0"),
     ("cot without steps", lambda f: ["fit", f["recipe"], "training.encoding=cot", f"task={{name: json, train: {f['records_ok']}, val: {f['records_ok']}}}"], 2, r"training\.encoding: encoding 'cot' needs the written reasoning steps of every training record"),
     ("slots past the positions", lambda f: ["fit", f["recipe"], "training.encoding=pause", "training.curriculum.max_latent_stage=1000"], 2, r"training\.curriculum\.max_latent_stage: its last stage puts 1000 thought slots .* 512 positions"),
@@ -203,8 +215,23 @@ ROWS = [
     ("pretrained config with a bad field", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['bad_config']}, prelude_layers: 1, core_layers: 1, coda_layers: 1}}"], 2, r"backbone\.pretrained: the configuration of .*bad_config cannot be read .*hidden_size"),
     ("gguf cut short", lambda f: ["fit", f["recipe"], f"backbone={{name: llama, pretrained: {f['truncated_gguf']}, prelude_layers: 1, core_layers: 1, coda_layers: 1}}"], 2, r"backbone\.pretrained: .*truncated\.gguf is not a readable GGUF file"),
     ("finetune with nothing to train", lambda f: ["fit", f["recipe"], "training.mode=finetune", f"backbone={{name: llama, pretrained: {f['with_sep']}, prelude_layers: 1, core_layers: 1, coda_layers: 1}}", "decoder={name: coda}"], 2, r"training\.mode: finetune freezes the pretrained base, and nothing else has weights to train"),
+    # ------------------------------------------------------------- refused before any cell trains (the third review)
+    ("a later train record broken", lambda f: ["fit", f["recipe"], f"task={{name: json, train: {f['late_bad_record']}, val: {f['records_ok']}}}"], 2, r"task: record 3 of .*late\.json: field '\w+' must be"),
+    ("a later validation record broken", lambda f: ["fit", f["recipe"], f"task={{name: json, train: {f['records_ok']}, val: {f['late_bad_record']}}}"], 2, r"task: record 3 of .*late\.json: field '\w+' must be"),
+    ("rerun and resume at once", lambda f: ["fit", f["recipe"], "--rerun", "--resume"], 2, r"--rerun trains from scratch and --resume only continues: give one of them"),
+    ("evaluate a cell whose config is not yaml", lambda f: ["evaluate", f["cell_broken_config"], "--steps", "1"], 2, r"evaluate: cannot parse .*cell_broken_config/config\.yaml"),
+    ("generate from a cell whose config is a list", lambda f: ["generate", f["cell_list_config"], "--prompt", "1 2 ?"], 2, r"generate: .*cell_list_config/config\.yaml holds a list, not a mapping of recipe keys"),
+    ("export a cell whose config is empty", lambda f: ["export", f["cell_empty_config"], f["cell_empty_config"].parent / "empty_export"], 2, r"export: .*cell_empty_config/config\.yaml is empty: the cell's recipe is lost"),
+    ("export into the cell", lambda f: ["export", f["finished"], f["finished"] / "hf"], 2, r"export: .*/hf is inside the cell it exports"),
+    ("export under a file", lambda f: ["export", f["finished"], f["records_ok"] / "hf"], 2, r"export: .*ok\.json is a file, so .*/hf cannot be made a directory"),
+    ("evaluate shows a negative count", lambda f: ["evaluate", f["finished"], "--show", "-1"], 2, r"--show: must be an integer >= 0, got '-1'"),
+    ("generate sampling flags without sampling", lambda f: ["generate", f["finished"], "--prompt", "1 2 ?", "--temperature", "3", "--top-k", "2"], 2, r"--temperature, --top-k shape sampling, and decoding is greedy without --sample; add --sample"),
+    ("generate a temperature of zero", lambda f: ["generate", f["finished"], "--prompt", "1 2 ?", "--sample", "--temperature", "0"], 2, r"--temperature must be > 0, got 0\.0"),
+    ("statistics of a missing file", lambda f: ["tasks.stats", "--file", "/no/such.json", "--n", "2"], 2, r"stats: no such records file: /no/such\.json"),
+    ("statistics of graphs too small", lambda f: ["tasks.stats", "--nodes", "2", "3", "--n", "2"], 2, r"stats: --nodes: must be \[min, max\] with max hops \+ 2 <= min <= max, got \[2, 3\]"),
+    ("statistics of no questions", lambda f: ["tasks.stats", "--n", "0"], 2, r"--n: must be an integer >= 1, got '0'"),
+    ("statistics of records that are not ProsQA", lambda f: ["tasks.stats", "--file", f["records_ok"], "--n", "2"], 2, r"stats: .*ok\.json does not hold ProsQA records"),
     # ------------------------------------------------------------- failures at run time: exit 1, named
-    ("a later record broken", lambda f: ["fit", f["recipe"], f"task={{name: json, train: {f['late_bad_record']}, val: {f['records_ok']}}}"], 1, r"record 3 of .*late\.json: field 'steps' must be a list of strings"),
     ("a record longer than the positions", lambda f: ["fit", f["recipe"], "backbone.max_positions=64", f"task={{name: json, train: {f['long_record']}, val: {f['records_ok']}}}"], 1, r"record 4 of the train split is 303 tokens long .* more than the model's 64 positions"),
     ("a component of the wrong shape", lambda f: ["fit", f["recipe"], "loop.combine={_component_: wrong_shape.HalfWidth}"], 1, r"loop component combine returned \(8, \d+, 16\); it must return a state of the shape it was given"),
     ("every batch skipped", lambda f: ["fit", f["recipe"], "trainer.on_nonfinite=skip", "loop.combine={_component_: nan_plant.NaNAtStep, at_step: 1}"], 1, r"every one of the 2 training steps was skipped for non-finite values"),
@@ -285,3 +312,64 @@ def test_a_refused_recipe_is_answered_before_lightning_is_imported(tmp_path):
                           timeout=600)
     assert "loop.max_stepz: unknown key" in done.stderr
     assert done.stdout.split() == ["2", "False", "False"], done.stderr[-2000:]
+
+
+def test_a_finished_cell_whose_config_is_damaged_is_not_skipped_as_done(world, tmp_path):
+    """fit cannot tell whether such a cell ran this recipe: it stops, names the file and --rerun,
+    and touches nothing (it used to print "done already, skipped")."""
+    import shutil
+
+    base, files, _ = world
+    runs = tmp_path / "runs"
+    shutil.copytree(files["finished"].parent, runs / "bad")
+    write(runs / "bad" / "default" / "config.yaml", "loop: {max_steps: 2\n")
+    before = fingerprint(runs)
+    done = run(["fit", str(files["recipe"]), f"output_dir={runs}"], base)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "holds a finished run whose recipe cannot be read (cannot parse" in done.stderr
+    assert "--rerun trains it again" in done.stderr
+    assert fingerprint(runs) == before
+    file = write(tmp_path / "a_file", "x")
+    done = run(["fit", str(files["recipe"]), f"output_dir={file}"], base)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"output_dir: '{file}' is a file; the run's folder '{file}/bad' needs a directory there" in done.stderr
+
+
+def test_one_damaged_cell_leaves_the_rest_of_a_grid_evaluated_and_reported(world, tmp_path):
+    """evaluate goes on past a cell it cannot load, and report leaves out what it cannot read (a
+    damaged config.yaml, eval.json or val_curve.csv), naming each, instead of stopping halfway."""
+    import shutil
+
+    base, files, _ = world
+    grid = tmp_path / "grid"
+    for cell in ("a", "b", "c"):
+        shutil.copytree(files["finished"], grid / cell)
+    write(grid / "b" / "config.yaml", "loop: {max_steps: 2\n")
+    done = run(["evaluate", str(grid), "--steps", "1", "--limit", "4", "--show", "0"], base)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "b: failed: cannot parse" in done.stderr
+    assert (grid / "a" / "eval.json").is_file() and (grid / "c" / "eval.json").is_file()
+    write(grid / "a" / "eval.json", "{not json")
+    with (grid / "c" / "val_curve.csv").open("a") as f:
+        f.write("garbage,row,here\n")
+    done = run(["report", str(grid)], base)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "report: b: its recipe is left out (cannot parse" in done.stderr
+    assert "report: a: eval.json left out of the plots" in done.stderr
+    assert "report: c: val_curve.csv left out of the plots" in done.stderr
+    assert (grid / "results.md").is_file() and (grid / "hparams").is_dir()
+
+
+def test_a_cell_reads_its_relative_files_from_where_it_was_trained(tmp_path):
+    """A recipe's val_file is relative to the directory fit ran in; evaluate started elsewhere
+    finds the same file (it used to say "no such records file")."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    write(project / "data" / "ok.json", json.dumps([{"question": "1 2 ?", "answer": "2"}] * 8))
+    recipe = write(project / "tiny.yaml", tiny(task={"name": "json", "train": "data/ok.json", "val": "data/ok.json"}))
+    done = run(["fit", str(recipe)], project)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = run(["evaluate", str(project / "runs" / "bad" / "default"), "--steps", "1", "--show", "0"], elsewhere)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "8 records of the val split" in done.stdout or "8 val records" in done.stdout, done.stdout

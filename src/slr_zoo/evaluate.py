@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 
 from slr_zoo.files import write_json
-from slr_zoo.generate import check_thoughts_inference, non_negative_int, positive_int, precision_context
+from slr_zoo.arguments import non_negative_int, positive_int
+from slr_zoo.generate import check_thoughts_inference, precision_context
 from slr_zoo.recipe import load_cell
 from slr_zoo.tasks.encoding import prompt_ids
 from slr_zoo.training.checkpoint import CheckpointError
@@ -67,7 +68,7 @@ def parse_args(argv):
     source.add_argument("--data", type=Path, default=None, help="a Coconut-format json file to evaluate instead")
     source.add_argument("--ood", action="store_true", help="the task's harder generated split")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N records only")
-    parser.add_argument("--show", type=int, default=3, help="examples whose intermediate states are shown")
+    parser.add_argument("--show", type=non_negative_int, default=3, help="examples whose intermediate states are shown")
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--rerun", action="store_true",
                         help="on a grid: evaluate cells again that already have an eval.json of these arguments")
@@ -339,13 +340,13 @@ def _default_depths(trained: int, mode: str = "depth") -> list[int]:
 
 def _evaluated(cell: Path, depths, source: str, limit, thoughts=None) -> bool:
     """Whether the cell's eval.json was made with these arguments."""
-    import yaml
+    from slr_zoo.recipe import read_config
 
     try:
         stored = json.loads((cell / "eval.json").read_text()).get("arguments")
-        loop = yaml.safe_load((cell / "config.yaml").read_text())["loop"]
+        loop = read_config(cell / "config.yaml")["loop"]
         default = _default_depths(loop["max_steps"], loop.get("mode", "depth"))
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+    except (OSError, ValueError, KeyError, TypeError):
         return False
     return stored == _arguments(depths or default, source, limit, thoughts)
 

@@ -50,6 +50,16 @@ def summary_or_none(path: Path) -> dict | None:
         return None
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists: where making ``path`` would start. A file
+    there means ``path`` cannot be made a folder."""
+    path = Path(path)
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
 def atomic_directory(out: Path, write) -> None:
     """``write(directory)`` into a new directory that becomes ``out`` only when it is complete: a
     failure halfway leaves ``out`` as it was (absent or empty)."""
@@ -59,7 +69,11 @@ def atomic_directory(out: Path, write) -> None:
         write(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide a shared export from its readers
+        # mkdtemp's 0700, and writers that make their files private (safetensors' 0600), would hide
+        # a shared export from its readers: the modes a plain new file and folder would get
+        for path in tmp.rglob("*"):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        tmp.chmod(0o777 & ~umask)
         os.rename(tmp, out)  # refuses a target that is no longer empty
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from slr_zoo.files import atomic_write, summary_or_none, write_json
-from slr_zoo.recipe import check_cell, differences, expand, load, resolve_stored, validate
+from slr_zoo.files import atomic_write, nearest_existing, summary_or_none, write_json
+from slr_zoo.recipe import StoredConfigError, check_cell, differences, expand, load, read_stored, validate
 from slr_zoo.registry import ComponentError
 from slr_zoo.training.checkpoint import CheckpointError, check_finished
 
@@ -42,7 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="train cells again from scratch; an earlier run moves to <name>/.replaced/")
     parser.add_argument("--resume", action="store_true",
                         help="only continue runs: stop if a selected unfinished cell has no checkpoint")
-    return parser.parse_intermixed_args(argv)  # options may sit between overrides
+    args = parser.parse_intermixed_args(argv)  # options may sit between overrides
+    if args.rerun and args.resume:
+        parser.error("--rerun trains from scratch and --resume only continues: give one of them")
+    return args
 
 
 def checked_cells(recipe_path: str | Path, overrides: list[str], cell: int | None = None):
@@ -63,7 +66,19 @@ def checked_cells(recipe_path: str | Path, overrides: list[str], cell: int | Non
     if cell is not None and not 0 <= cell < len(cells):
         raise ComponentError("--cell", f"{cell} is out of range: the grid has {len(cells)} cells (0..{len(cells) - 1})")
     parallel_cells(recipe, cells)
+    check_output_dir(Path(recipe["output_dir"]) / recipe["name"])
     return recipe, cells
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """The run's folder can be made: nothing on its way is a file, and the nearest folder that
+    exists is writable (else every cell would fail after the checks said yes)."""
+    path = nearest_existing(run_dir)
+    if not path.is_dir():
+        raise ComponentError("output_dir", f"{str(path)!r} is a file; the run's folder {str(run_dir)!r} "
+                             "needs a directory there (set output_dir or name)")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ComponentError("output_dir", f"{str(path)!r} is not writable, so {str(run_dir)!r} cannot be made")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,14 +218,20 @@ def _plan(cell, directory: Path, args) -> str:
     recipes' results."""
     status = _status(directory)
     has_checkpoint = (directory / "checkpoints" / "last.ckpt").is_file() or any(directory.glob("hpc_ckpt_*.ckpt"))
-    try:
-        stored = resolve_stored(yaml.safe_load((directory / "config.yaml").read_text()) or {})
-    except (OSError, yaml.YAMLError, AttributeError, TypeError):
-        stored = None
-    new = yaml.safe_load(yaml.safe_dump(cell.recipe, sort_keys=False))  # as it would be saved
-    changed = differences(stored, new, ignore=PRESENTATION_KEYS) if stored is not None else []
     if args.rerun:
         return "replace" if directory.exists() else "run"
+    try:
+        stored = read_stored(directory)
+    except FileNotFoundError:
+        stored = None
+    except StoredConfigError as err:
+        if status == "ok" or has_checkpoint:  # a run whose recipe cannot be compared: never reuse it blindly
+            raise ComponentError(str(directory), f"holds a {'finished' if status == 'ok' else 'started'} run "
+                                 f"whose recipe cannot be read ({err}). --rerun trains it again (the old run "
+                                 "moves to .replaced/)") from None
+        return "replace"  # nothing trained: retry cleanly
+    new = yaml.safe_load(yaml.safe_dump(cell.recipe, sort_keys=False))  # as it would be saved
+    changed = differences(stored, new, ignore=PRESENTATION_KEYS) if stored is not None else []
     if changed and (status == "ok" or (status is None and has_checkpoint)):
         shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise ComponentError(

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from slr_zoo.arguments import positive_int
+
 
 @dataclass
 class GenerationResult:
@@ -113,24 +115,6 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 32, steps: int 
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-def positive_int(text: str, least: int = 1) -> int:
-    """argparse type of a count or a size (records, a batch, rounds, threads, tokens): 0 or a
-    negative number is refused with the option's name (exit status 2) before anything loads, not
-    met later as a division by zero, a loop that never runs, or a slice from the end."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}") from None
-    if value < least:
-        raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type of a count that may be zero (continuous thoughts)."""
-    return positive_int(text, least=0)
-
-
 def torch_device(text: str) -> torch.device:
     """argparse type of ``--device``: a device this machine can put a tensor on, refused by name
     before the model loads (torch itself would fail at the first ``.to``, far from the option)."""
@@ -160,15 +144,23 @@ def parse_args(argv):
                         help="halting policy at inference and its arguments, e.g. kl threshold=1e-3")
     parser.add_argument("--max-new-tokens", type=positive_int, default=32)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=positive_int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None, help="seed of the sampler")
+    parser.add_argument("--temperature", type=float, default=None, help="with --sample (default 1.0)")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="with --sample")
+    parser.add_argument("--top-p", type=float, default=None, help="with --sample")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (with --sample)")
     parser.add_argument("--cache-strategy", default="latest", help="what later tokens read where a token exited "
                         "early: latest (Huginn's default) or frozen (exactly the uncached loop)")
     parser.add_argument("--no-cache", action="store_true", help="re-run the loop on the whole sequence per token")
     parser.add_argument("--device", type=torch_device, default=None, help="default: cuda when present, else cpu")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    given = [flag for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                      ("--top-p", args.top_p), ("--seed", args.seed)) if value is not None]
+    if given and not args.sample:
+        parser.error(f"{', '.join(given)} shape sampling, and decoding is greedy without --sample; add --sample")
+    if args.temperature is not None and args.temperature <= 0:
+        parser.error(f"--temperature must be > 0, got {args.temperature} (greedy decoding is the default without --sample)")
+    args.temperature = 1.0 if args.temperature is None else args.temperature
+    return args
 
 
 def check_thoughts_inference(model, steps: int | None = None, halting: str | None = None) -> None:

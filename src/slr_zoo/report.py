@@ -57,7 +57,9 @@ def grid_and_cells(run_dir: Path) -> tuple[dict, list]:
     folders = sorted(p.parent for p in run_dir.glob("*/config.yaml") if not p.parent.name.startswith("."))
     if not folders:
         raise FileNotFoundError(f"{run_dir} holds no cells (no */config.yaml); pass runs/<name>")
-    configs = {f.name: _read_yaml(f / "config.yaml") or {} for f in folders}
+    configs = {f.name: config for f in folders if (config := cell_config(f))}
+    if not configs:
+        raise ValueError(f"no cell of {run_dir} has a readable config.yaml (see above)")
     values: dict[str, set] = {}
     for config in configs.values():
         for key, value in _leaves(config):
@@ -67,6 +69,18 @@ def grid_and_cells(run_dir: Path) -> tuple[dict, list]:
     recipe = {"name": first.get("name", run_dir.name), "description": first.get("description", ""),
               "grid": {k: [] for k in keys}}
     return recipe, [Cell(i, label, {}, config) for i, (label, config) in enumerate(configs.items())]
+
+
+def cell_config(cell_dir: Path) -> dict:
+    """A cell's recipe as it saved it, or ``{}`` with a note on stderr when its config.yaml is
+    missing or damaged: one such cell is left out of the names and plots, not the whole report."""
+    from slr_zoo.recipe import read_config
+
+    try:
+        return read_config(cell_dir / "config.yaml")
+    except (OSError, ValueError) as err:
+        print(f"report: {cell_dir.name}: its recipe is left out ({err})", file=sys.stderr)
+        return {}
 
 
 def _read_yaml(path: Path):
@@ -125,7 +139,7 @@ def _name(cell_dir: Path, keys: list[str], chosen: dict | None) -> str:
     is one of the grid's, else from its stored config."""
     from slr_zoo.reports.results import lookup, shown_values, variant_name
 
-    config = yaml.safe_load((cell_dir / "config.yaml").read_text()) or {}
+    config = cell_config(cell_dir)
     if chosen is None:
         chosen = {k: lookup(config, k) for k in keys}
     return variant_name(shown_values(chosen, config, keys), keys) if keys else cell_dir.name
@@ -138,20 +152,26 @@ def extra_plots(run_dir: Path, keys: list[str], grid_cells: list = ()) -> list[P
     for cell in cells:
         name = _name(cell, keys, chosen.get(cell.name))
         evaluation = cell / "eval.json"
-        if evaluation.is_file():
-            report = json.loads(evaluation.read_text())
-            rows = report.get("by_depth") or []
-            depth[name] = ([r["steps"] for r in rows], [100 * r["accuracy"] for r in rows])
-            deltas = (report.get("stability") or {}).get("delta") or []
-            change[name] = (list(range(1, len(deltas) + 1)), deltas)
-            counts = (report.get("depth_histogram") or {}).get("first_token") or {}
-            total = sum(counts.values()) or 1
-            histograms[name] = ([int(k) for k in counts], [v / total for v in counts.values()])
+        try:
+            if evaluation.is_file():
+                report = json.loads(evaluation.read_text())
+                rows = report.get("by_depth") or []
+                depth[name] = ([r["steps"] for r in rows], [100 * r["accuracy"] for r in rows])
+                deltas = (report.get("stability") or {}).get("delta") or []
+                change[name] = (list(range(1, len(deltas) + 1)), deltas)
+                counts = (report.get("depth_histogram") or {}).get("first_token") or {}
+                total = sum(counts.values()) or 1
+                histograms[name] = ([int(k) for k in counts], [v / total for v in counts.values()])
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            print(f"report: {cell.name}: {evaluation.name} left out of the plots (unreadable: {err})", file=sys.stderr)
         curve = cell / "val_curve.csv"
-        if curve.is_file():
-            with curve.open() as f:
-                rows = list(csv.DictReader(f))
-            steps[name] = ([int(r["step"]) for r in rows], [100 * float(r["accuracy"]) for r in rows])
+        try:
+            if curve.is_file():
+                with curve.open() as f:
+                    rows = list(csv.DictReader(f))
+                steps[name] = ([int(r["step"]) for r in rows], [100 * float(r["accuracy"]) for r in rows])
+        except (ValueError, KeyError, TypeError) as err:
+            print(f"report: {cell.name}: {curve.name} left out of the plots (unreadable: {err})", file=sys.stderr)
     written = [
         _plot_lines(depth, "loop iterations at inference", "validation accuracy (%)", run_dir / "accuracy_vs_depth.png",
                     ylim=(0, 102)),
@@ -177,7 +197,7 @@ def write_hparams(run_dir: Path, keys: list[str]) -> int:
             summary = read_summary(summary_path)
         except ValueError:  # the table's rows have said so
             continue
-        config = yaml.safe_load((cell / "config.yaml").read_text()) or {}
+        config = cell_config(cell)
         hparams = {}
         for key in keys:
             value = lookup(config, key)

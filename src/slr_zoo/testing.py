@@ -125,7 +125,7 @@ def write_gguf(model, tokenizer, path: Path) -> Path:
 def main(argv=None) -> int:
     import argparse
 
-    from slr_zoo.generate import positive_int
+    from slr_zoo.arguments import positive_int
 
     parser = argparse.ArgumentParser(prog="python -m slr_zoo.testing", description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path, help="the Hugging Face directory to write; with --gguf, a path "

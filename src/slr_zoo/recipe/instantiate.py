@@ -114,7 +114,9 @@ def _first_records(task: Task, recipe: dict, path: str) -> None:
             raise ComponentError(path, f"its {split} split holds no records (n_{split} = 0 or an empty file)")
         try:
             check_record(record, 0, f"the {split} split")
-        except ValueError as err:
+            if task.records_file(split) is not None:
+                _check_every_record(task, split)
+        except (OSError, ValueError) as err:
             raise ComponentError(path, str(err)) from None
         encoding = recipe["training"]["encoding"]
         if split == "train" and (encoding != "answer" or teacher_of(recipe)) and not record.get("steps"):
@@ -130,6 +132,24 @@ def _first_records(task: Task, recipe: dict, path: str) -> None:
             key = readers[0]
             raise ComponentError(key, f"needs per-word reach steps, which task {type(task).__name__} does not "
                                  f"give; {'set it to 0' if key.startswith('loop.') else 'remove it'}")
+
+
+_CHECKED_FILES: set[tuple] = set()  # (task kind, path, size, mtime): a grid reads each file once
+
+
+def _check_every_record(task: Task, split: str) -> None:
+    """Every record of a file-backed split, so that a broken one is named before any cell trains
+    rather than when its cell builds its data."""
+    from slr_zoo.tasks.base import check_record
+
+    source = Path(task.records_file(split)).expanduser()
+    stat = source.stat()
+    key = (type(task).__name__, str(source.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _CHECKED_FILES:
+        return
+    for i, record in enumerate(task.records(split)):
+        check_record(record, i, str(source))
+    _CHECKED_FILES.add(key)
 
 
 def _reach_readers(recipe: dict) -> list[str]:
@@ -247,9 +267,8 @@ def teacher_recipe(recipe: dict) -> dict | None:
     """The stored recipe of the distillation teacher (``teacher_of``), checked to be a CoT cell of
     the student's width; None without distillation."""
     import torch
-    import yaml
 
-    from slr_zoo.recipe.load import resolve_stored
+    from slr_zoo.recipe.load import StoredConfigError, read_stored
 
     found = teacher_of(recipe)
     if found is None:
@@ -260,18 +279,15 @@ def teacher_recipe(recipe: dict) -> dict | None:
         raise ComponentError(key, f"{directory!r} is not a trained cell (no config.yaml); pass "
                              "runs/<name>/<cell> of a CoT run")
     try:
-        stored = yaml.safe_load(config.read_text())
-    except yaml.YAMLError as err:
-        raise ComponentError(key, f"{config} is not readable YAML ({err})") from None
-    if not isinstance(stored, dict) or not stored:
-        raise ComponentError(key, f"{config} does not hold a recipe (a mapping of recipe keys)")
+        teacher = read_stored(directory)
+    except StoredConfigError as err:
+        raise ComponentError(key, str(err)) from None
     checkpoints = [Path(directory) / "checkpoints" / "last.ckpt", *Path(directory).glob("hpc_ckpt_*.ckpt")]
     if not any(path.is_file() for path in checkpoints):
         raise ComponentError(key, f"{directory!r} has no checkpoint (checkpoints/last.ckpt): train the teacher first")
     if not recipe["backbone"].get("pretrained") and not (Path(directory) / "tokenizer" / "tokenizer.json").is_file():
         raise ComponentError(key, f"{directory!r} has no tokenizer/tokenizer.json, the vocabulary a student "
                              "built from scratch shares with its teacher")
-    teacher = resolve_stored(stored)
     if teacher["training"]["encoding"] != "cot":
         raise ComponentError(key, f"{directory!r} was trained with encoding {teacher['training']['encoding']!r}; "
                              "a teacher writes its steps (encoding: cot)")
@@ -368,16 +384,38 @@ def train_cell(recipe: dict, directory: Path, keys: dict | None = None) -> dict:
     return run_cell(build_cell(recipe, directory), directory, plain)
 
 
+def paths_as_trained(recipe: dict, run_dir: Path) -> dict:
+    """The stored recipe with its relative file paths (the task's files, ``backbone.pretrained``)
+    read from the directory ``fit`` ran in, found from the cell's place under a relative
+    ``output_dir``: ``val_file: ../shared/...`` then means the file the cell was validated on,
+    from wherever ``evaluate`` or ``generate`` is started."""
+    out = Path(recipe["output_dir"])
+    resolved = Path(run_dir).resolve()
+    if out.is_absolute() or len(resolved.parents) < len(out.parts) + 2:
+        return recipe
+    launched = resolved.parents[len(out.parts) + 1]
+    if launched / out / recipe["name"] != resolved.parent:
+        return recipe  # the cell was moved or renamed: its paths stay as written
+    recipe = {**recipe, "task": dict(recipe["task"]), "backbone": dict(recipe["backbone"])}
+    name = recipe["task"].get("name")
+    task_paths = TASKS.get(name).path_args if name in TASKS else ()
+    for node, key in [("task", key) for key in task_paths] + [("backbone", "pretrained")]:
+        value = recipe[node].get(key)
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute() and (launched / value).exists():
+            recipe[node][key] = str(launched / value)
+    return recipe
+
+
 def load_cell(run_dir: Path):
     """A trained cell (``runs/<name>/<cell>``): its stored recipe built again, read onto today's
     defaults so that older runs still load, with the weights of its furthest checkpoint, in eval
     mode. Raises FileNotFoundError for a folder that is not a trained cell, CheckpointError
-    naming a checkpoint that cannot be read."""
+    naming a checkpoint that cannot be read, StoredConfigError (a ValueError) for a damaged
+    ``config.yaml``."""
     import torch
-    import yaml
 
     from slr_zoo.files import summary_or_none
-    from slr_zoo.recipe.load import resolve_stored
+    from slr_zoo.recipe.load import read_stored
     from slr_zoo.training.checkpoint import check_finished, resume_point
 
     run_dir = Path(run_dir)
@@ -387,7 +425,7 @@ def load_cell(run_dir: Path):
         if failed is not None and failed.get("status") == "failed":
             raise FileNotFoundError(f"{run_dir} is a cell that failed before it trained: {failed.get('error')}")
         raise FileNotFoundError(f"{run_dir} is not a cell directory (no config.yaml); pass runs/<name>/<cell>")
-    recipe = resolve_stored(yaml.safe_load(config.read_text()) or {})
+    recipe = paths_as_trained(read_stored(run_dir), run_dir)
     check_finished(run_dir)
     parts = build_cell(recipe, run_dir, load_teacher=False)
     checkpoint = resume_point(run_dir, parts.module)  # checked: a corrupt file stops with its name

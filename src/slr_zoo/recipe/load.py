@@ -146,6 +146,33 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
+class StoredConfigError(ValueError):
+    """A cell's ``config.yaml`` that cannot be read back as a recipe (damaged, emptied, or not a
+    mapping). A ValueError, so every program that reads cells reports it as a bad input."""
+
+
+def read_config(path: str | Path) -> dict:
+    """A saved recipe (a cell's ``config.yaml``) as written, or StoredConfigError naming the file;
+    FileNotFoundError when there is none. An empty file is refused here rather than read as the
+    default recipe, whose model would not match the cell's checkpoint."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise StoredConfigError(f"cannot parse {path}: {_one_line(err)}") from None
+    if not isinstance(raw, dict) or not raw:
+        what = "is empty" if not raw else f"holds a {type(raw).__name__}, not a mapping of recipe keys"
+        raise StoredConfigError(f"{path} {what}: the cell's recipe is lost")
+    return raw
+
+
+def read_stored(cell_dir: str | Path) -> dict:
+    """A cell's ``config.yaml`` read onto today's defaults (:func:`resolve_stored`)."""
+    return resolve_stored(read_config(Path(cell_dir) / "config.yaml"))
+
+
 def resolve_stored(raw: dict) -> dict:
     """A run's saved ``config.yaml`` onto today's defaults: keys added since it was written take
     their default, so older runs still load."""

@@ -92,7 +92,7 @@ def collect(run_dir: Path, cells: Iterable, keys: list[str]) -> list[dict]:
     """One row per cell, in grid order (cells not run yet are ``missing``), then one per other
     finished cell folder under ``run_dir``: a smaller grid or a single run under the same name
     adds to the table instead of hiding what is already there."""
-    import yaml
+    from slr_zoo.recipe import read_config
 
     rows = []
     cells = list(cells)
@@ -102,8 +102,8 @@ def collect(run_dir: Path, cells: Iterable, keys: list[str]) -> list[dict]:
     for label in others:
         if label not in known:
             try:
-                config = yaml.safe_load((run_dir / label / "config.yaml").read_text()) or {}
-            except (OSError, yaml.YAMLError):
+                config = read_config(run_dir / label / "config.yaml")
+            except (OSError, ValueError):
                 config = {}
             listed.append((label, config, {k: lookup(config, k) for k in keys}))
     for label, recipe, chosen in listed:

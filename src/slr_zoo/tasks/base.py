@@ -27,6 +27,11 @@ class Task:
         """The records of ``split`` ("train" or "val"), in a fixed order for a fixed seed."""
         raise NotImplementedError
 
+    def records_file(self, split: str) -> str | None:
+        """The file ``split``'s records are read from; None when they are generated. A file's
+        every record is checked before training, since any of them may be broken."""
+        return None
+
     def normalize(self, answer: str) -> str:
         """The canonical form two answers are compared in."""
         return EXTRACTORS[self.answer_format](answer)

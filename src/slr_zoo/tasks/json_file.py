@@ -132,6 +132,9 @@ class JsonTask(Task):
         self.answer_format = answer_format
         self.literal_fields = tuple(literal_fields)
 
+    def records_file(self, split):
+        return self.files[split]
+
     def records(self, split):
         return read_records(self.files[split], self.literal_fields)
 

@@ -224,6 +224,9 @@ class ProntoQATask(Task):
             steps[prop] = min(steps.get(prop, UNREACHED), has)
         return steps
 
+    def records_file(self, split):
+        return self.val_file if split == "val" and self.val_file else None
+
     def records(self, split):
         if split == "val" and self.val_file:
             from slr_zoo.tasks.json_file import read_records

@@ -196,6 +196,9 @@ class ProsQATask(Task):
         self.n = {"train": n_train, "val": n_val}
         self.hops, self.nodes, self.val_file, self.seed = tuple(hops), tuple(nodes), val_file, seed
 
+    def records_file(self, split):
+        return self.val_file if split == "val" and self.val_file else None
+
     def records(self, split):
         if split == "val" and self.val_file:
             from slr_zoo.tasks.json_file import read_records

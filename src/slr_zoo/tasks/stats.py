@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 from collections import Counter
+from pathlib import Path
 from typing import Callable, Iterable
 
-from slr_zoo.tasks.base import Record
-from slr_zoo.tasks.base import distances
+from slr_zoo.arguments import positive_int
+from slr_zoo.tasks.base import Record, distances
 
 DEFAULT_FILE = "../shared/data/prosqa/valid.json"
 
@@ -104,13 +106,14 @@ def compare(file: str, n: int = 2000, seed: int = 0, hops=(3, 6), nodes=(20, 26)
     rng = random.Random(f"prosqa-stats/{seed}")
     generated = prosqa_stats(generator(rng, tuple(hops), tuple(nodes)) for _ in range(n))
     published = prosqa_stats(read_records(file))
-    return {f"generated (n={n})": generated, "published valid.json": published}
+    return {f"generated (n={n})": generated, Path(file).name: published}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--file", default=DEFAULT_FILE)
-    parser.add_argument("--n", type=int, default=2000)
+    parser = argparse.ArgumentParser(prog="python -m slr_zoo.tasks.stats", description=__doc__.splitlines()[0])
+    parser.add_argument("--file", default=DEFAULT_FILE, help="ProsQA records (default: the published "
+                        "validation split, relative to a clone of the repository)")
+    parser.add_argument("--n", type=positive_int, default=2000, help="generated questions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hops", type=int, nargs=2, default=[3, 6])
     parser.add_argument("--nodes", type=int, nargs=2, default=[20, 26])
@@ -118,10 +121,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    from slr_zoo.registry import ArgumentError
+    from slr_zoo.tasks.prosqa import ProsQATask
+
     args = parse_args(argv)
-    print(table(compare(args.file, args.n, args.seed, args.hops, args.nodes), args.markdown))
+    try:
+        ProsQATask(hops=args.hops, nodes=args.nodes)  # the generator's own checks, by flag name
+    except ArgumentError as err:
+        print(f"stats: --{err.argument}: {err.message}", file=sys.stderr)
+        return 2
+    try:
+        print(table(compare(args.file, args.n, args.seed, args.hops, args.nodes), args.markdown))
+    except (OSError, ValueError) as err:
+        print(f"stats: {err}", file=sys.stderr)
+        return 2
+    except (KeyError, TypeError, IndexError) as err:
+        print(f"stats: {args.file} does not hold ProsQA records (graph fields missing or malformed: {err!r})",
+              file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

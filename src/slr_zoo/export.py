@@ -59,10 +59,10 @@ def main(argv=None) -> int:
             raise ValueError(f"{out} exists and is not an empty directory; give a new one")
         if not nearest_existing(out).is_dir():
             raise ValueError(f"{nearest_existing(out)} is a file, so {out} cannot be made a directory")
+        parts = load_cell(args.run_dir)
         if out.resolve().is_relative_to(args.run_dir.resolve()):
             raise ValueError(f"{out} is inside the cell it exports; a --rerun of the cell would move it to "
                              ".replaced/ with the cell, so give a directory outside it")
-        parts = load_cell(args.run_dir)
         backbone, recipe = parts.module.model.backbone, parts.config["backbone"]
         left = left_out(parts)
 

@@ -223,10 +223,11 @@ ROWS = [
     ("generate from a cell whose config is a list", lambda f: ["generate", f["cell_list_config"], "--prompt", "1 2 ?"], 2, r"generate: .*cell_list_config/config\.yaml holds a list, not a mapping of recipe keys"),
     ("export a cell whose config is empty", lambda f: ["export", f["cell_empty_config"], f["cell_empty_config"].parent / "empty_export"], 2, r"export: .*cell_empty_config/config\.yaml is empty: the cell's recipe is lost"),
     ("export into the cell", lambda f: ["export", f["finished"], f["finished"] / "hf"], 2, r"export: .*/hf is inside the cell it exports"),
-    ("export under a file", lambda f: ["export", f["finished"], f["records_ok"] / "hf"], 2, r"export: .*ok\.json is a file, so .*/hf cannot be made a directory"),
+    ("export under a file", lambda f: ["export", f["finished"], f["records_ok"] / "hf"], 2, r"export: '.*ok\.json' is a file, where '.*/hf' needs a folder"),
     ("evaluate shows a negative count", lambda f: ["evaluate", f["finished"], "--show", "-1"], 2, r"--show: must be an integer >= 0, got '-1'"),
     ("generate sampling flags without sampling", lambda f: ["generate", f["finished"], "--prompt", "1 2 ?", "--temperature", "3", "--top-k", "2"], 2, r"--temperature, --top-k shape sampling, and decoding is greedy without --sample; add --sample"),
-    ("generate a temperature of zero", lambda f: ["generate", f["finished"], "--prompt", "1 2 ?", "--sample", "--temperature", "0"], 2, r"--temperature must be > 0, got 0\.0"),
+    ("generate a temperature of zero", lambda f: ["generate", f["finished"], "--prompt", "1 2 ?", "--sample", "--temperature", "0"], 2, r"--temperature must be a finite number > 0, got 0\.0"),
+    ("generate a top-p past one", lambda f: ["generate", f["finished"], "--prompt", "1 2 ?", "--sample", "--top-p", "1.5"], 2, r"--top-p must be in \(0, 1\], got 1\.5"),
     ("statistics of a missing file", lambda f: ["tasks.stats", "--file", "/no/such.json", "--n", "2"], 2, r"stats: no such records file: /no/such\.json"),
     ("statistics of graphs too small", lambda f: ["tasks.stats", "--nodes", "2", "3", "--n", "2"], 2, r"stats: --nodes: must be \[min, max\] with max hops \+ 2 <= min <= max, got \[2, 3\]"),
     ("statistics of no questions", lambda f: ["tasks.stats", "--n", "0"], 2, r"--n: must be an integer >= 1, got '0'"),
@@ -315,8 +316,8 @@ def test_a_refused_recipe_is_answered_before_lightning_is_imported(tmp_path):
 
 
 def test_a_finished_cell_whose_config_is_damaged_is_not_skipped_as_done(world, tmp_path):
-    """fit cannot tell whether such a cell ran this recipe: it stops, names the file and --rerun,
-    and touches nothing (it used to print "done already, skipped")."""
+    """fit cannot tell whether such a cell ran this recipe, so it stops, names the file and
+    --rerun, and touches nothing; --resume of such a cell with nothing trained is refused."""
     import shutil
 
     base, files, _ = world
@@ -329,10 +330,15 @@ def test_a_finished_cell_whose_config_is_damaged_is_not_skipped_as_done(world, t
     assert "holds a finished run whose recipe cannot be read (cannot parse" in done.stderr
     assert "--rerun trains it again" in done.stderr
     assert fingerprint(runs) == before
+    nothing_trained = runs / "bad" / "default"  # the same damage where no checkpoint is lost
+    shutil.rmtree(nothing_trained / "checkpoints")
+    (nothing_trained / "summary.json").unlink()
+    done = run(["fit", str(files["recipe"]), f"output_dir={runs}", "--resume"], base)
+    assert done.returncode == 2 and "--resume: there is no checkpoint to resume from" in done.stderr, done.stderr[-2000:]
     file = write(tmp_path / "a_file", "x")
     done = run(["fit", str(files["recipe"]), f"output_dir={file}"], base)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert f"output_dir: '{file}' is a file; the run's folder '{file}/bad' needs a directory there" in done.stderr
+    assert f"output_dir: '{file}' is a file, where '{file}/bad' needs a folder (set output_dir or name)" in done.stderr
 
 
 def test_one_damaged_cell_leaves_the_rest_of_a_grid_evaluated_and_reported(world, tmp_path):
@@ -361,8 +367,8 @@ def test_one_damaged_cell_leaves_the_rest_of_a_grid_evaluated_and_reported(world
 
 
 def test_a_cell_reads_its_relative_files_from_where_it_was_trained(tmp_path):
-    """A recipe's val_file is relative to the directory fit ran in; evaluate started elsewhere
-    finds the same file (it used to say "no such records file")."""
+    """A recipe's val_file is relative to the directory fit ran in; evaluate started elsewhere,
+    or given the cell through a link, reads the file the cell was validated on."""
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     (project / "data").mkdir(parents=True)
     elsewhere.mkdir()
@@ -370,6 +376,9 @@ def test_a_cell_reads_its_relative_files_from_where_it_was_trained(tmp_path):
     recipe = write(project / "tiny.yaml", tiny(task={"name": "json", "train": "data/ok.json", "val": "data/ok.json"}))
     done = run(["fit", str(recipe)], project)
     assert done.returncode == 0, done.stderr[-2000:]
-    done = run(["evaluate", str(project / "runs" / "bad" / "default"), "--steps", "1", "--show", "0"], elsewhere)
-    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert "8 records of the val split" in done.stdout or "8 val records" in done.stdout, done.stdout
+    cell = project / "runs" / "bad" / "default"
+    (elsewhere / "linked").symlink_to(project / "runs")  # runs reached through a link, as on a cluster's scratch
+    for path in (cell, elsewhere / "linked" / "bad" / "default"):
+        done = run(["evaluate", str(path), "--steps", "1", "--show", "0"], elsewhere)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert "8 val records" in done.stdout, done.stdout

@@ -236,7 +236,7 @@ def test_a_console_that_is_not_a_terminal_gets_plain_flushed_progress_lines(tmp_
     steps = [line for line in out if "train step" in line]
     assert [line.split(",")[0].strip() for line in steps] == [
         f"train step {n}/6 ({100 * n / 6:.0f}%)" for n in range(1, 7)]
-    assert all(re.search(r"s/step, \d+:\d\d left, loss [\d.e+-]+ \(mean of 1 steps\)$", line) for line in steps), steps
+    assert all(re.search(r"s/step, \d+:\d\d left, loss [\d.e+-]+ \(mean of 1 step\)$", line) for line in steps), steps
     validations = [line.strip() for line in out if "validation at step" in line]
     assert [v.split(":")[0] for v in validations] == ["validation at step 3", "validation at step 6"]
     assert all("val/accuracy=" in v and "val/mean_steps=" in v for v in validations)

@@ -48,7 +48,7 @@ def restart_override(out: Path, backbone: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from slr_zoo.files import atomic_directory, nearest_existing
+    from slr_zoo.files import atomic_directory, cannot_make_folder
     from slr_zoo.recipe import load_cell
     from slr_zoo.training.checkpoint import CheckpointError
 
@@ -57,12 +57,12 @@ def main(argv=None) -> int:
     try:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out} exists and is not an empty directory; give a new one")
-        if not nearest_existing(out).is_dir():
-            raise ValueError(f"{nearest_existing(out)} is a file, so {out} cannot be made a directory")
-        parts = load_cell(args.run_dir)
-        if out.resolve().is_relative_to(args.run_dir.resolve()):
+        if cannot_make_folder(out):
+            raise ValueError(cannot_make_folder(out))
+        if (args.run_dir / "config.yaml").is_file() and out.resolve().is_relative_to(args.run_dir.resolve()):
             raise ValueError(f"{out} is inside the cell it exports; a --rerun of the cell would move it to "
                              ".replaced/ with the cell, so give a directory outside it")
+        parts = load_cell(args.run_dir)
         backbone, recipe = parts.module.model.backbone, parts.config["backbone"]
         left = left_out(parts)
 

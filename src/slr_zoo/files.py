@@ -55,9 +55,19 @@ def nearest_existing(path: Path) -> Path:
     there means ``path`` cannot be made a folder."""
     path = Path(path)
     for candidate in [path, *path.parents]:
-        if candidate.exists():
+        if os.path.lexists(candidate):  # a dangling link is in the way too
             return candidate
     return Path(".")
+
+
+def cannot_make_folder(path: Path) -> str | None:
+    """Why ``path`` cannot be made a folder (a file or a dangling link on its way, or a folder
+    that is not writable), or None: checked before work whose output would have nowhere to go."""
+    where = nearest_existing(path)
+    if where.is_dir():
+        return None if os.access(where, os.W_OK | os.X_OK) else f"{str(where)!r} is not writable"
+    what = "a dangling link" if where.is_symlink() else "a file"
+    return f"{str(where)!r} is {what}, where {str(path)!r} needs a folder"
 
 
 def atomic_directory(out: Path, write) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from slr_zoo.files import atomic_write, nearest_existing, summary_or_none, write_json
+from slr_zoo.files import atomic_write, cannot_make_folder, summary_or_none, write_json
 from slr_zoo.recipe import StoredConfigError, check_cell, differences, expand, load, read_stored, validate
 from slr_zoo.registry import ComponentError
 from slr_zoo.training.checkpoint import CheckpointError, check_finished
@@ -66,19 +66,14 @@ def checked_cells(recipe_path: str | Path, overrides: list[str], cell: int | Non
     if cell is not None and not 0 <= cell < len(cells):
         raise ComponentError("--cell", f"{cell} is out of range: the grid has {len(cells)} cells (0..{len(cells) - 1})")
     parallel_cells(recipe, cells)
-    check_output_dir(Path(recipe["output_dir"]) / recipe["name"])
     return recipe, cells
 
 
 def check_output_dir(run_dir: Path) -> None:
-    """The run's folder can be made: nothing on its way is a file, and the nearest folder that
-    exists is writable (else every cell would fail after the checks said yes)."""
-    path = nearest_existing(run_dir)
-    if not path.is_dir():
-        raise ComponentError("output_dir", f"{str(path)!r} is a file; the run's folder {str(run_dir)!r} "
-                             "needs a directory there (set output_dir or name)")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ComponentError("output_dir", f"{str(path)!r} is not writable, so {str(run_dir)!r} cannot be made")
+    """The run's folder can be made (else every cell would fail after the checks said yes)."""
+    problem = cannot_make_folder(run_dir)
+    if problem:
+        raise ComponentError("output_dir", f"{problem} (set output_dir or name)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             for cell in cells:
                 print(f"{cell.index:3d}  {cell.label}")
             return 0
+        check_output_dir(run_dir)
         plan = {cell.label: _plan(cell, run_dir / cell.label, args) for cell in selected}
         jobs = parallel_cells(recipe, cells)
     except ComponentError as err:
@@ -220,11 +216,15 @@ def _plan(cell, directory: Path, args) -> str:
     has_checkpoint = (directory / "checkpoints" / "last.ckpt").is_file() or any(directory.glob("hpc_ckpt_*.ckpt"))
     if args.rerun:
         return "replace" if directory.exists() else "run"
+    if args.resume and status != "ok" and not has_checkpoint:
+        raise ComponentError(str(directory), "--resume: there is no checkpoint to resume from")
     try:
         stored = read_stored(directory)
     except FileNotFoundError:
         stored = None
     except StoredConfigError as err:
+        if err.unreadable:  # not ours to move aside or to train over
+            raise ComponentError(str(directory), str(err)) from None
         if status == "ok" or has_checkpoint:  # a run whose recipe cannot be compared: never reuse it blindly
             raise ComponentError(str(directory), f"holds a {'finished' if status == 'ok' else 'started'} run "
                                  f"whose recipe cannot be read ({err}). --rerun trains it again (the old run "
@@ -247,8 +247,6 @@ def _plan(cell, directory: Path, args) -> str:
         except CheckpointError as err:
             raise ComponentError(str(directory), str(err)) from None
         return "skip"
-    if args.resume and not has_checkpoint:
-        raise ComponentError(str(directory), "--resume: there is no checkpoint to resume from")
     return "run"
 
 

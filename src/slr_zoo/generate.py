@@ -157,8 +157,11 @@ def parse_args(argv):
                                       ("--top-p", args.top_p), ("--seed", args.seed)) if value is not None]
     if given and not args.sample:
         parser.error(f"{', '.join(given)} shape sampling, and decoding is greedy without --sample; add --sample")
-    if args.temperature is not None and args.temperature <= 0:
-        parser.error(f"--temperature must be > 0, got {args.temperature} (greedy decoding is the default without --sample)")
+    if args.temperature is not None and not args.temperature > 0 or args.temperature == float("inf"):
+        parser.error(f"--temperature must be a finite number > 0, got {args.temperature} (greedy decoding is the "
+                     "default without --sample)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     args.temperature = 1.0 if args.temperature is None else args.temperature
     return args
 

@@ -79,8 +79,13 @@ def cell_config(cell_dir: Path) -> dict:
     try:
         return read_config(cell_dir / "config.yaml")
     except (OSError, ValueError) as err:
-        print(f"report: {cell_dir.name}: its recipe is left out ({err})", file=sys.stderr)
+        if cell_dir not in _NOTED:  # the names, the plots and the hparams each ask
+            _NOTED.add(cell_dir)
+            print(f"report: {cell_dir.name}: its recipe is left out ({err})", file=sys.stderr)
         return {}
+
+
+_NOTED: set[Path] = set()
 
 
 def _read_yaml(path: Path):

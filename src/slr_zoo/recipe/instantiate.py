@@ -386,16 +386,24 @@ def train_cell(recipe: dict, directory: Path, keys: dict | None = None) -> dict:
 
 def paths_as_trained(recipe: dict, run_dir: Path) -> dict:
     """The stored recipe with its relative file paths (the task's files, ``backbone.pretrained``)
-    read from the directory ``fit`` ran in, found from the cell's place under a relative
-    ``output_dir``: ``val_file: ../shared/...`` then means the file the cell was validated on,
-    from wherever ``evaluate`` or ``generate`` is started."""
-    out = Path(recipe["output_dir"])
-    resolved = Path(run_dir).resolve()
-    if out.is_absolute() or len(resolved.parents) < len(out.parts) + 2:
-        return recipe
-    launched = resolved.parents[len(out.parts) + 1]
-    if launched / out / recipe["name"] != resolved.parent:
-        return recipe  # the cell was moved or renamed: its paths stay as written
+    read from the directory ``fit`` ran in: ``val_file: ../shared/...`` then means the file the
+    cell was validated on, from wherever ``evaluate`` or ``generate`` is started. That directory
+    is in the cell's ``summary.json``; for a cell without one (killed, or older) it is found from
+    the cell's place under a relative ``output_dir``, as the path was given (links not followed)."""
+    import os
+
+    from slr_zoo.files import summary_or_none
+
+    launched = (summary_or_none(Path(run_dir) / "summary.json") or {}).get("working_directory")
+    if launched:
+        launched = Path(launched)
+    else:
+        out, cell = Path(recipe["output_dir"]), Path(os.path.abspath(run_dir))
+        if out.is_absolute() or len(cell.parents) < len(out.parts) + 2:
+            return recipe
+        launched = cell.parents[len(out.parts) + 1]
+        if Path(os.path.normpath(launched / out / recipe["name"])) != cell.parent:
+            return recipe  # the cell was moved or renamed: its paths stay as written
     recipe = {**recipe, "task": dict(recipe["task"]), "backbone": dict(recipe["backbone"])}
     name = recipe["task"].get("name")
     task_paths = TASKS.get(name).path_args if name in TASKS else ()

@@ -147,8 +147,13 @@ def _one_line(err: Exception) -> str:
 
 
 class StoredConfigError(ValueError):
-    """A cell's ``config.yaml`` that cannot be read back as a recipe (damaged, emptied, or not a
-    mapping). A ValueError, so every program that reads cells reports it as a bad input."""
+    """A cell's ``config.yaml`` that cannot be read back as a recipe: damaged, emptied, not a
+    mapping, or (``unreadable``) not readable at all, such as another user's file. A ValueError,
+    so every program that reads cells reports it as a bad input."""
+
+    def __init__(self, message: str, unreadable: bool = False):
+        super().__init__(message)
+        self.unreadable = unreadable
 
 
 def read_config(path: str | Path) -> dict:
@@ -157,10 +162,14 @@ def read_config(path: str | Path) -> dict:
     default recipe, whose model would not match the cell's checkpoint."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, yaml.YAMLError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8
+        raise StoredConfigError(f"cannot read {path}: {_one_line(err)}", unreadable=isinstance(err, OSError)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
         raise StoredConfigError(f"cannot parse {path}: {_one_line(err)}") from None
     if not isinstance(raw, dict) or not raw:
         what = "is empty" if not raw else f"holds a {type(raw).__name__}, not a mapping of recipe keys"

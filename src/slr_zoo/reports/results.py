@@ -99,12 +99,13 @@ def collect(run_dir: Path, cells: Iterable, keys: list[str]) -> list[dict]:
     others = sorted(p.parent.name for p in run_dir.glob("*/summary.json") if not p.parent.name.startswith("."))
     known = {cell.label for cell in cells}
     listed = [(cell.label, cell.recipe, cell.keys) for cell in cells]
+    unreadable = {}  # a finished cell whose recipe is lost cannot be told apart from any other: out of every mean
     for label in others:
         if label not in known:
             try:
                 config = read_config(run_dir / label / "config.yaml")
-            except (OSError, ValueError):
-                config = {}
+            except (OSError, ValueError) as err:
+                config, unreadable[label] = {}, str(err)
             listed.append((label, config, {k: lookup(config, k) for k in keys}))
     for label, recipe, chosen in listed:
         row = {"cell": label}
@@ -115,6 +116,8 @@ def collect(run_dir: Path, cells: Iterable, keys: list[str]) -> list[dict]:
         except ValueError as err:  # out of every mean, and its reason in the error column
             print(f"report: {label}: skipped ({err})", file=sys.stderr)
             summary = {"status": "unreadable", "error": str(err)}
+        if label in unreadable and summary is not None:
+            summary = {"status": "unreadable", "error": unreadable[label]}
         if summary is not None:
             row["status"] = summary.get("status", "ok")
             row.update({m: summary.get(m) for m in METRICS})

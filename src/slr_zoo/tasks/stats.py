@@ -105,7 +105,10 @@ def compare(file: str, n: int = 2000, seed: int = 0, hops=(3, 6), nodes=(20, 26)
     generator = generator or generate
     rng = random.Random(f"prosqa-stats/{seed}")
     generated = prosqa_stats(generator(rng, tuple(hops), tuple(nodes)) for _ in range(n))
-    published = prosqa_stats(read_records(file))
+    try:
+        published = prosqa_stats(read_records(file))
+    except (KeyError, TypeError, IndexError) as err:
+        raise ValueError(f"{file} does not hold ProsQA records (graph fields missing or malformed: {err!r})") from None
     return {f"generated (n={n})": generated, Path(file).name: published}
 
 
@@ -135,10 +138,6 @@ def main(argv: list[str] | None = None) -> int:
         print(table(compare(args.file, args.n, args.seed, args.hops, args.nodes), args.markdown))
     except (OSError, ValueError) as err:
         print(f"stats: {err}", file=sys.stderr)
-        return 2
-    except (KeyError, TypeError, IndexError) as err:
-        print(f"stats: {args.file} does not hold ProsQA records (graph fields missing or malformed: {err!r})",
-              file=sys.stderr)
         return 2
     return 0
 

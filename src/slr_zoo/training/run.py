@@ -6,6 +6,8 @@ recipe itself; the resolved recipe is only saved, as the cell's ``config.yaml``.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,8 @@ def run_cell(parts: CellParts, directory: Path, keys: dict[str, Any] | None = No
         "max_steps": module.model.max_steps,
         "hop_accuracy": hop_accuracy,
         "skipped_batches": module.skipped_batches,
+        # where the recipe's relative paths (val_file, pretrained) were read from
+        "working_directory": os.getcwd(),
         # what an answer costs (RQ4): written tokens, model calls one after another, thoughts, time
         "tokens_per_answer": round(float(metrics["val/tokens_per_answer"]), 3),
         "passes_per_answer": round(float(metrics["val/passes_per_answer"]), 3),

@@ -273,7 +273,7 @@ class ProgressLines(Callback):
         self.interval, self.first, self.stream = interval, first, stream
         self._start = self._last = None  # wall clock at this process's first step, at the last line
         self._start_step = 0
-        self._loss, self._losses = 0.0, 0  # since the last line, kept on the device (no sync a step)
+        self._loss, self._losses, self._skipped = 0.0, 0, 0  # since the last line
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream or sys.stdout, flush=True)
@@ -283,9 +283,11 @@ class ProgressLines(Callback):
         self._last = self._start - max(0.0, self.interval - self.first)  # the first line comes sooner
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor):
-            self._loss, self._losses = self._loss + loss.detach(), self._losses + 1
+        record = getattr(pl_module, "last_train", None) or {}  # the run's loss over every rank
+        if record.get("skipped"):
+            self._skipped += 1
+        elif "loss" in record:
+            self._loss, self._losses = self._loss + record["loss"], self._losses + 1
         now, step, total = time.monotonic(), trainer.global_step, trainer.max_steps
         if not trainer.is_global_zero or (now - self._last < self.interval and step < total):
             return
@@ -294,8 +296,11 @@ class ProgressLines(Callback):
         parts = [f"train step {step}/{total} ({100 * step / total:.0f}%)", f"{rate:.2f} s/step",
                  f"{_clock(rate * (total - step))} left"]
         if self._losses:
-            parts.append(f"loss {float(self._loss) / self._losses:.4g} (mean of {self._losses} steps)")
-        self._loss, self._losses = 0.0, 0
+            parts.append(f"loss {self._loss / self._losses:.4g} (mean of {self._losses} "
+                         f"step{'s' if self._losses > 1 else ''})")
+        if self._skipped:
+            parts.append(f"{self._skipped} skipped (non-finite)")
+        self._loss, self._losses, self._skipped = 0.0, 0, 0
         self._print("    " + ", ".join(parts))
 
     def on_validation_end(self, trainer, pl_module) -> None:

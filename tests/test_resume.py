@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import multiprocessing
 import os
 import re
@@ -147,6 +148,17 @@ def test_resume_takes_the_furthest_checkpoint_including_slurm_preemption_ones(tm
     (directory / "hpc_ckpt_2.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="hpc_ckpt_2.ckpt is unreadable"):
         resume_point(directory, module)
+
+
+def test_a_resumed_run_keeps_the_validation_made_at_its_checkpoint(tmp_path):
+    """The validation at the checkpoint's own step is not run again on resume, so its row must
+    survive: a run stopped at step 4 and continued to 6 lists validations 2, 4 and 6."""
+    directory = tmp_path / "cell"
+    train_cell(_fit_recipe(tmp_path, trainer__max_steps=4, trainer__val_every=2), directory)
+    train_cell(_fit_recipe(tmp_path, trainer__max_steps=6, trainer__val_every=2), directory)
+    with (directory / "val_curve.csv").open() as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == [2, 4, 6]
+    assert [row["step"] for row in read_curve(directory / "train_curve.csv")] == list(range(6))
 
 
 def _train_in_child(recipe, directory):

@@ -184,10 +184,14 @@ class StepSeed(Callback):
 
 
 class _StepCsv(Callback):
-    """A per-step CSV of rank 0. On resume the rows the killed run wrote at or after the step it
+    """A per-step CSV of rank 0. On resume the rows the killed run wrote after the checkpoint it
     resumes from are dropped, so the file of a resumed run is the file of the uninterrupted one."""
 
     columns: tuple[str, ...] = ()
+    # a training row's step is the step it trained (the checkpoint at global step N holds steps
+    # 0..N-1); a validation row's is the global step it validated, and the validation at N ran
+    # on the checkpoint's own weights, which the resumed run does not validate again
+    keeps_resume_step = False
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -198,7 +202,8 @@ class _StepCsv(Callback):
         rows = []
         if self.path.is_file():
             with self.path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) < trainer.global_step]
+                last = trainer.global_step + self.keeps_resume_step
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) < last]
         with self.path.open("w", newline="") as f:
             writer = csv.DictWriter(f, self.columns)
             writer.writeheader()
@@ -225,6 +230,7 @@ class ValCurve(_StepCsv):
     training, for the report's accuracy-against-training-step plot."""
 
     columns = ("step", "accuracy", "mean_steps")
+    keeps_resume_step = True
 
     def on_validation_end(self, trainer, pl_module) -> None:  # after the module has logged its metrics
         metrics = trainer.callback_metrics

@@ -21,7 +21,7 @@ from slr_zoo.training.checkpoint import remove_stale_temporaries, resume_point, 
 from slr_zoo.training.data import ReasoningDataModule
 from slr_zoo.training.module import LoopedLMModule
 from slr_zoo.training.settings import TrainerConfig
-from slr_zoo.training.trainer import make_trainer
+from slr_zoo.training.trainer import draws_bars, make_trainer
 
 
 @dataclass
@@ -65,7 +65,7 @@ def run_cell(parts: CellParts, directory: Path, keys: dict[str, Any] | None = No
         print(f"    resumed from step {step} of {parts.trainer.max_steps} ({resume.name})", flush=True)
     if resume is None:
         calibrated = module.calibrate(data, device=calibration_device(trainer),
-                                      progress=parts.trainer.progress_bar and trainer.is_global_zero)
+                                      progress=draws_bars(parts.trainer) and trainer.is_global_zero)
         if calibrated and trainer.is_global_zero:
             print(f"    loop LoRA calibrated on the inputs of the replaced layers over {calibrated} training examples",
                   flush=True)

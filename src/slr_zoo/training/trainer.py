@@ -327,6 +327,11 @@ def _console_is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
+def draws_bars(cfg: TrainerConfig) -> bool:
+    """Whether progress is drawn as tqdm bars (a terminal) rather than written as lines."""
+    return cfg.progress_bar and _console_is_terminal()
+
+
 def read_curve(path: Path) -> list[dict]:
     with Path(path).open() as f:
         return [{"step": int(r["step"]), "loss": float(r["loss"]), "depth": int(r["depth"]),
@@ -346,7 +351,7 @@ def make_trainer(cfg: TrainerConfig, directory: Path, grad_clip: float | None = 
         every = cfg.checkpoint_every or cfg.val_every or max(1, cfg.max_steps // 4)
         callbacks.append(ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=0,
                                          every_n_train_steps=every))
-    bar = cfg.progress_bar and _console_is_terminal()
+    bar = draws_bars(cfg)
     if bar:
         callbacks.append(StepProgressBar(refresh_rate=max(1, cfg.log_every // 5)))
     elif cfg.progress_bar:

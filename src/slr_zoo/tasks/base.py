@@ -28,8 +28,9 @@ class Task:
         raise NotImplementedError
 
     def records_file(self, split: str) -> str | None:
-        """The file ``split``'s records are read from; None when they are generated. A file's
-        every record is checked before training, since any of them may be broken."""
+        """The file ``split``'s records are read from; None when they are generated. Such a
+        split is read whole before training, so ``records`` must name a broken record as it
+        reads it (``json_file.read_records`` does), since any of them may be broken."""
         return None
 
     def normalize(self, answer: str) -> str:
